@@ -1,0 +1,106 @@
+"""Model artefacts that rebuild themselves (nanoGPT's habit): one folder holding
+
+  weights.safetensors   the state dict (safe to load: no pickle)
+  artefact.json         model name + config, label space, thresholds, metrics, loss, training config,
+                        data version, git commit, which pretrained weights were used
+  ...                   evaluation outputs written beside them (metrics, per-label table, predictions)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .labels import LabelSpace
+from .models import create_model
+
+FORMAT = 1
+WEIGHTS, META = "weights.safetensors", "artefact.json"
+
+
+class ArtefactError(RuntimeError):
+    pass
+
+
+@dataclass
+class Artefact:
+    path: Path
+    model: torch.nn.Module
+    meta: dict
+
+    @property
+    def label_space(self) -> LabelSpace:
+        return LabelSpace.from_dict(self.meta["label_space"])
+
+    @property
+    def thresholds(self) -> np.ndarray:
+        t = self.meta.get("thresholds")
+        return np.full(len(self.label_space), 0.5) if t is None else np.asarray(t, dtype=float)
+
+
+def save_artefact(out_dir: str | Path, model: torch.nn.Module, *, model_name: str, label_space: LabelSpace,
+                  **meta: Any) -> Path:
+    """Write weights + artefact.json. `meta` may hold variant, loss, train, data_version, git_commit, ..."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out / WEIGHTS))
+    record = {"format": FORMAT, "model": model_name, "model_config": asdict(model.config),
+              "label_space": label_space.to_dict(), "pretrained_source": getattr(model, "pretrained_source", None),
+              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **meta}
+    (out / META).write_text(json.dumps(record, indent=2, default=_jsonable))
+    return out
+
+
+def read_meta(path: str | Path) -> dict:
+    p = Path(path) / META
+    if not p.exists():
+        raise ArtefactError(f"{path} is not a model artefact (no {META}); train one with `cxrlt train`")
+    return json.loads(p.read_text())
+
+
+def update_meta(path: str | Path, **fields: Any) -> dict:
+    meta = read_meta(path)
+    meta.update(fields)
+    (Path(path) / META).write_text(json.dumps(meta, indent=2, default=_jsonable))
+    return meta
+
+
+def load_artefact(path: str | Path, device: str | torch.device = "cpu", **model_overrides) -> Artefact:
+    """Rebuild the model from its recorded config and load the weights strictly.
+
+    Pretrained-weight loading is switched off: the artefact's own weights replace them anyway.
+    """
+    path = Path(path)
+    meta = read_meta(path)
+    if meta.get("format") != FORMAT:
+        raise ArtefactError(f"{path}: artefact format {meta.get('format')} is not supported (expected {FORMAT})")
+    state = load_file(str(path / WEIGHTS))
+    cfg = {**meta["model_config"], "pretrained": "", **model_overrides}
+    if "head.label_embeddings" in state:
+        cfg["label_embeddings"] = state["head.label_embeddings"]
+    model = create_model(meta["model"], **cfg)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ArtefactError(f"{path}: weights do not match model {meta['model']!r} "
+                            f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+    return Artefact(path, model.to(device).eval(), meta)
+
+
+def _jsonable(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, tuple):
+        return list(o)
+    raise TypeError(f"not JSON-serialisable: {type(o).__name__}")

@@ -1,0 +1,1 @@
+"""Data: CXR-LT manifests, the synthetic demo, the resized cache, datasets and transforms."""

@@ -1,0 +1,148 @@
+"""CheXFusion-shaped networks: a timm backbone per view -> tokens -> fusion over a study's views ->
+query-decoder head -> one logit per label. One class covers stage 1 (single image, `max_views=1`,
+no fusion layers) and stage 2 (up to 4 views, fusion transformer).
+
+Forward contract (public): `model(images [B,V,C,H,W], view_mask [B,V] bool, view_types [B,V] long | None)
+-> logits [B, L]`. Only real images go through the backbone, so neither other studies of the batch nor
+the content of masked slots can change a study's output (in eval mode).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+
+from .backbone import create_backbone
+from .fusion import StudyFusion, ViewTokenizer
+from .heads import QueryHead
+from .registry import register_model
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    backbone: str = "convnext_small.fb_in22k_ft_in1k"
+    pretrained: str = ""            # "" random init, "cache", or a local weights file
+    num_labels: int = 40
+    max_views: int = 4
+    d_model: int = 768
+    token_stride: int = 2           # 2: 3x3 stride-2 token reduction (stage 2); 1: 1x1 projection
+    fusion_layers: int = 2
+    heads: int = 8
+    ff_dim: int = 2048
+    dropout: float = 0.1
+    decoder_ff: int = 2048
+    query: str = "learned"          # learned | text
+    slot_embedding: bool = True
+    view_embedding: bool = True
+    tta_flip: bool = False          # average logits of the image and its horizontal flip at eval
+
+
+class CheXFusion(nn.Module):
+    def __init__(self, cfg: ModelConfig, label_embeddings: torch.Tensor | None = None):
+        super().__init__()
+        self.config = cfg
+        self.backbone, self.pretrained_source = create_backbone(cfg.backbone, cfg.pretrained)
+        self.num_features = self.backbone.num_features  # width from the backbone, never a literal
+        self.tokenizer = ViewTokenizer(self.num_features, cfg.d_model, cfg.token_stride)
+        self.fusion = StudyFusion(cfg.d_model, cfg.max_views, cfg.fusion_layers, cfg.heads, cfg.ff_dim,
+                                  cfg.dropout, cfg.slot_embedding, cfg.view_embedding)
+        self.head = QueryHead(cfg.d_model, cfg.num_labels, cfg.heads, cfg.decoder_ff, cfg.dropout,
+                              cfg.query, label_embeddings)
+
+    @property
+    def pretrained_cfg(self) -> dict:
+        return dict(getattr(self.backbone, "pretrained_cfg", {}) or {})
+
+    def encode_views(self, images: torch.Tensor, view_mask: torch.Tensor) -> torch.Tensor:
+        """[B, V, C, H, W] -> per-view tokens [B, V, T, d]; empty slots stay zero and never run."""
+        b, v = view_mask.shape
+        flat_mask = view_mask.reshape(-1)
+        real = images.reshape(b * v, *images.shape[2:])[flat_mask]
+        tokens = self.tokenizer(self.backbone.forward_features(real))  # [N_real, T, d]
+        out = tokens.new_zeros(b * v, *tokens.shape[1:])
+        out[flat_mask] = tokens
+        return out.view(b, v, *tokens.shape[1:])
+
+    def forward_once(self, images, view_mask, view_types, label_embeddings=None) -> torch.Tensor:
+        tokens = self.encode_views(images, view_mask)
+        fused, pad = self.fusion(tokens, view_mask, view_types)
+        return self.head(fused, pad, label_embeddings)
+
+    def forward(self, images: torch.Tensor, view_mask: torch.Tensor | None = None,
+                view_types: torch.Tensor | None = None, label_embeddings: torch.Tensor | None = None):
+        if images.dim() == 4:  # [B, C, H, W]: one image per study
+            images = images[:, None]
+        b, v = images.shape[:2]
+        if v > self.config.max_views:
+            raise ValueError(f"{v} view slots but this model takes at most {self.config.max_views}")
+        if view_mask is None:
+            view_mask = torch.ones(b, v, dtype=torch.bool, device=images.device)
+        view_mask = view_mask.bool()
+        if not bool(view_mask.any(1).all()):
+            raise ValueError("every study needs at least one image (a view_mask row is all False)")
+        if view_types is None:
+            view_types = torch.full((b, v), 2, dtype=torch.long, device=images.device)
+        logits = self.forward_once(images, view_mask, view_types, label_embeddings)
+        if self.config.tta_flip and not self.training:
+            logits = (logits + self.forward_once(images.flip(-1), view_mask, view_types, label_embeddings)) / 2
+        return logits
+
+
+def build_chexfusion(defaults: Mapping[str, Any], overrides: Mapping[str, Any]) -> CheXFusion:
+    overrides = dict(overrides)
+    label_embeddings = overrides.pop("label_embeddings", None)
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ValueError(f"unknown model option(s) {unknown}; allowed: {sorted(names)}")
+    return CheXFusion(ModelConfig(**{**defaults, **overrides}), label_embeddings)
+
+
+# --- variants: the published configuration, and small ones for CPUs and tests -----------------------
+
+@register_model
+def chexfusion_convnext_small(**kw):
+    """CheXFusion stage 2 as published: convnext_small, 4 views, 16x16 tokens per view, 2 fusion layers."""
+    return build_chexfusion({}, kw)
+
+
+@register_model
+def chexfusion_convnext_small_stage1(**kw):
+    """CheXFusion stage 1: single image, 32x32 tokens, no fusion layers."""
+    return build_chexfusion(dict(max_views=1, token_stride=1, fusion_layers=0), kw)
+
+
+# regnetx_002 trains at ~120 images/s at 96 px on 2 CPU cores (bench/), resnet18 at ~40
+_SMALL = dict(backbone="regnetx_002", d_model=128, heads=4, ff_dim=256, decoder_ff=256, token_stride=1)
+
+
+@register_model
+def chexfusion_regnetx002(**kw):
+    """A CPU-sized fusion model (regnetx_002, d 128) for small images such as the demo's."""
+    return build_chexfusion(_SMALL, kw)
+
+
+@register_model
+def single_regnetx002(**kw):
+    """Single-image counterpart of chexfusion_regnetx002 (stage-1 shape)."""
+    return build_chexfusion(dict(_SMALL, max_views=1, fusion_layers=0), kw)
+
+
+_TEST = dict(backbone="test_resnet", d_model=32, heads=2, ff_dim=64, decoder_ff=64, token_stride=1,
+             fusion_layers=1, num_labels=40)
+
+
+@register_model
+def chexfusion_test(**kw):
+    """Tiny fusion model that builds in milliseconds (tests, smoke runs)."""
+    return build_chexfusion(_TEST, kw)
+
+
+@register_model
+def single_test(**kw):
+    """Tiny single-image model that builds in milliseconds."""
+    return build_chexfusion(dict(_TEST, max_views=1, fusion_layers=0), kw)
