@@ -1,9 +1,13 @@
 """Model artefacts that rebuild themselves (nanoGPT's habit): one folder holding
 
-  weights.safetensors   the state dict (safe to load: no pickle)
-  artefact.json         model name + config, label space, thresholds, metrics, loss, training config,
-                        data version, git commit, which pretrained weights were used
-  ...                   evaluation outputs written beside them (metrics, per-label table, predictions)
+  weights.safetensors   the state dict (safe to load: no pickle)            } written by training
+  artefact.json         model name + config, label space, loss, training    }
+                        config, data version, git commit, pretrained source }
+  history.csv           loss and validation mAP per epoch                   }
+  metrics.json          summary metrics per split                           } written by evaluation
+  eval/                 thresholds.json, per_label_<split>.csv,             } (a separate DVC stage,
+                        predictions_<split>.csv                             }  so separate files)
+`read_meta` merges both halves, so callers see one record.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from .labels import LabelSpace
 from .models import create_model
 
 FORMAT = 1
-WEIGHTS, META = "weights.safetensors", "artefact.json"
+WEIGHTS, META, METRICS, EVAL_DIR = "weights.safetensors", "artefact.json", "metrics.json", "eval"
 
 
 class ArtefactError(RuntimeError):
@@ -60,17 +64,26 @@ def save_artefact(out_dir: str | Path, model: torch.nn.Module, *, model_name: st
 
 
 def read_meta(path: str | Path) -> dict:
+    """artefact.json plus, when evaluated, `metrics` and `thresholds`."""
     p = Path(path) / META
     if not p.exists():
         raise ArtefactError(f"{path} is not a model artefact (no {META}); train one with `cxrlt train`")
-    return json.loads(p.read_text())
-
-
-def update_meta(path: str | Path, **fields: Any) -> dict:
-    meta = read_meta(path)
-    meta.update(fields)
-    (Path(path) / META).write_text(json.dumps(meta, indent=2, default=_jsonable))
+    meta = json.loads(p.read_text())
+    if (Path(path) / METRICS).exists():
+        meta["metrics"] = json.loads((Path(path) / METRICS).read_text())
+    thr = Path(path) / EVAL_DIR / "thresholds.json"
+    if thr.exists():
+        t = json.loads(thr.read_text())
+        meta["thresholds"], meta["threshold_split"] = t["thresholds"], t["split"]
     return meta
+
+
+def write_evaluation(path: str | Path, metrics: dict, thresholds, threshold_split: str) -> None:
+    path = Path(path)
+    (path / EVAL_DIR).mkdir(parents=True, exist_ok=True)
+    (path / EVAL_DIR / "thresholds.json").write_text(json.dumps(
+        {"split": threshold_split, "thresholds": [float(t) for t in thresholds]}, indent=2))
+    (path / METRICS).write_text(json.dumps(metrics, indent=2, default=_jsonable))
 
 
 def load_artefact(path: str | Path, device: str | torch.device = "cpu", **model_overrides) -> Artefact:

@@ -4,6 +4,7 @@ params.yaml's sections mirror these classes: `data`, `train`, `eval`, and `varia
 variant name -> {model: <registered model name>, loss: <loss name>, model_args: {...}, loss_args: {...},
 train: {...overrides}}. A *variant* is what the pipeline trains and registers; a *model* is an
 architecture in `cxrlt.models` (timm's vocabulary).
+Other sections (`paths`, `demo`) are read by the callers (dvc.yaml, Makefile, pipelines).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import yaml
 @dataclass(frozen=True)
 class DataConfig:
     image_size: int = 128          # square side the model sees (CheXFusion: 1024)
-    max_views: int = 4             # images per study fed to the fusion model
     val_fraction: float = 0.1      # share of training PATIENTS held out for model selection
     seed: int = 0
     task: str = "task1"

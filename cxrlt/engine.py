@@ -8,7 +8,6 @@ validation split and writes metrics, per-label tables and predictions beside the
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 from tqdm.auto import tqdm
 
 from . import metrics as M
-from .checkpoint import load_artefact, save_artefact, update_meta
+from .checkpoint import EVAL_DIR, load_artefact, save_artefact, write_evaluation
 from .config import DataConfig, EvalConfig, VariantConfig, to_dict
 from .data.dataset import CXRDataset
 from .data.manifest import Manifest
@@ -161,8 +160,8 @@ def evaluate(artefact_dir: str | Path, manifest: Manifest, ec: EvalConfig, image
              splits: tuple[str, ...] = ("val", "dev", "test"), progress: bool = True, device: str = "auto") -> dict:
     """Score the artefact on each available split; thresholds are tuned on `ec.split` (validation).
 
-    Writes predictions_<split>.csv, per_label_<split>.csv and metrics.json into the artefact folder and
-    records thresholds and metrics in artefact.json. Returns {split: summary metrics}.
+    Writes metrics.json and eval/{thresholds.json, per_label_<split>.csv, predictions_<split>.csv}
+    into the artefact folder. Returns {split: summary metrics}.
     """
     dev = resolve_device(device)
     art = load_artefact(artefact_dir, dev, tta_flip=ec.tta_flip)
@@ -182,9 +181,10 @@ def evaluate(artefact_dir: str | Path, manifest: Manifest, ec: EvalConfig, image
         m = M.compute_metrics(probs, targets, ls, thresholds=thresholds)
         if ec.bootstrap:
             m["ci95"] = M.bootstrap_ci(probs, targets, ls, frame["study_id"].to_numpy(), n_boot=ec.bootstrap)
-        m["per_label"].to_csv(Path(artefact_dir) / f"per_label_{split}.csv", index=False)
-        img.to_csv(Path(artefact_dir) / f"predictions_{split}.csv", index=False, float_format="%.6f")
+        out = Path(artefact_dir) / EVAL_DIR
+        out.mkdir(exist_ok=True)
+        m["per_label"].to_csv(out / f"per_label_{split}.csv", index=False)
+        img.to_csv(out / f"predictions_{split}.csv", index=False, float_format="%.6f")
         results[split] = M.summary(m)
-    (Path(artefact_dir) / "metrics.json").write_text(json.dumps(results, indent=2))
-    update_meta(artefact_dir, thresholds=[float(t) for t in thresholds], metrics=results, threshold_split=ec.split)
+    write_evaluation(artefact_dir, results, thresholds, ec.split)
     return results

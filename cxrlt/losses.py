@@ -50,7 +50,8 @@ def class_frequencies(class_counts: Sequence[int], n_train: int | None) -> torch
     if (counts < 0).any() or (counts > n_train).any():
         raise ValueError(f"class_counts must lie in [0, n_train={n_train}]; got min {counts.min()}, "
                          f"max {counts.max()}")
-    return torch.as_tensor(counts / n_train, dtype=torch.float32)
+    # float64 so the weights are exact; they are cast to the logits' dtype at each call.
+    return torch.as_tensor(counts / n_train, dtype=torch.float64)
 
 
 def _safe_pow(base: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -92,6 +93,9 @@ class MultiLabelLoss(nn.Module):
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         if logits.shape != targets.shape:
             raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} differ in shape")
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            # Under mixed precision: eps = 1e-8 underflows in half precision and the sum loses digits.
+            logits = logits.float()
         targets = targets.to(logits.dtype)
         labelled = targets >= 0
         if mask is not None:

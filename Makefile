@@ -1,0 +1,41 @@
+# The README's commands. Each target is a thin wrapper; the work lives in cxrlt/ and scripts/.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export BENTOML_DO_NOT_TRACK := true
+
+.PHONY: venv demo test test-fast up down urls clean help
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q -U pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed  ## create the virtual environment (if missing) and install the project
+
+demo: venv  ## the whole system on the synthetic demo: data, Prefect train-eval, registry, service, UI, drift
+	VENV=$(VENV) scripts/demo.sh
+
+test: venv  ## run the test suite (includes one end-to-end run on a tiny demo)
+	$(PY) -m pytest -q
+
+test-fast: venv  ## the tests without the slow end-to-end ones
+	$(PY) -m pytest -q -m "not slow"
+
+up: venv  ## start Prefect and, if a model is registered, the service and UI
+	VENV=$(VENV) scripts/stack.sh prefect
+	VENV=$(VENV) scripts/stack.sh serve
+
+down:  ## stop everything `make demo` / `make up` started
+	VENV=$(VENV) scripts/stack.sh down
+
+urls:  ## print the URLs of the running stack
+	@scripts/stack.sh urls
+
+clean: down  ## remove generated data, models and reports (not the model store)
+	rm -rf data/demo prepared models reports var .run

@@ -1,0 +1,206 @@
+"""`cxrlt` command line: every pipeline step as a subcommand, `main(argv)` callable from tests.
+
+DVC stages, Prefect tasks and people all call these same functions. Expected failures (bad data,
+missing files, unknown names) print one clear message and exit 2, never a stack trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+EXPECTED = (ValueError, KeyError, FileNotFoundError, RuntimeError)
+
+
+def _overrides(pairs: list[str]) -> dict:
+    out = {}
+    for p in pairs or []:
+        if "=" not in p:
+            raise ValueError(f"--set takes key=value (e.g. train.epochs=1), got {p!r}")
+        k, v = p.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v)
+    return out
+
+
+def cmd_demo_data(a):
+    from .data.demo import generate_demo
+
+    summary = generate_demo(a.out, n_studies=a.studies, seed=a.seed)
+    print(json.dumps(summary, indent=2, default=str))
+
+
+def cmd_manifest(a):
+    from .config import load_config
+    from .data.manifest import build_manifest
+
+    d = load_config(a.params, _overrides(a.set)).data
+    m = build_manifest(a.labels, a.images, a.out, task=a.task or d.task, year=a.year, val_fraction=d.val_fraction,
+                       seed=d.seed, check_images=not a.no_check_images, zero_shot=tuple(d.zero_shot))
+    print(f"manifest: {len(m.frame)} images, {m.frame['study_id'].nunique()} studies, "
+          f"{len(m.label_space)} labels -> {a.out}")
+
+
+def cmd_prepare(a):
+    from .config import load_config
+    from .data.prepare import prepare_cache
+
+    size = a.size or load_config(a.params, _overrides(a.set)).data.image_size
+    print(f"cache: {prepare_cache(a.manifest, a.out, size=size)}")
+
+
+def cmd_train(a):
+    from .config import load_config
+    from .data.manifest import load_manifest
+    from .engine import train
+
+    cfg = load_config(a.params, _overrides(a.set))
+    out = train(cfg.variant(a.variant), cfg.data, load_manifest(a.manifest), a.out or Path("models") / a.variant,
+                progress=not a.quiet)
+    print(f"artefact: {out}")
+
+
+def cmd_evaluate(a):
+    from .config import load_config
+    from .data.manifest import load_manifest
+    from .engine import evaluate
+
+    cfg = load_config(a.params, _overrides(a.set))
+    res = evaluate(a.artefact, load_manifest(a.manifest), cfg.eval, cfg.data.image_size, progress=not a.quiet)
+    for split, m in res.items():
+        print(f"{split:>5}: mAP {m['mAP']:.4f}  mAUC {m['mAUC']:.4f}  mF1 {m['mF1']:.4f}  "
+              f"head/medium/tail mAP {m.get('mAP_head', float('nan')):.4f} / {m.get('mAP_medium', float('nan')):.4f}"
+              f" / {m.get('mAP_tail', float('nan')):.4f}")
+
+
+def cmd_registry(a):
+    from . import registry
+
+    if a.action == "list":
+        rows = registry.list_registered()
+        if not rows:
+            print("no registered models (train and register some: `make demo`)")
+        for r in rows:
+            mark = "*" if r["serving"] else " "
+            mAP = "   -  " if r["val_mAP"] is None else f"{r['val_mAP']:.4f}"
+            print(f"{mark} {r['tag']:<32} {r['variant']:<22} {r['loss']:<5} val mAP {mAP}  {r['created']}"
+                  + ("  [synthetic]" if r["synthetic"] else ""))
+        print("* = served")
+    elif a.action == "register":
+        if not a.target:
+            raise ValueError("give the artefact folder: cxrlt registry register models/<variant>")
+        print(registry.register(a.target))
+    elif a.action == "promote":
+        print(f"serving {registry.promote_best() if not a.target else registry.set_serving(a.target)}")
+    elif a.action == "rollback":
+        print(f"serving {registry.rollback()}")
+    elif a.action == "serving":
+        print(registry.serving_tag())
+
+
+def cmd_predict(a):
+    from .data.transforms import load_grayscale
+    from .inference import Predictor
+
+    p = Predictor.from_path(a.artefact) if a.artefact else Predictor.from_registry(a.tag)
+    imgs = [load_grayscale(f) for f in a.images]
+    res = p.describe(p.predict([imgs], [a.views] if a.views else None)[0])
+    print(json.dumps(res, indent=2))
+
+
+def cmd_drift(a):
+    from .monitoring import run_drift
+
+    print(json.dumps(run_drift(log_path=a.log, out_dir=a.out, tag=a.tag, last_n=a.last), indent=2, default=str))
+
+
+def cmd_models(a):
+    from .models import list_models
+
+    print("\n".join(list_models(a.pattern)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="cxrlt", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name, fn, help_):
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.set_defaults(fn=fn)
+        return p
+
+    def params(p):
+        p.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a parameter, e.g. train.epochs=1")
+
+    p = add("demo-data", cmd_demo_data, "generate the synthetic demo data set in the CXR-LT 2024 layout")
+    p.add_argument("--out", default="data/demo", help="output folder (default: data/demo)")
+    p.add_argument("--studies", type=int, default=3000, help="number of studies (default: 3000)")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = add("manifest", cmd_manifest, "validate CXR-LT label files + images and write a patient-split manifest")
+    p.add_argument("--labels", required=True, help="folder with the CXR-LT CSV files")
+    p.add_argument("--images", required=True, help="MIMIC-CXR-JPG root (the folder holding files/)")
+    p.add_argument("--out", required=True, help="manifest folder to write")
+    p.add_argument("--task", choices=["task1", "task2", "task3", "2023"], help="label space (default: params data.task)")
+    p.add_argument("--year", type=int, default=2024, choices=[2023, 2024])
+    p.add_argument("--no-check-images", action="store_true", help="skip the check that every image exists")
+    params(p)
+
+    p = add("prepare", cmd_prepare, "write a resized image cache in a new folder (sources are never modified)")
+    p.add_argument("--manifest", required=True, help="manifest folder")
+    p.add_argument("--out", required=True, help="cache folder (new; not inside the source)")
+    p.add_argument("--size", type=int, help="square side in pixels (default: params data.image_size)")
+    params(p)
+
+    p = add("train", cmd_train, "train one variant from params.yaml into a model artefact")
+    p.add_argument("--variant", required=True, help="variant name from params.yaml `variants`")
+    p.add_argument("--manifest", required=True, help="manifest folder (usually the prepared cache)")
+    p.add_argument("--out", help="artefact folder (default: models/<variant>)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    params(p)
+
+    p = add("evaluate", cmd_evaluate, "score an artefact per image on val/dev/test; tune thresholds on val")
+    p.add_argument("--artefact", required=True, help="artefact folder (models/<variant>)")
+    p.add_argument("--manifest", required=True, help="manifest folder")
+    p.add_argument("--quiet", action="store_true")
+    params(p)
+
+    p = add("registry", cmd_registry, "the model registry: list, register, promote (best or a tag), rollback, serving")
+    p.add_argument("action", choices=["list", "register", "promote", "rollback", "serving"])
+    p.add_argument("target", nargs="?", help="artefact folder (register) or tag (promote)")
+
+    p = add("predict", cmd_predict, "score one study (1-4 images) with the served or a given model")
+    p.add_argument("images", nargs="+", help="image files of one study")
+    p.add_argument("--views", nargs="+", help="view per image: frontal / lateral / unknown")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--tag", help="registered model tag (default: the served one)")
+    g.add_argument("--artefact", help="artefact folder instead of the registry")
+
+    p = add("drift", cmd_drift, "Evidently drift report of logged predictions against validation predictions")
+    p.add_argument("--log", help="prediction log (default: $CXRLT_PREDICTION_LOG or var/predictions/predictions.jsonl)")
+    p.add_argument("--out", default="reports/drift", help="report folder (default: reports/drift)")
+    p.add_argument("--tag", help="model whose validation predictions are the reference (default: served)")
+    p.add_argument("--last", type=int, help="only the last N logged predictions")
+
+    p = add("models", cmd_models, "list the registered model architectures")
+    p.add_argument("pattern", nargs="?", default="*")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except EXPECTED as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"cxrlt {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Prediction on uploaded studies, shared by the CLI and the service.
+
+A study is 1..max_views images (PIL) with an optional view per image ("frontal", "lateral", or
+None/"unknown"). Studies are padded to fixed slots with a view mask, so a study's probabilities never
+depend on what else is in the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .checkpoint import Artefact, load_artefact
+from .data.dataset import VIEW_CODES, choose_views
+from .data.transforms import image_to_tensor
+
+
+class StudyInputError(ValueError):
+    """An uploaded study that cannot be scored; the message says what to fix."""
+
+
+def view_code(view: str | None) -> int:
+    if view is None or view == "":
+        return VIEW_CODES["unknown"]
+    v = str(view).strip().lower()
+    if v not in VIEW_CODES:
+        raise StudyInputError(f"unknown view {view!r}: use frontal, lateral or unknown")
+    return VIEW_CODES[v]
+
+
+@dataclass
+class Predictor:
+    artefact: Artefact
+    tag: str
+    device: torch.device
+
+    @classmethod
+    def from_path(cls, path: str | Path, tag: str | None = None, device: str = "cpu") -> "Predictor":
+        dev = torch.device(device)
+        return cls(load_artefact(path, dev), tag or Path(path).name, dev)
+
+    @classmethod
+    def from_registry(cls, tag: str | None = None, device: str = "cpu") -> "Predictor":
+        from . import registry
+
+        tag = tag or registry.serving_tag()
+        return cls.from_path(registry.model_path(tag), tag=tag, device=device)
+
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        return self.artefact.label_space.names
+
+    @property
+    def thresholds(self) -> np.ndarray:
+        return self.artefact.thresholds
+
+    @property
+    def image_size(self) -> int:
+        return int(self.artefact.meta["data"]["image_size"])
+
+    @property
+    def max_views(self) -> int:
+        return int(self.artefact.model.config.max_views)
+
+    @property
+    def synthetic(self) -> bool:
+        return bool(self.artefact.meta.get("synthetic"))
+
+    def encode_study(self, images: Sequence[Image.Image], views: Sequence[str | None] | None = None):
+        """-> (images [V,3,S,S], view_mask [V], view_types [V]) for one study; single-view models get
+        the study's images as separate items (see predict)."""
+        if not images:
+            raise StudyInputError("a study needs at least one image")
+        views = list(views) if views is not None else [None] * len(images)
+        if len(views) != len(images):
+            raise StudyInputError(f"{len(images)} images but {len(views)} views: give one view per image or none")
+        codes = [view_code(v) for v in views]
+        v, s = self.max_views, self.image_size
+        keep = choose_views(codes, [f"{i:04d}" for i in range(len(images))], v) if v > 1 else list(range(len(images)))
+        x = torch.zeros(v, 3, s, s)
+        mask = torch.zeros(v, dtype=torch.bool)
+        types = torch.full((v,), VIEW_CODES["unknown"], dtype=torch.long)
+        for slot, j in enumerate(keep[:v]):
+            x[slot], mask[slot], types[slot] = image_to_tensor(images[j], s), True, codes[j]
+        return x, mask, types
+
+    @torch.inference_mode()
+    def predict(self, studies: Sequence[Sequence[Image.Image]],
+                views: Sequence[Sequence[str | None] | None] | None = None) -> np.ndarray:
+        """Probabilities [n_studies, L]. A single-view model scores each image and averages its study."""
+        views = list(views) if views is not None else [None] * len(studies)
+        if self.max_views == 1:
+            flat, owner = [], []
+            for i, (imgs, vs) in enumerate(zip(studies, views)):
+                vs = list(vs) if vs is not None else [None] * len(imgs)
+                if not imgs:
+                    raise StudyInputError("a study needs at least one image")
+                for img, vw in zip(imgs, vs):
+                    flat.append(self.encode_study([img], [vw]))
+                    owner.append(i)
+            probs = self._forward(flat)
+            owner = np.asarray(owner)
+            return np.stack([probs[owner == i].mean(0) for i in range(len(studies))])
+        return self._forward([self.encode_study(imgs, vs) for imgs, vs in zip(studies, views)])
+
+    def _forward(self, encoded: list) -> np.ndarray:
+        x = torch.stack([e[0] for e in encoded]).to(self.device)
+        mask = torch.stack([e[1] for e in encoded]).to(self.device)
+        types = torch.stack([e[2] for e in encoded]).to(self.device)
+        return torch.sigmoid(self.artefact.model(x, mask, types).float()).cpu().numpy()
+
+    def describe(self, probs: np.ndarray) -> dict:
+        """One study's probabilities -> the service's response body."""
+        names, thr = self.label_names, self.thresholds
+        order = np.argsort(-probs)
+        return {"model_tag": self.tag, "synthetic_model": self.synthetic,
+                "probabilities": {names[i]: round(float(probs[i]), 6) for i in range(len(names))},
+                "thresholds": {names[i]: round(float(thr[i]), 6) for i in range(len(names))},
+                "findings": [names[i] for i in order if probs[i] >= thr[i]]}

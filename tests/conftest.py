@@ -1,0 +1,147 @@
+"""Shared fixtures: an isolated BentoML model store, a tiny registered model, a live service.
+
+The environment is set when this file is imported, before anything imports bentoml or huggingface_hub:
+both read their settings once, at import time.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+_SESSION_TMP = Path(tempfile.mkdtemp(prefix="cxrlt-tests-"))
+os.environ["BENTOML_HOME"] = str(_SESSION_TMP / "bentoml")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ["BENTOML_DO_NOT_TRACK"] = "true"
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_LABELS = {"Atelectasis": 400, "Cardiomegaly": 300, "Edema": 120, "Pneumothorax": 40, "Hernia": 8,
+               "Tuberculosis": 3}
+
+
+@pytest.fixture(scope="session")
+def session_tmp() -> Path:
+    return _SESSION_TMP
+
+
+@pytest.fixture(scope="session")
+def label_space():
+    from cxrlt.labels import LabelSpace
+
+    return LabelSpace.from_counts(TINY_LABELS, n_train=1000, synthetic=True)
+
+
+def write_val_predictions(path: Path, names, n_studies: int = 60, seed: int = 0) -> Path:
+    """A predictions_val.csv as evaluation writes it: dicom_id, study_id, one column per label."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for s in range(n_studies):
+        p = rng.beta(2, 5, size=len(names))
+        for k in range(1 + s % 2):  # studies of one or two images
+            rows.append({"dicom_id": f"d{s:04d}_{k}", "study_id": f"s{s:04d}", **dict(zip(names, p))})
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_artefact(session_tmp, label_space) -> Path:
+    import torch
+
+    from cxrlt.checkpoint import save_artefact
+    from cxrlt.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("chexfusion_test", num_labels=len(label_space))
+    out = save_artefact(session_tmp / "artefacts" / "tiny", model, model_name="chexfusion_test",
+                        label_space=label_space, data={"image_size": 32}, variant="tiny", loss={"name": "asl"},
+                        synthetic=True, metrics={"val": {"mAP": 0.5, "mAUC": 0.6, "mF1": 0.1}},
+                        thresholds=[0.5, 0.45, 0.4, 0.3, 0.2, 0.1])
+    write_val_predictions(out / "predictions_val.csv", label_space.names)
+    return out
+
+
+@pytest.fixture(scope="session")
+def served_tag(tiny_artefact) -> str:
+    from cxrlt import registry
+
+    tag = registry.register(tiny_artefact)
+    registry.set_serving(tag, reason="tests")
+    return tag
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
+    import requests
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the service exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            if requests.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"the service was not ready after {timeout:.0f} s:\n{log.read_text()[-4000:]}")
+
+
+@pytest.fixture(scope="session")
+def prediction_log(session_tmp) -> Path:
+    return session_tmp / "var" / "predictions.jsonl"
+
+
+@pytest.fixture(scope="session")
+def service_url(served_tag, session_tmp, prediction_log):
+    """`bentoml serve` of the real service on a free 127.0.0.1 port; stopped by its PID afterwards."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = session_tmp / "service.log"
+    env = {**os.environ, "CXRLT_PREDICTION_LOG": str(prediction_log), "PYTHONPATH": str(ROOT)}
+    env.pop("CXRLT_MODEL_TAG", None)
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "service.service:CXRService",
+                                 "--host", "127.0.0.1", "--port", str(port)],
+                                cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
+    try:
+        _wait_ready(url, proc, log, timeout=90)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def image_bytes(fmt: str = "PNG", size=(64, 48), seed: int = 0, mode: str = "L") -> bytes:
+    """A small synthetic radiograph-like image encoded as PNG or JPEG."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size[1], 0:size[0]]
+    a = 100 + 60 * np.sin(x / (5 + seed)) * np.cos(y / 7) + rng.normal(0, 10, (size[1], size[0]))
+    img = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), mode="L")
+    if mode != "L":
+        img = img.convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()

@@ -1,0 +1,253 @@
+"""Metrics: parity with scikit-learn, groups, thresholds, calibration, bootstrap, submission files."""
+
+import json
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
+
+from cxrlt.labels import LabelSpace
+from cxrlt.metrics import (_prepare, _Ranked, bootstrap_ci, compute_metrics, expand_to_images,
+                           expected_calibration_error, summary, tune_thresholds, write_submission)
+
+# 8 trained labels spanning the share groups (N = 1000: head >= 100, tail < 10) plus one zero-shot label.
+NAMES = ("A", "B", "C", "D", "E", "F", "G", "H", "Z")
+COUNTS = (500, 300, 150, 80, 40, 12, 5, 2, 0)
+LS = LabelSpace(names=NAMES, counts=COUNTS, n_train=1000, zero_shot=("Z",))
+
+
+def random_data(n=400, seed=0, decimals=1):
+    """Scores rounded to make ties; label 'F' without positives; 'H' all positive; some -1 targets."""
+    rng = np.random.default_rng(seed)
+    L = len(NAMES)
+    y = (rng.random((n, L)) < np.linspace(0.4, 0.05, L)).astype(float)
+    probs = np.clip(0.3 * y + rng.random((n, L)) * 0.7, 0, 1).round(decimals)
+    y[:, NAMES.index("F")] = 0
+    y[:, NAMES.index("H")] = 1
+    y[rng.random((n, L)) < 0.1] = -1
+    return probs, y
+
+
+def sk_scores(probs, y, c, thr=0.5):
+    known = y[:, c] >= 0
+    yt, s = y[known, c], probs[known, c]
+    ap = average_precision_score(yt, s) if yt.sum() > 0 else np.nan
+    auc = roc_auc_score(yt, s) if 0 < yt.sum() < len(yt) else np.nan
+    f1 = f1_score(yt, s >= thr, zero_division=0) if yt.sum() > 0 else np.nan
+    return ap, auc, f1
+
+
+@pytest.mark.parametrize("seed,decimals", [(0, 1), (1, 2), (2, 6)])
+def test_per_label_scores_match_sklearn(seed, decimals):
+    probs, y = random_data(seed=seed, decimals=decimals)
+    m = compute_metrics(probs, y, LS)
+    table = m["per_label"]
+    for c, name in enumerate(NAMES):
+        ap, auc, f1 = sk_scores(probs, y, c)
+        row = table.iloc[c]
+        assert row.label == name
+        np.testing.assert_allclose([row.ap, row.auroc, row.f1], [ap, auc, f1], rtol=1e-12, atol=1e-14)
+        assert row.n_pos == (y[:, c] == 1).sum() and row.n == (y[:, c] >= 0).sum()
+
+
+def test_weighted_scores_equal_a_materialised_resample():
+    """The bootstrap's core: integer row weights == duplicated rows, as scikit-learn sees them."""
+    probs, y = random_data(n=150, seed=3)
+    rng = np.random.default_rng(0)
+    w = rng.integers(0, 3, size=(4, len(probs))).astype(float)
+    scores, f1s = _Ranked(*_prepare(probs, y)).scores(w, [np.full(len(NAMES), 0.5)])
+    for b in range(len(w)):
+        rows = np.repeat(np.arange(len(probs)), w[b].astype(int))
+        for c in range(len(NAMES)):
+            expected = sk_scores(probs[rows], y[rows], c)
+            got = [scores["ap"][b, c], scores["auroc"][b, c], f1s[0][b, c]]
+            np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-14)
+
+
+def test_macro_means_groups_zero_shot_and_exclusions():
+    probs, y = random_data()
+    m = compute_metrics(probs, y, LS)
+    t = m["per_label"].set_index("label")
+    trained_scored = [n for n in NAMES[:-1] if n != "F"]
+    assert m["excluded"] == ["F", "H"]  # F: no positives; H: no negatives (AP kept, AUROC not)
+    assert m["mAP"] == pytest.approx(t.loc[trained_scored, "ap"].mean())
+    assert m["mAUC"] == pytest.approx(t.loc[[n for n in trained_scored if n != "H"], "auroc"].mean())
+    assert m["mF1"] == pytest.approx(t.loc[trained_scored, "f1"].mean())
+    assert m["n_labels_scored"] == len(trained_scored) and m["n_images"] == len(probs)
+    assert np.isnan(t.loc["F", "ap"]) and np.isnan(t.loc["H", "auroc"]) and t.loc["H", "ap"] == 1.0
+    # Share groups: head >= 10% (A, B, C), tail < 1% (G, H), medium the rest (F excluded: no positives).
+    assert list(t["group_share"]) == ["head"] * 3 + ["medium"] * 3 + ["tail"] * 2 + ["zero_shot"]
+    assert m["mAP_head"] == pytest.approx(t.loc[["A", "B", "C"], "ap"].mean())
+    assert m["mAP_medium"] == pytest.approx(t.loc[["D", "E"], "ap"].mean())
+    assert m["mAP_tail"] == pytest.approx(t.loc[["G", "H"], "ap"].mean())
+    rank = LS.groups("rank")
+    for g in ("head", "medium", "tail"):
+        members = [n for n in trained_scored if rank[n] == g]
+        assert m[f"mAP_rank_{g}"] == pytest.approx(t.loc[members, "ap"].mean())
+    # The zero-shot label is scored on its own, never in the trained means.
+    assert m["zs_mAP"] == pytest.approx(t.loc["Z", "ap"]) and m["zs_mAUC"] == pytest.approx(t.loc["Z", "auroc"])
+    assert list(t["train_count"]) == list(COUNTS)
+    assert "mF1_tuned" not in m
+
+
+def test_no_zero_shot_keys_without_zero_shot_labels():
+    ls = LabelSpace(names=NAMES[:-1], counts=COUNTS[:-1], n_train=1000)
+    probs, y = random_data()
+    m = compute_metrics(probs[:, :-1], y[:, :-1], ls)
+    assert "zs_mAP" not in m and np.isfinite(m["mAP"])
+
+
+def test_mask_equals_minus_one_targets():
+    probs, y = random_data(seed=5)
+    mask = np.random.default_rng(1).random(y.shape) > 0.2
+    y_masked = np.where(mask, y, -1)
+    a = compute_metrics(probs, y, LS, mask=mask)
+    b = compute_metrics(probs, y_masked, LS)
+    pd.testing.assert_frame_equal(a["per_label"], b["per_label"])
+    assert a["mAP"] == b["mAP"] and a["ece"] == b["ece"]
+
+
+def test_input_errors_are_clear():
+    probs, y = random_data()
+    with pytest.raises(ValueError, match="label space has 9"):
+        compute_metrics(probs[:, :3], y[:, :3], LS)
+    with pytest.raises(ValueError, match="one shape"):
+        compute_metrics(probs, y[:5], LS)
+    y2 = y.copy()
+    y2[0, 0] = 0.7
+    with pytest.raises(ValueError, match="0 or 1"):
+        compute_metrics(probs, y2, LS)
+    with pytest.raises(ValueError, match="thresholds"):
+        compute_metrics(probs, y, LS, thresholds=[0.5])
+
+
+def test_tuned_thresholds_maximise_f1_on_the_tuning_data():
+    probs, y = random_data(n=600, seed=7, decimals=2)
+    probs = probs * 0.6  # scores squeezed below 0.5: F1 at 0.5 is poor, tuning must recover it
+    thr = tune_thresholds(probs, y, NAMES)
+    assert thr[NAMES.index("F")] == 0.5  # no positives
+    m = compute_metrics(probs, y, LS, thresholds=thr)
+    assert m["mF1_tuned"] > m["mF1"] + 0.2
+    t = m["per_label"]
+    assert list(t["threshold"]) == list(thr)
+    for c, name in enumerate(NAMES):
+        known = y[:, c] >= 0
+        yt, s = y[known, c], probs[known, c]
+        if yt.sum() == 0:
+            continue
+        best = max(f1_score(yt, s >= u) for u in np.unique(s))  # brute force over every cut
+        assert t.loc[c, "f1_tuned"] == pytest.approx(best, abs=1e-12), name
+        assert t.loc[c, "f1_tuned"] >= t.loc[c, "f1"]
+
+
+def test_ece_calibrated_and_miscalibrated():
+    rng = np.random.default_rng(0)
+    p = rng.random((200_000, 5))
+    y = (rng.random(p.shape) < p).astype(float)
+    assert expected_calibration_error(p, y) < 0.005
+    assert expected_calibration_error(p ** 3, y) > 0.1
+    # Exact value: every prediction 0.8, 60% positives -> gap 0.2; -1 targets are ignored.
+    y2 = np.array([[1, 1, 1, 0, 0, -1]], dtype=float).T
+    assert expected_calibration_error(np.full((6, 1), 0.8), y2) == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="logits"):
+        expected_calibration_error(np.full((2, 1), 3.0), np.ones((2, 1)))
+
+
+def test_expand_to_images():
+    sp = np.array([[0.1, 0.2], [0.3, 0.4], [0.5, 0.6]])
+    out = expand_to_images(sp, ["s1", "s2", "s3"], ["s3", "s1", "s1", "s2", "s3"])
+    np.testing.assert_array_equal(out, sp[[2, 0, 0, 1, 2]])
+    with pytest.raises(ValueError, match="no prediction.*s9"):
+        expand_to_images(sp, ["s1", "s2", "s3"], ["s1", "s9"])
+    with pytest.raises(ValueError, match="duplicate study ids"):
+        expand_to_images(sp, ["s1", "s1", "s3"], ["s1"])
+
+
+def study_data(n_study=120, seed=0):
+    probs, y = random_data(n=3 * n_study, seed=seed)
+    study = np.repeat([f"s{i:04d}" for i in range(n_study)], 3)
+    return probs, y, study
+
+
+def test_bootstrap_resamples_whole_studies():
+    """Replicates must equal compute_metrics on the materialised resample of studies."""
+    probs, y, study = study_data()
+    n_boot, seed = 9, 4
+    ci = bootstrap_ci(probs, y, LS, study, n_boot=n_boot, seed=seed, metrics=("mAP", "mAP_tail", "zs_mAUC"))
+    uniq, inv = np.unique(study, return_inverse=True)
+    draws = np.random.default_rng(seed).integers(0, len(uniq), size=(n_boot, len(uniq)))
+    rows_of = [np.flatnonzero(inv == s) for s in range(len(uniq))]
+    reps = {k: [] for k in ci}
+    for d in draws:
+        rows = np.concatenate([rows_of[s] for s in d])
+        m = compute_metrics(probs[rows], y[rows], LS)
+        for k in reps:
+            reps[k].append(m[k])
+    for k, (lo, hi) in ci.items():
+        v = np.array(reps[k])
+        v = v[np.isfinite(v)]
+        assert (lo, hi) == pytest.approx((np.quantile(v, 0.025), np.quantile(v, 0.975)), abs=1e-12), k
+
+
+def test_bootstrap_deterministic_and_contains_point_estimate():
+    probs, y, study = study_data(n_study=200, seed=1)
+    thr = tune_thresholds(probs, y, NAMES)
+    metrics = ("mAP", "mAUC", "mF1", "mF1_tuned", "mAP_head", "mAP_rank_medium")
+    a = bootstrap_ci(probs, y, LS, study, n_boot=100, seed=3, metrics=metrics, thresholds=thr)
+    b = bootstrap_ci(probs, y, LS, study, n_boot=100, seed=3, metrics=metrics, thresholds=thr)
+    c = bootstrap_ci(probs, y, LS, study, n_boot=100, seed=4, metrics=metrics, thresholds=thr)
+    assert a == b and a != c
+    point = compute_metrics(probs, y, LS, thresholds=thr)
+    for k, (lo, hi) in a.items():
+        assert lo < point[k] < hi, k
+    with pytest.raises(ValueError, match="cannot bootstrap.*mF1_tuned"):
+        bootstrap_ci(probs, y, LS, study, metrics=("mF1_tuned",))
+    with pytest.raises(ValueError, match="one study id per row"):
+        bootstrap_ci(probs, y, LS, study[:-1])
+
+
+def test_bootstrap_speed_5000_by_40():
+    rng = np.random.default_rng(0)
+    n, L = 5000, 40
+    ls = LabelSpace(names=tuple(f"L{i}" for i in range(L)), counts=tuple(range(1000, 1000 - 20 * L, -20)),
+                    n_train=5000)
+    y = (rng.random((n, L)) < 0.1).astype(float)
+    probs = np.clip(0.2 * y + 0.8 * rng.random((n, L)), 0, 1)
+    study = np.arange(n) // 2
+    start = time.perf_counter()
+    ci = bootstrap_ci(probs, y, ls, study, n_boot=200)
+    elapsed = time.perf_counter() - start
+    assert set(ci) == {"mAP", "mAUC", "mF1", "mAP_head", "mAP_medium", "mAP_tail"}
+    assert elapsed < 30, f"200 bootstrap replicates on 5000x40 took {elapsed:.1f}s"
+
+
+def test_summary_is_json_scalars():
+    probs, y = random_data()
+    m = compute_metrics(probs, y, LS, thresholds=np.full(len(NAMES), 0.4))
+    s = summary(m, per_label=True)
+    json.dumps(s, allow_nan=False)
+    assert s["mAP"] == m["mAP"] and s["n_images"] == len(probs) and s["n_excluded"] == 2
+    assert "per_label" not in s and "excluded" not in s
+    assert s["ap/A"] == m["per_label"].ap[0] and "ap/F" not in s
+
+
+def test_summary_drops_nan():
+    assert summary({"mAP": 0.3, "mAP_tail": float("nan"), "n_images": 4}) == {"mAP": 0.3, "n_images": 4}
+
+
+def test_write_submission_roundtrip(tmp_path):
+    names = ["Mass", "Normal", "Nodule"]
+    probs = np.array([[0.1, 0.2, 0.3], [0.4, 0.5, 0.6]])
+    path = write_submission(tmp_path / "out" / "sub.csv", ["d1", "d2"], probs, names)
+    df = pd.read_csv(path)
+    assert list(df.columns) == ["dicom_id"] + names
+    assert list(df.dicom_id) == ["d1", "d2"]
+    np.testing.assert_allclose(df[names].to_numpy(), probs, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="duplicate dicom_ids"):
+        write_submission(tmp_path / "x.csv", ["d1", "d1"], probs, names)
+    with pytest.raises(ValueError, match="sigmoid"):
+        write_submission(tmp_path / "x.csv", ["d1", "d2"], probs * 5, names)
+    with pytest.raises(ValueError, match=r"\[2 dicom_ids, 2 labels\]"):
+        write_submission(tmp_path / "x.csv", ["d1", "d2"], probs, names[:2])
