@@ -196,11 +196,19 @@ def compute_metrics(probs, targets, label_space, thresholds=None, mask=None) -> 
 def summary(metrics: dict, per_label: bool = False) -> dict:
     """JSON-serialisable scalars of `compute_metrics` (for DVC metrics files).
 
-    NaN values (e.g. a group with no scorable label) are left out, since JSON has no NaN.
+    NaN values (e.g. a group with no scorable label) are left out, since JSON has no NaN. Intervals
+    stored under a key (e.g. `metrics["ci95"] = bootstrap_ci(...)`) become `mAP_ci95_low`/`_high`.
     `per_label=True` adds `ap/<label>` and `auroc/<label>`.
     """
     out = {}
     for k, v in metrics.items():
+        if isinstance(v, dict):
+            for name, pair in v.items():
+                if isinstance(pair, (tuple, list)) and len(pair) == 2:
+                    for side, val in zip(("low", "high"), pair):
+                        if np.isfinite(val):
+                            out[f"{name}_{k}_{side}"] = float(val)
+            continue
         if isinstance(v, (bool, np.bool_)):
             continue
         if isinstance(v, (int, np.integer)):

@@ -233,8 +233,10 @@ def test_summary_is_json_scalars():
     assert s["ap/A"] == m["per_label"].ap[0] and "ap/F" not in s
 
 
-def test_summary_drops_nan():
+def test_summary_drops_nan_and_flattens_intervals():
     assert summary({"mAP": 0.3, "mAP_tail": float("nan"), "n_images": 4}) == {"mAP": 0.3, "n_images": 4}
+    s = summary({"mAP": 0.3, "ci95": {"mAP": (0.25, 0.35), "mAP_tail": (float("nan"), float("nan"))}})
+    assert s == {"mAP": 0.3, "mAP_ci95_low": 0.25, "mAP_ci95_high": 0.35}
 
 
 def test_write_submission_roundtrip(tmp_path):
