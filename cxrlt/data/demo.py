@@ -3,8 +3,8 @@
 The real labels and images need PhysioNet credentials, so tests, CI and the demo pipeline use this.
 Labels follow the published training frequencies (long tail kept, every label present a few times);
 each finding draws a visual sign related to its meaning (`demo_draw.py`) so that a model can learn it
-at 64 px. The five Task 3 findings are drawn but never labelled in training
-files: their truth is only in `demo_truth_task3.csv`, so zero-shot scoring works on the demo.
+at 64 px. The five Task 3 findings are drawn but never labelled in training files: their truth is only
+in `demo_truth_task3.csv`, so zero-shot scoring works on the demo.
 """
 
 from __future__ import annotations
@@ -58,7 +58,8 @@ def _draw_labels(rng: np.random.Generator, split: np.ndarray) -> tuple[np.ndarra
     empty = np.flatnonzero(~normal & ~Y.any(1))
     Y[empty, rng.choice(len(names), len(empty), p=q / q.sum())] = True
     Y[:, i_sd] = rng.random(S) < p[i_sd]
-    Z = (rng.random((S, len(TASK3_LABELS))) < np.array([TASK3_PREVALENCE[n] for n in TASK3_LABELS])) & ~normal[:, None]
+    prev = np.array([TASK3_PREVALENCE[n] for n in TASK3_LABELS])
+    Z = (rng.random((S, len(TASK3_LABELS))) < prev) & ~normal[:, None]
     for name, need in MIN_POSITIVES.items():
         idx = np.flatnonzero(split == name)
         short = min(need, len(idx) // 3) - int(normal[idx].sum())
@@ -67,7 +68,9 @@ def _draw_labels(rng: np.random.Generator, split: np.ndarray) -> tuple[np.ndarra
             normal[make], Z[make] = True, False
             Y[np.ix_(make, [c for c in range(len(names)) if c != i_sd])] = False
         non = idx[~normal[idx]]
-        mats = [(Y, c) for c in range(len(names)) if c != i_n] + ([(Z, c) for c in range(Z.shape[1])] if name != "train" else [])
+        mats = [(Y, c) for c in range(len(names)) if c != i_n]
+        if name != "train":                   # Task 3 is never labelled in training, so no minimum there
+            mats += [(Z, c) for c in range(Z.shape[1])]
         for M, c in mats:
             pool = idx if M is Y and c == i_sd else non
             lack = pool[~M[pool, c]]
@@ -138,6 +141,7 @@ def plan_demo(n_studies: int = 3000, seed: int = 0) -> pd.DataFrame:
 
 
 def _render_chunk(jobs: list[tuple], root: str, size: tuple[int, int]) -> int:
+    """Draw and save a chunk of images (runs in a worker process)."""
     for rel, view, findings, image_seed, patient_seed in jobs:
         path = os.path.join(root, rel)
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -146,27 +150,33 @@ def _render_chunk(jobs: list[tuple], root: str, size: tuple[int, int]) -> int:
     return len(jobs)
 
 
-def _default_workers() -> int:
+def default_workers() -> int:
     n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(n, 16))
 
 
-def _run_jobs(jobs: list[tuple], root: Path, size, workers: int, progress: bool, desc: str, fn=_render_chunk):
+def run_chunked(fn, jobs: list, root: Path, arg, workers: int, progress: bool, desc: str) -> list:
+    """Results of `fn(chunk, str(root), arg)` over chunks of `jobs`, in worker processes when worth it.
+
+    Shared by the demo and the image cache; `fn` must be a module-level function (it is pickled).
+    """
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(jobs), desc=desc, unit="img", disable=not progress)
     chunks = [jobs[i:i + 32] for i in range(0, len(jobs), 32)]
-    try:
+    results = []
+    with tqdm(total=len(jobs), desc=desc, unit="img", disable=not progress) as bar:
         if workers <= 1 or len(jobs) < 128:      # a pool costs more than it saves on tiny sets
             for c in chunks:
-                bar.update(fn(c, str(root), size))
-            return
+                results.append(fn(c, str(root), arg))
+                bar.update(len(c))
+            return results
         # spawn, not fork: callers may hold torch threads, and forking those can deadlock
         with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
-            for fut in as_completed([ex.submit(fn, c, str(root), size) for c in chunks]):
-                bar.update(fut.result())
-    finally:
-        bar.close()
+            futures = {ex.submit(fn, c, str(root), arg): len(c) for c in chunks}
+            for fut in as_completed(futures):
+                results.append(fut.result())
+                bar.update(futures[fut])
+    return results
 
 
 def _write(df: pd.DataFrame, path: Path, labels: Sequence[str] = ()) -> None:
@@ -181,7 +191,8 @@ def generate_demo(out_dir: str | Path, n_studies: int = 3000, seed: int = 0, ima
     """Write a synthetic CXR-LT 2024 data set under `out_dir`; returns a summary.
 
     `out_dir/cxr-lt-2024/` gets the label files, `out_dir/mimic-cxr-jpg/files/...` the JPEGs (8-bit
-    grayscale, `image_size` = (height, width)). The same seed gives the same bytes.
+    grayscale, `image_size` = (height, width)). The same seed gives the same bytes; files of an earlier,
+    larger demo in the same folder are left in place, so use a fresh folder when changing `n_studies`.
     """
     t0 = time.perf_counter()
     out = Path(out_dir)
@@ -222,7 +233,7 @@ def generate_demo(out_dir: str | Path, n_studies: int = 3000, seed: int = 0, ima
     hits = df[list(ALL_FINDINGS)].to_numpy().astype(bool)
     jobs = [(rel, view, tuple(names[row]), (seed, i), (seed, int(subj)))
             for i, (rel, view, row, subj) in enumerate(zip(df["fpath"], df["view"], hits, df["subject_id"]))]
-    _run_jobs(jobs, image_root, (h, w), workers or _default_workers(), progress, "demo images")
+    run_chunked(_render_chunk, jobs, image_root, (h, w), workers or default_workers(), progress, "demo images")
     counts = {s: {"patients": int(g["subject_id"].nunique()), "studies": int(g["study_id"].nunique()),
                   "images": len(g)} for s, g in df.groupby("split")}
     return {"out_dir": str(out), "labels_dir": str(labels_dir), "image_root": str(image_root),

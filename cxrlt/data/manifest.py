@@ -1,0 +1,400 @@
+"""Read and validate the CXR-LT label files, split by patient, and write one manifest per data set.
+
+Everything downstream (datasets, training, evaluation) reads only the manifest: `manifest.csv` (one row
+per image, labels by name, 1 / 0 / -1 = not labelled) and `manifest.json` (label space with counts from
+the train split, sources with md5, split sizes). All problems in the inputs are collected and raised as
+ONE `ManifestError` before anything is trained, so a bad download fails in seconds, not hours.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import re
+import warnings
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..labels import LABELS_2023, TASK1_LABELS, TASK2_LABELS, TASK3_LABELS, LabelSpace
+
+MANIFEST_COLUMNS = ("dicom_id", "subject_id", "study_id", "ViewPosition", "view", "path", "split")
+SPLITS = ("train", "val", "dev", "test")
+VIEW_CODES = {"frontal": 0, "lateral": 1, "unknown": 2}
+LATERAL_VIEWS = frozenset({"LATERAL", "LL", "XTABLE LATERAL", "SWIMMERS"})
+SYNTHETIC_MARKER = "SYNTHETIC.md"
+DEMO_TRUTH = "demo_truth_task3.csv"      # demo-only Task 3 truth (see cxrlt.data.demo)
+# MIMIC-CXR metadata columns a label file may carry besides the ones we read; never taken for labels.
+_KNOWN_EXTRA = {"ViewCodeSequence_CodeMeaning", "Rows", "Columns", "StudyDate", "StudyTime",
+                "PerformedProcedureStepDescription", "ProcedureCodeSequence_CodeMeaning",
+                "PatientOrientationCodeSequence_CodeMeaning"}
+_PATH_RE = re.compile(r"p(\d+)/s(\d+)/([^/]+)\.jpg$")
+_SHOW = 10
+
+
+def view_type(view_position) -> str:
+    """'frontal', 'lateral' or 'unknown' for a DICOM ViewPosition (missing/NaN/empty -> unknown)."""
+    if view_position is None or (isinstance(view_position, float) and np.isnan(view_position)):
+        return "unknown"
+    v = str(view_position).strip().upper()
+    if not v or v == "NAN":
+        return "unknown"
+    return "lateral" if v in LATERAL_VIEWS else "frontal"
+
+
+class ManifestError(ValueError):
+    """Inputs that cannot make a manifest. The message lists the first problems, their count, and a fix."""
+
+    def __init__(self, header: str, problems: list[tuple[str, int]] = (), hint: str = ""):
+        self.problems = list(problems)
+        self.total = sum(n for _, n in self.problems)
+        lines = [header]
+        if self.problems:
+            lines[0] += f" {self.total} problem(s) found" + (f", first {_SHOW} kinds shown:"
+                                                               if len(self.problems) > _SHOW else ":")
+            lines += [f"  - {msg}" for msg, _ in self.problems[:_SHOW]]
+            if len(self.problems) > _SHOW:
+                lines.append(f"  ... and {len(self.problems) - _SHOW} more kinds of problem")
+        if hint:
+            lines.append(f"What to do: {hint}")
+        super().__init__("\n".join(lines))
+
+
+# One source file: the split its rows go to, the label columns it must / may have, and its role:
+# "rows" files define the images of a split; "labels" files only add label values by dicom_id.
+@dataclass(frozen=True)
+class _Source:
+    file: str
+    split: str
+    required: tuple[str, ...]
+    allowed: tuple[str, ...] | None = None
+    role: str = "rows"
+    optional: bool = False
+
+
+def _layout(task: str, year: int) -> list[_Source]:
+    if year == 2023:
+        return [_Source("train.csv", "train", LABELS_2023),
+                _Source("development.csv", "dev", (), LABELS_2023)]
+    train = _Source("train_labeled.csv", "train", TASK1_LABELS)
+    if task == "task1":
+        return [train, _Source("development_labeled_task1.csv", "dev", TASK1_LABELS),
+                _Source("test_labeled_task1.csv", "test", TASK1_LABELS)]
+    if task == "task2":
+        return [train, _Source("development_labeled_task2.csv", "dev", TASK2_LABELS),
+                _Source("test_labeled_task2.csv", "test", TASK2_LABELS)]
+    # task3: the Task 3 dev images; Task 1 labels where known, Task 3 truth only where one exists (demo)
+    return [train, _Source("development_task3.csv", "dev", ()),
+            _Source("development_labeled_task1.csv", "dev", TASK1_LABELS, role="labels", optional=True),
+            _Source(DEMO_TRUTH, "dev", TASK3_LABELS, role="labels", optional=True),
+            _Source("test_labeled_task1.csv", "test", TASK1_LABELS, optional=True),
+            _Source(DEMO_TRUTH, "test", TASK3_LABELS, role="labels", optional=True)]
+
+
+def _label_names(task: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(label names, built-in zero-shot names) of a task."""
+    return {"task1": (TASK1_LABELS, ()), "task2": (TASK2_LABELS, ()), "2023": (LABELS_2023, ()),
+            "task3": (TASK1_LABELS + TASK3_LABELS, TASK3_LABELS)}[task]
+
+
+def _md5(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _examples(values, n=3) -> str:
+    return ", ".join(str(v) for v in list(values)[:n])
+
+
+def _read(path: Path, src: _Source, year: int, problems: list) -> pd.DataFrame | None:
+    """Read one file into normalised columns (dicom_id, subject_id, study_id, ViewPosition, path + labels)."""
+    name = path.name
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        header = next(csv.reader(f), None)
+    if not header:
+        problems.append((f"{name}: the file is empty (no header line)", 1))
+        return None
+    dup = sorted({c for c in header if header.count(c) > 1})
+    if dup:
+        problems.append((f"{name}: duplicate column(s) {dup}", len(dup)))
+    allowed = set(src.allowed if src.allowed is not None else src.required)
+    id_cols = {"dicom_id", "subject_id", "study_id", "ViewPosition", "fpath", "path"}
+    if src.role == "labels":
+        need = ["dicom_id"]
+    elif year == 2023:                         # 2023 files: ids are derived from the path where absent
+        need = ["path", "study_id"]
+    else:
+        need = ["dicom_id", "subject_id", "study_id", "ViewPosition", "fpath"]
+    missing = [c for c in need if c not in header] + [c for c in src.required if c not in header]
+    if missing:
+        problems.append((f"{name}: missing column(s) {missing}", len(missing)))
+    unknown = [c for c in dict.fromkeys(header) if c not in allowed | id_cols | _KNOWN_EXTRA]
+    if unknown:
+        problems.append((f"{name}: unknown column(s) {unknown} (not labels of this task)", len(unknown)))
+    if any(c not in header for c in need):
+        return None
+    df = pd.read_csv(path, dtype={c: str for c in id_cols}, keep_default_na=False, encoding="utf-8-sig")
+    out = pd.DataFrame(index=df.index)
+    if src.role == "rows":
+        p = df["fpath" if "fpath" in df else "path"].str.strip()
+        bad = p[p.str.startswith("/") | p.str.contains(r"(?:^|/)\.\.(?:/|$)") | (p == "")]
+        if len(bad):
+            problems.append((f"{name}: {len(bad)} path(s) empty, absolute or with '..' (lines "
+                             f"{_examples(bad.index + 2)}); paths must be relative to the image root", len(bad)))
+        parsed = p.str.extract(_PATH_RE)
+        for col, part, fmt in (("subject_id", 0, int), ("study_id", 1, None), ("dicom_id", 2, None)):
+            if col not in df:                 # 2023 files: derive from files/pXX/pSUBJECT/sSTUDY/DICOM.jpg
+                bad = parsed[part].isna()
+                if bad.any():
+                    problems.append((f"{name}: cannot derive {col} from {int(bad.sum())} path(s) not shaped like "
+                                     f"files/pXX/pSUBJECT/sSTUDY/DICOM.jpg (lines {_examples(df.index[bad] + 2)})",
+                                     int(bad.sum())))
+                df[col] = parsed[part].fillna("")
+        subj = pd.to_numeric(df["subject_id"].str.strip(), errors="coerce")
+        if subj.isna().any():
+            problems.append((f"{name}: {int(subj.isna().sum())} subject_id value(s) not integers (lines "
+                             f"{_examples(df.index[subj.isna()] + 2)})", int(subj.isna().sum())))
+        study = df["study_id"].str.strip()
+        out["subject_id"] = subj.fillna(-1).astype("int64")
+        out["study_id"] = np.where(study.str.fullmatch(r"\d+"), "s" + study, study)   # 2023: 50414267
+        vp = df["ViewPosition"] if "ViewPosition" in df else pd.Series("", index=df.index)
+        vp = vp.str.strip()
+        out["ViewPosition"] = vp.mask(vp == "")                   # empty = missing, as in the real files
+        out["path"] = p
+    ids = df["dicom_id"].str.strip()
+    if (ids == "").any():
+        problems.append((f"{name}: {int((ids == '').sum())} empty dicom_id value(s)", int((ids == "").sum())))
+    dups = ids[ids.duplicated() & (ids != "")]
+    if len(dups):
+        problems.append((f"{name}: {len(dups)} duplicate dicom_id value(s), e.g. {_examples(dups.unique())}",
+                         len(dups)))
+    out.insert(0, "dicom_id", ids)
+    for c in [c for c in dict.fromkeys(header) if c in allowed]:
+        v = pd.to_numeric(df[c], errors="coerce")
+        bad = ~v.isin([0, 1])
+        if bad.any():
+            shown = ", ".join(f"line {i + 2}: '{df[c][i]}'" for i in df.index[bad][:3])
+            problems.append((f"{name}: column {c!r} has {int(bad.sum())} value(s) other than 0/1 ({shown})",
+                             int(bad.sum())))
+        out[c] = v.where(~bad, -1).astype("int8")
+    return out
+
+
+def _missing_images(root: Path, paths: pd.Series) -> list[str]:
+    """Paths that do not exist under root: one directory listing per study folder, listed in parallel."""
+    by_dir: dict[str, list[str]] = defaultdict(list)
+    for p in paths:
+        d, _, fname = p.rpartition("/")
+        by_dir[d].append(fname)
+
+    def check(item):
+        d, names = item
+        try:
+            present = set(os.listdir(root / d))
+        except (FileNotFoundError, NotADirectoryError):
+            present = set()
+        return [f"{d}/{n}" if d else n for n in names if n not in present]
+
+    with ThreadPoolExecutor(16) as ex:     # I/O bound; network file systems gain most
+        return [p for miss in ex.map(check, by_dir.items()) for p in miss]
+
+
+def _resolve_task(task: str, year: int) -> tuple[str, int]:
+    if task == "2023" or year == 2023:
+        if task not in ("2023", "task1"):
+            raise ValueError(f"task {task!r} does not exist for CXR-LT 2023: use task='2023'")
+        return "2023", 2023
+    if year != 2024 or task not in ("task1", "task2", "task3"):
+        raise ValueError(f"unknown task/year {task!r}/{year!r}: use task1, task2 or task3 with year 2024, "
+                         "or task='2023'")
+    return task, year
+
+
+_HINT = ("use the unmodified CXR-LT label files from PhysioNet in the labels folder, and the MIMIC-CXR-JPG "
+         "folder that contains files/ as the image root; pass check_images=False (--no-check-images) to skip "
+         "the image check; or run `cxrlt demo-data` for a synthetic data set in the same format.")
+
+
+def build_manifest(labels_dir, image_root, out_dir, task: str = "task1", year: int = 2024,
+                   val_fraction: float = 0.1, seed: int = 0, check_images: bool = True,
+                   zero_shot=()) -> "Manifest":
+    """Validate the CXR-LT files in `labels_dir` against `image_root`, split train/val by patient, and write
+    `out_dir/manifest.csv` + `out_dir/manifest.json`. Raises one `ManifestError` listing every problem."""
+    task, year = _resolve_task(task, int(year))
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    labels_dir, image_root, out_dir = Path(labels_dir), Path(image_root), Path(out_dir)
+    names, builtin_zs = _label_names(task)
+    bad_zs = [z for z in zero_shot if z not in names]
+    if bad_zs:
+        raise ValueError(f"zero_shot labels {bad_zs} are not in the {task} label space: {', '.join(names)}")
+    zs = tuple(dict.fromkeys([*builtin_zs, *zero_shot]))
+    layout = _layout(task, year)
+    absent = [s.file for s in layout if not s.optional and not (labels_dir / s.file).is_file()]
+    if absent:
+        raise ManifestError(f"Missing CXR-LT {year} file(s) {absent} in the labels folder '{labels_dir}'.",
+                            hint=f"put the files {sorted({s.file for s in layout if not s.optional})} from the "
+                                 f"PhysioNet release in '{labels_dir}', point --labels at the folder that holds "
+                                 "them, or run `cxrlt demo-data` for a synthetic stand-in in the same layout.")
+    if check_images and not image_root.is_dir():
+        raise ManifestError(f"The image root '{image_root}' is not a folder.",
+                            hint="pass the MIMIC-CXR-JPG folder that contains files/ (or check_images=False).")
+    problems: list[tuple[str, int]] = []
+    parts, sources, seen = [], [], {}
+    for src in layout:
+        path = labels_dir / src.file
+        if not path.is_file():
+            continue
+        df = _read(path, src, year, problems)
+        sources.append({"file": src.file, "split": src.split, "role": src.role, "md5": _md5(path)})
+        if df is None:
+            continue
+        if src.role == "labels":
+            _merge_labels(parts, src.split, df)
+            continue
+        for other, ids in seen.items():
+            both = ids & set(df["dicom_id"])
+            if both:
+                problems.append((f"{src.file}: {len(both)} dicom_id(s) also in {other}, e.g. "
+                                 f"{_examples(sorted(both))}", len(both)))
+        seen[src.file] = set(df["dicom_id"])
+        df["split"] = src.split
+        parts.append(df)
+    frame = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=MANIFEST_COLUMNS)
+    conflict = frame.groupby("study_id")["subject_id"].nunique()
+    if (conflict > 1).any():
+        problems.append((f"{int((conflict > 1).sum())} study_id(s) belong to more than one subject_id, e.g. "
+                         f"{_examples(conflict.index[conflict > 1])}", int((conflict > 1).sum())))
+    if check_images and len(frame):
+        ok = frame["path"].notna() & ~frame["path"].str.startswith("/")
+        miss = _missing_images(image_root, frame.loc[ok, "path"])
+        if miss:
+            problems.append((f"{len(miss)} image(s) not found under the image root '{image_root}', e.g. "
+                             f"{_examples(miss)}", len(miss)))
+    if problems:
+        raise ManifestError(f"Cannot build a manifest from '{labels_dir}' ({task}, {year}):", problems, _HINT)
+    return _finish(frame, names, zs, task, year, labels_dir, image_root, out_dir, val_fraction, seed,
+                   check_images, sources)
+
+
+def _merge_labels(parts: list[pd.DataFrame], split: str, labels: pd.DataFrame) -> None:
+    """Add label columns of a labels-only file to the rows of `split`, matched by dicom_id."""
+    for df in parts:
+        if (df["split"] == split).all():
+            lab = labels.drop_duplicates("dicom_id").set_index("dicom_id")
+            for c in lab.columns:
+                df[c] = df["dicom_id"].map(lab[c]).fillna(-1).astype("int8")
+
+
+def _finish(frame, names, zs, task, year, labels_dir, image_root, out_dir, val_fraction, seed, check_images,
+            sources) -> "Manifest":
+    train_subjects = set(frame.loc[frame["split"] == "train", "subject_id"])
+    subjects = np.array(sorted(train_subjects), dtype=np.int64)      # sorted: independent of row order
+    n_val = int(round(val_fraction * len(subjects)))
+    if val_fraction > 0 and len(subjects) > 1:
+        n_val = min(max(n_val, 1), len(subjects) - 1)
+    val = set(np.random.default_rng(seed).permutation(subjects)[:n_val].tolist())
+    is_val = (frame["split"] == "train") & frame["subject_id"].isin(val)
+    frame.loc[is_val, "split"] = "val"
+    notes = []
+    overlap = train_subjects & set(frame.loc[frame["split"].isin(["dev", "test"]), "subject_id"])
+    if overlap:
+        notes.append(f"{len(overlap)} patient(s) are in both the training file and the dev/test files (e.g. "
+                     f"{_examples(sorted(overlap))}): scores on those splits are not patient-independent")
+        warnings.warn(notes[-1], stacklevel=3)
+    frame["view"] = [view_type(v) for v in frame["ViewPosition"]]
+    for n in names:
+        frame[n] = frame[n].fillna(-1).astype("int8") if n in frame else np.int8(-1)
+    if zs:                                 # held out: never seen in training, kept in dev/test
+        frame.loc[frame["split"].isin(["train", "val"]), list(zs)] = -1
+    order = {s: i for i, s in enumerate(SPLITS)}
+    frame = frame.sort_values("split", key=lambda s: s.map(order), kind="stable").reset_index(drop=True)
+    frame = frame[list(MANIFEST_COLUMNS) + list(names)]
+    train = frame[frame["split"] == "train"]
+    ls = LabelSpace(names, tuple(int((train[n] == 1).sum()) for n in names), len(train), zs,
+                    synthetic=(labels_dir / SYNTHETIC_MARKER).exists())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        root = os.path.relpath(image_root.resolve(), out_dir.resolve())
+    except ValueError:                     # another drive (Windows): keep as given
+        root = str(image_root)
+    meta = {"format": "cxrlt-manifest", "version": 1, "task": task, "year": year, "label_space": ls.to_dict(),
+            "image_root": Path(root).as_posix(), "sources": sources, "seed": seed, "val_fraction": val_fraction,
+            "zero_shot": list(zs), "synthetic": ls.synthetic, "check_images": check_images,
+            "splits": {s: {"patients": int(g["subject_id"].nunique()), "studies": int(g["study_id"].nunique()),
+                           "images": len(g)} for s, g in frame.groupby("split", sort=False)},
+            "warnings": notes}
+    tmp = out_dir / "manifest.csv.tmp"
+    frame.to_csv(tmp, index=False)
+    os.replace(tmp, out_dir / "manifest.csv")
+    (out_dir / "manifest.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return load_manifest(out_dir)
+
+
+@dataclass
+class Manifest:
+    """A validated data set: one row per image, its label space, and where the images are."""
+
+    frame: pd.DataFrame
+    label_space: LabelSpace
+    image_root: Path
+    meta: dict
+    dir: Path
+
+    def split(self, name: str) -> pd.DataFrame:
+        if name not in SPLITS:
+            raise ValueError(f"unknown split {name!r}: use one of {SPLITS}")
+        return self.frame[self.frame["split"] == name]
+
+    def studies(self, split: str) -> list[tuple[str, pd.DataFrame]]:
+        """(study_id, rows of its images) for every study of a split, in manifest order."""
+        return list(self.split(split).groupby("study_id", sort=False))
+
+    def image_path(self, rel_path: str) -> Path:
+        return self.image_root / rel_path
+
+
+def load_manifest(directory) -> Manifest:
+    """Load `manifest.csv` + `manifest.json` written by `build_manifest` (or by `prepare_cache`)."""
+    d = Path(directory)
+    for f in ("manifest.csv", "manifest.json"):
+        if not (d / f).is_file():
+            raise ManifestError(f"No {f} in the manifest folder '{d}'.",
+                                hint="build one with `cxrlt manifest` (cxrlt.data.manifest.build_manifest), or run "
+                                     "`cxrlt demo-data` first for a synthetic data set, and pass that folder.")
+    try:
+        meta = json.loads((d / "manifest.json").read_text())
+        ls = LabelSpace.from_dict(meta["label_space"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ManifestError(f"'{d / 'manifest.json'}' is not a cxrlt manifest ({e}).",
+                            hint="rebuild it with `cxrlt manifest`.") from None
+    frame = pd.read_csv(d / "manifest.csv", keep_default_na=False, na_values={"ViewPosition": [""]},
+                        dtype={"dicom_id": str, "study_id": str, "ViewPosition": str, "view": str, "path": str,
+                               "split": str})
+    expected = list(MANIFEST_COLUMNS) + list(ls.names)
+    problems = []
+    if list(frame.columns) != expected:
+        problems.append((f"columns {list(frame.columns)[:12]}... differ from the expected {expected[:12]}...", 1))
+    else:
+        bad_split = ~frame["split"].isin(SPLITS)
+        if bad_split.any():
+            problems.append((f"{int(bad_split.sum())} row(s) with a split not in {SPLITS}", int(bad_split.sum())))
+        lab = frame[list(ls.names)]
+        bad = ~lab.isin([-1, 0, 1]).to_numpy()
+        if bad.any():
+            problems.append((f"{int(bad.sum())} label value(s) not in -1/0/1", int(bad.sum())))
+    if problems:
+        raise ManifestError(f"The manifest in '{d}' is damaged:", problems, "rebuild it with `cxrlt manifest`.")
+    frame[list(ls.names)] = frame[list(ls.names)].astype("int8")
+    root = Path(meta["image_root"])
+    root = root if root.is_absolute() else (d / root)
+    return Manifest(frame, ls, root.resolve(), meta, d)
