@@ -129,7 +129,7 @@ def train(variant: VariantConfig, data: DataConfig, manifest: Manifest, out_dir:
             scaler.step(opt)
             scaler.update()
             sched.step()
-            running += float(loss) * len(b["index"])
+            running += float(loss.detach()) * len(b["index"])
             seen += len(b["index"])
             bar.set_postfix(loss=f"{running / seen:.4f}")
         val_probs = predict(model, val_ds, device=device, progress=False)

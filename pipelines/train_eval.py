@@ -72,7 +72,7 @@ def promote_task() -> str:
 def train_eval(variants: list[str] | None = None, labels: str | None = None, images: str | None = None,
                work_dir: str = "prepared", models_dir: str = "models", params: str = "params.yaml",
                epochs: int | None = None, image_size: int | None = None, max_steps_per_epoch: int | None = None,
-               register: bool = True, promote: bool = True) -> dict[str, Any]:
+               register_models: bool = True, promote: bool = True) -> dict[str, Any]:
     """Train, evaluate and register each variant of params.yaml (or those named), then serve the best.
 
     labels/images: the CXR-LT CSV folder and the MIMIC-CXR-JPG root (default: params.yaml `paths`,
@@ -101,9 +101,9 @@ def train_eval(variants: list[str] | None = None, labels: str | None = None, ima
         art = train_task(n, cache, f"{models_dir}/{n}", params, overrides)
         res = evaluate_task(art, cache, params, overrides)
         results[n] = {"artefact": art, "metrics": res}
-        if register:
+        if register_models:
             results[n]["tag"] = register_task(art)
-    if register and promote:
+    if register_models and promote:
         results["serving"] = promote_task()
         print(f"serving {results['serving']}")
     return results

@@ -1,0 +1,124 @@
+"""The pipeline on a tiny demo with the real components: the CLI (train, evaluate, registry), the
+Prefect flow under Prefect's test harness, and `dvc repro` in a fresh DVC repository."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cxrlt.cli import main
+from cxrlt.data.demo import generate_demo
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_PARAMS = {
+    "paths": {"labels": "data/demo/cxr-lt-2024", "images": "data/demo/mimic-cxr-jpg",
+              "manifest": "prepared/manifest", "cache": "prepared/cache"},
+    "data": {"image_size": 32, "val_fraction": 0.2, "seed": 0, "task": "task1"},
+    "train": {"epochs": 1, "batch_size": 8, "lr": 0.001, "threads": 1},
+    "eval": {"split": "val", "batch_size": 16},
+    "variants": {"tiny-fusion": {"model": "chexfusion_test", "loss": "asl"},
+                 "tiny-single": {"model": "single_test", "loss": "wbce"}},
+}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A project folder with a tiny demo in data/ and tiny params.yaml."""
+    root = tmp_path_factory.mktemp("project")
+    generate_demo(root / "data" / "demo", n_studies=60, seed=3)
+    (root / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS))
+    return root
+
+
+def run_cli(*argv) -> int:
+    return main([str(a) for a in argv])
+
+
+def test_cli_manifest_prepare_train_evaluate_register(project, capsys):
+    p, params = project, project / "params.yaml"
+    assert run_cli("manifest", "--labels", p / TINY_PARAMS["paths"]["labels"], "--images",
+                   p / TINY_PARAMS["paths"]["images"], "--out", p / "cli/manifest", "--params", params) == 0
+    assert run_cli("prepare", "--manifest", p / "cli/manifest", "--out", p / "cli/cache", "--params", params) == 0
+    art = p / "cli/models/tiny-fusion"
+    assert run_cli("train", "--variant", "tiny-fusion", "--manifest", p / "cli/cache", "--out", art,
+                   "--params", params, "--quiet") == 0
+    assert run_cli("evaluate", "--artefact", art, "--manifest", p / "cli/cache", "--params", params, "--quiet") == 0
+    metrics = json.loads((art / "metrics.json").read_text())
+    assert {"val", "dev", "test"} <= set(metrics)
+    assert 0.0 <= metrics["val"]["mAP"] <= 1.0 and 0.0 <= metrics["dev"]["mAUC"] <= 1.0
+    meta = json.loads((art / "artefact.json").read_text())
+    assert meta["synthetic"] is True and meta["data_version"]["manifest_md5"]
+    assert len(json.loads((art / "eval/thresholds.json").read_text())["thresholds"]) == 40
+    assert run_cli("registry", "register", art) == 0
+    tag = capsys.readouterr().out.strip().splitlines()[-1]
+    assert run_cli("registry", "promote", tag) == 0
+    assert run_cli("registry", "serving") == 0
+    assert capsys.readouterr().out.strip().endswith(tag)
+
+
+def test_cli_errors_are_one_clear_line(project, capsys):
+    assert run_cli("train", "--variant", "nope", "--manifest", project, "--params", project / "params.yaml") == 2
+    err = capsys.readouterr().err
+    assert "unknown variant 'nope'" in err and "Traceback" not in err
+    assert run_cli("manifest", "--labels", project / "missing", "--images", project, "--out", project / "x",
+                   "--params", project / "params.yaml") == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def test_train_eval_flow_registers_and_serves_the_best(project, prefect_harness, monkeypatch):
+    from cxrlt import registry
+    from pipelines.train_eval import train_eval
+
+    monkeypatch.chdir(project)
+    res = train_eval(params="params.yaml", work_dir="flow/prepared", models_dir="flow/models")
+    tags = {res[v]["tag"] for v in TINY_PARAMS["variants"]}
+    assert len(tags) == 2
+    best = max(TINY_PARAMS["variants"], key=lambda v: res[v]["metrics"]["val"]["mAP"])
+    assert res["serving"] == res[best]["tag"] == registry.serving_tag()
+    listed = {r["tag"]: r for r in registry.list_registered()}
+    assert tags <= set(listed) and listed[res[best]["tag"]]["serving"]
+    # the mark can be moved back to an earlier model
+    other = (tags - {res[best]["tag"]}).pop()
+    registry.set_serving(other)
+    assert registry.rollback() == res[best]["tag"]
+
+
+def test_dvc_repro_in_a_fresh_repository(project, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(project / "data", repo / "data")
+    shutil.copytree(ROOT / "cxrlt", repo / "cxrlt", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
+    shutil.copy(project / "params.yaml", repo / "params.yaml")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    dvc = [str(Path(sys.executable).parent / "dvc")]
+
+    def sh(*cmd):
+        r = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, f"{cmd} failed:\n{r.stdout}\n{r.stderr}"
+        return r.stdout
+
+    sh("git", "init", "-q")
+    sh(*dvc, "init", "-q")
+    sh(*dvc, "add", "-q", "data")
+    sh(*dvc, "repro")
+    for v in TINY_PARAMS["variants"]:
+        m = json.loads((repo / "models" / v / "metrics.json").read_text())
+        assert 0.0 <= m["val"]["mAP"] <= 1.0
+    shown = sh(*dvc, "metrics", "show", "--json")
+    assert "tiny-fusion" in shown
+    # nothing changed -> nothing reruns
+    assert "didn't change" in sh(*dvc, "status") or "up to date" in sh(*dvc, "status")
