@@ -7,6 +7,7 @@ both read their settings once, at import time.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -27,6 +28,10 @@ import pytest  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 TINY_LABELS = {"Atelectasis": 400, "Cardiomegaly": 300, "Edema": 120, "Pneumothorax": 40, "Hernia": 8,
                "Tuberculosis": 3}
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_SESSION_TMP, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -74,9 +79,18 @@ def tiny_artefact(session_tmp, label_space) -> Path:
 def served_tag(tiny_artefact) -> str:
     from cxrlt import registry
 
-    tag = registry.register(tiny_artefact)
+    # its own model name: registry tests that pick the best "cxrlt" model never see this fixture
+    tag = registry.register(tiny_artefact, name="cxrlt-fixture")
     registry.set_serving(tag, reason="tests")
     return tag
+
+
+@pytest.fixture
+def serving(served_tag) -> str:
+    """The tiny model, marked for serving again (other tests share the model store and may move the mark)."""
+    from cxrlt import registry
+
+    return registry.set_serving(served_tag, reason="tests")
 
 
 def free_port() -> int:
@@ -93,9 +107,9 @@ def _wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> 
         if proc.poll() is not None:
             raise RuntimeError(f"the service exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
         try:
-            if requests.get(f"{url}/readyz", timeout=2).status_code == 200:
+            if requests.get(f"{url}/readyz", timeout=10).status_code == 200:
                 return
-        except requests.ConnectionError:
+        except requests.RequestException:  # refused, or still starting (slow readyz)
             pass
         time.sleep(0.5)
     raise RuntimeError(f"the service was not ready after {timeout:.0f} s:\n{log.read_text()[-4000:]}")
@@ -109,6 +123,9 @@ def prediction_log(session_tmp) -> Path:
 @pytest.fixture(scope="session")
 def service_url(served_tag, session_tmp, prediction_log):
     """`bentoml serve` of the real service on a free 127.0.0.1 port; stopped by its PID afterwards."""
+    from cxrlt import registry
+
+    registry.set_serving(served_tag, reason="tests: service fixture")  # the service reads the mark at start
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = session_tmp / "service.log"

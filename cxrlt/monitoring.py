@@ -1,0 +1,202 @@
+"""Prediction log and drift reports. Every Evidently call lives here (its API changes between releases;
+this module is written for evidently 0.7: `Report`, `Dataset`, `DataDefinition`, `DataDriftPreset`), and
+evidently is imported inside the functions that use it, never at module level.
+
+The service appends one JSON line per scored study (UTC time, model tag, number of images, views, the
+probability of every label, simple image statistics) and nothing that identifies a patient or an image:
+no file names, no identifiers, no pixels. `run_drift` compares the latest logged predictions with the
+served model's validation predictions (`predictions_val.csv`, written by evaluation).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+
+DEFAULT_LOG = Path("var/predictions/predictions.jsonl")
+DEFAULT_REPORTS = Path("reports/drift")
+STATS = ("width", "height", "mean_intensity", "std_intensity")
+RECORD_KEYS = ("time", "model_tag", "synthetic_model", "n_images", "views", "probabilities", "image_stats")
+_LOCK = threading.Lock()
+
+try:  # advisory lock so that several worker processes can append to one log
+    import fcntl
+except ImportError:  # pragma: no cover - not on Linux/macOS
+    fcntl = None
+
+
+class MonitoringError(RuntimeError):
+    """A drift report cannot be made; the message says what to do."""
+
+
+def prediction_log_path(path: str | Path | None = None) -> Path:
+    """`path`, else $CXRLT_PREDICTION_LOG, else var/predictions/predictions.jsonl (relative to the cwd)."""
+    return Path(path or os.environ.get("CXRLT_PREDICTION_LOG") or DEFAULT_LOG)
+
+
+def reports_dir(path: str | Path | None = None) -> Path:
+    """`path`, else $CXRLT_REPORTS_DIR (where the web app looks), else reports/drift."""
+    return Path(path or os.environ.get("CXRLT_REPORTS_DIR") or DEFAULT_REPORTS)
+
+
+def prediction_record(*, model_tag: str, probabilities: Mapping[str, float], views, image_stats,
+                      synthetic_model: bool = False) -> dict:
+    """The one shape of a log line (what `log_prediction` writes and `read_log` reads)."""
+    return {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "model_tag": str(model_tag),
+            "synthetic_model": bool(synthetic_model), "n_images": len(image_stats), "views": list(views),
+            "probabilities": {str(k): float(v) for k, v in probabilities.items()},
+            "image_stats": [{k: float(s[k]) for k in STATS} for s in image_stats]}
+
+
+def log_prediction(record: Mapping[str, Any], path: str | Path | None = None) -> Path:
+    """Append one record as one JSON line. Keys outside the record schema are refused, so nothing
+    else (file names, identifiers, pixels) can reach the log by accident."""
+    extra = set(record) - set(RECORD_KEYS)
+    if extra:
+        raise ValueError(f"prediction log records may only hold {RECORD_KEYS}; got {sorted(extra)}")
+    p = prediction_log_path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    line = (json.dumps(dict(record), separators=(",", ":"), allow_nan=False) + "\n").encode()
+    with _LOCK:  # one write() per line on an O_APPEND descriptor: lines never interleave
+        fd = os.open(p, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            os.write(fd, line)
+        finally:
+            os.close(fd)  # closing releases the flock
+    return p
+
+
+def read_log(path: str | Path | None = None, last_n: int | None = None) -> pd.DataFrame:
+    """The log as one row per study: time, model_tag, n_images, views, `p_<label>` columns and the
+    image statistics averaged over the study's images. Unreadable lines are skipped."""
+    p = prediction_log_path(path)
+    if not p.exists():
+        raise MonitoringError(f"no predictions logged yet: send studies to the service first (no log at {p})")
+    rows = []
+    for line in p.read_text().splitlines():
+        try:
+            r = json.loads(line)
+            row = {"time": r["time"], "model_tag": r["model_tag"], "n_images": int(r["n_images"]),
+                   "views": ",".join(r.get("views", []))}
+            row.update({f"p_{k}": float(v) for k, v in r["probabilities"].items()})
+            stats = r.get("image_stats") or []
+            if stats:
+                row.update({k: float(np.mean([s[k] for s in stats])) for k in STATS})
+            rows.append(row)
+        except (ValueError, KeyError, TypeError):
+            continue  # a torn or foreign line must not stop monitoring
+    if not rows:
+        raise MonitoringError(f"no predictions logged yet: send studies to the service first ({p} is empty)")
+    frame = pd.DataFrame(rows)
+    return frame.tail(last_n).reset_index(drop=True) if last_n else frame
+
+
+def reference_frame(model_dir: str | Path) -> pd.DataFrame:
+    """Validation predictions of a model as `p_<label>` columns, one row per study (images of a study
+    are averaged, as the service scores whole studies)."""
+    csv = Path(model_dir) / "predictions_val.csv"
+    if not csv.exists():
+        raise MonitoringError(f"the model at {model_dir} has no predictions_val.csv: "
+                              "evaluate it (`cxrlt evaluate`) and register it again")
+    frame = pd.read_csv(csv)
+    meta = Path(model_dir) / "artefact.json"  # the model's own label order, when it is there
+    names = json.loads(meta.read_text())["label_space"]["names"] if meta.exists() else None
+    labels = ([n for n in names if n in frame.columns] if names else
+              [c for c in frame.select_dtypes("number").columns if c not in ("dicom_id", "study_id")])
+    if not labels:
+        raise MonitoringError(f"{csv} has no label columns")
+    if "study_id" in frame.columns:
+        frame = frame.groupby("study_id", sort=True)[labels].mean()
+    return frame[labels].rename(columns={c: f"p_{c}" for c in labels}).reset_index(drop=True)
+
+
+def drift_columns(current: pd.DataFrame, reference: pd.DataFrame) -> list[str]:
+    """Probability columns of the reference (all must be logged), plus image statistics both sides have."""
+    probs = [c for c in reference.columns if c.startswith("p_")]
+    missing = [c for c in probs if c not in current.columns]
+    if missing:
+        raise MonitoringError(f"the logged predictions lack {missing[:5]}: were they made by another model? "
+                              "pass the model's tag (--tag) or start a fresh log")
+    stats = [c for c in STATS if c in current.columns and c in reference.columns]
+    return probs + stats
+
+
+def drift_report(current: pd.DataFrame, reference: pd.DataFrame, out_dir: str | Path | None = None,
+                 *, model_tag: str | None = None, synthetic: bool = False, method: str | None = None) -> dict:
+    """Evidently data drift of `current` against `reference`; writes drift.html, drift.json and
+    summary.json into out_dir and returns the summary."""
+    if len(current) < 2 or len(reference) < 2:
+        raise MonitoringError(f"drift needs at least 2 rows on each side (current {len(current)}, "
+                              f"reference {len(reference)}): send more studies to the service")
+    cols = drift_columns(current, reference)
+    from evidently import DataDefinition, Dataset, Report
+    from evidently.presets import DataDriftPreset
+
+    definition = DataDefinition(numerical_columns=cols)
+    cur = Dataset.from_pandas(current[cols].astype(float), data_definition=definition)
+    ref = Dataset.from_pandas(reference[cols].astype(float), data_definition=definition)
+    preset = DataDriftPreset(method=method) if method else DataDriftPreset()
+    snapshot = Report([preset], include_tests=True).run(current_data=cur, reference_data=ref)
+    out = reports_dir(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    snapshot.save_html(str(out / "drift.html"))
+    snapshot.save_json(str(out / "drift.json"))
+    summary = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "model_tag": model_tag,
+               "synthetic": bool(synthetic), "n_current": int(len(current)), "n_reference": int(len(reference)),
+               **_drift_result(json.loads(snapshot.json()), cols)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _drift_result(snap: dict, cols: list[str]) -> dict:
+    """Evidently's own per-column verdicts (its value-drift tests fail for a drifted column) and scores."""
+    scores, methods, drifted = {}, {}, []
+    for m in snap.get("metrics", []):
+        cfg = m.get("config", {})
+        if cfg.get("type", "").endswith(":ValueDrift"):
+            scores[cfg["column"]], methods[cfg["column"]] = float(m["value"]), cfg.get("method")
+    for t in snap.get("tests", []):
+        params = t.get("metric_config", {}).get("params", {})
+        if params.get("type", "").endswith(":ValueDrift") and t.get("status") == "FAIL":
+            drifted.append(params["column"])
+    drifted = [c for c in cols if c in drifted]
+    return {"n_columns": len(cols), "n_drifted": len(drifted), "share_drifted": len(drifted) / len(cols),
+            "drifted_columns": drifted, "columns": cols, "scores": scores, "methods": methods}
+
+
+def run_drift(log_path: str | Path | None = None, out_dir: str | Path | None = None, tag: str | None = None,
+              last_n: int | None = None) -> dict:
+    """Drift of the logged predictions of the served model (or `tag`) against its validation predictions.
+
+    The CLI (`cxrlt drift`) and the Prefect flow call this. Reports go to `out_dir`, else
+    $CXRLT_REPORTS_DIR, else reports/drift; the log is `log_path`, else $CXRLT_PREDICTION_LOG, else
+    var/predictions/predictions.jsonl. `last_n` keeps the latest n logged studies."""
+    from . import registry
+    from .checkpoint import read_meta
+
+    import bentoml
+
+    tag = tag or registry.serving_tag()
+    model_dir = registry.model_path(tag)  # clear error for an unknown tag
+    tag = str(bentoml.models.get(tag).tag)  # "cxrlt:latest" -> the exact tag the service logs
+    meta = read_meta(model_dir)
+    reference = reference_frame(model_dir)
+    current = read_log(log_path)
+    mine = current[current["model_tag"] == tag]
+    if mine.empty:
+        seen = sorted(current["model_tag"].unique())
+        raise MonitoringError(f"no logged predictions of {tag} (the log holds {seen}): send studies to the "
+                              "service while it serves this model, or pass --tag")
+    if last_n:
+        mine = mine.tail(last_n)
+    return drift_report(mine.reset_index(drop=True), reference, out_dir, model_tag=tag,
+                        synthetic=bool(meta.get("synthetic")))

@@ -1,0 +1,1 @@
+"""The BentoML service of cxrlt (see service.py); run from the project root."""

@@ -1,0 +1,163 @@
+"""The real BentoML service over HTTP: predictions, every kind of bad input, batching, the prediction log."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import requests
+
+from conftest import image_bytes
+
+pytestmark = pytest.mark.slow
+
+
+def post(url, images, views=None, data=None, **kw):
+    files = [("images", img) for img in images]
+    payload = dict(data or {})
+    if views is not None:
+        payload["views"] = views
+    return requests.post(f"{url}/predict", files=files or None, data=payload, timeout=60, **kw)
+
+
+def png(seed=0, fmt="PNG", name=None):
+    ext = "png" if fmt == "PNG" else "jpg"
+    return (name or f"study-{seed}.{ext}", image_bytes(fmt, seed=seed), f"image/{'png' if fmt == 'PNG' else 'jpeg'}")
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG whose header announces width x height pixels, without the pixels (cheap bomb/size tests)."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+            + chunk(b"IEND", b""))
+
+
+def test_predict_png_and_jpeg(service_url, served_tag, label_space):
+    r = post(service_url, [png(1), png(2, "JPEG")], views=["frontal", "lateral"])
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert list(body["probabilities"]) == list(label_space.names)
+    assert set(body["thresholds"]) == set(label_space.names)
+    assert all(0.0 <= p <= 1.0 for p in body["probabilities"].values())
+    assert body["findings"] == [n for n in sorted(label_space.names, key=lambda n: -body["probabilities"][n])
+                                if body["probabilities"][n] >= body["thresholds"][n]]
+    assert body["model_tag"] == served_tag and body["synthetic_model"] is True
+    assert body["n_images"] == 2 and body["views"] == ["frontal", "lateral"]
+
+
+def test_model_endpoints(service_url, served_tag, label_space):
+    get = requests.get(f"{service_url}/model", timeout=10).json()
+    assert get["model_tag"] == served_tag and get["labels"] == list(label_space.names)
+    assert get["thresholds"]["Tuberculosis"] == pytest.approx(0.1) and get["max_images"] == 4
+    assert requests.post(f"{service_url}/info", timeout=10).json() == get
+    assert requests.get(f"{service_url}/readyz", timeout=10).status_code == 200
+
+
+def test_views_accepted_as_repeated_fields_json_or_comma_list(service_url):
+    imgs = [png(3), png(4)]
+    a = post(service_url, imgs, views=["frontal", "lateral"]).json()
+    b = post(service_url, imgs, views=json.dumps(["frontal", "lateral"])).json()
+    c = post(service_url, imgs, views="frontal, lateral").json()
+    assert a["views"] == b["views"] == c["views"] == ["frontal", "lateral"]
+    assert a["probabilities"] == b["probabilities"] == c["probabilities"]
+    none = post(service_url, imgs).json()
+    assert none["views"] == ["unknown", "unknown"]
+
+
+BAD = {
+    "not an image": (lambda: [("x.png", b"this is not an image", "image/png")], None, 400, "not a readable image"),
+    "empty file": (lambda: [("x.png", b"", "image/png")], None, 400, "empty"),
+    "truncated png": (lambda: [("x.png", image_bytes("PNG")[:120], "image/png")], None, 400, "image 1"),
+    "gif": (lambda: [("x.gif", image_bytes("GIF"), "image/gif")], None, 415, "PNG or JPEG"),
+    "five images": (lambda: [png(i) for i in range(5)], None, 400, "at most 4 images"),
+    "too many bytes": (lambda: [("x.png", os.urandom(21 * 2**20), "image/png")], None, 413, "MiB"),
+    "too many pixels": (lambda: [("x.png", png_header(7000, 7000), "image/png")], None, 413, "megapixels"),
+    "decompression bomb": (lambda: [("x.png", png_header(40000, 40000), "image/png")], None, 413, "pixels"),
+    "views count": (lambda: [png(1), png(2)], ["frontal"], 400, "2 images but 1 views"),
+    "unknown view": (lambda: [png(1)], ["sideways"], 400, "unknown view"),
+    "bad views json": (lambda: [png(1)], "[frontal", 400, "JSON"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_is_a_clear_4xx(service_url, case):
+    files, views, status, message = BAD[case]
+    r = post(service_url, files(), views=views)
+    assert r.status_code == status, r.text
+    assert message in r.json()["error"]
+
+
+def test_malformed_requests_are_4xx(service_url):
+    url, mp = f"{service_url}/predict", {"content-type": "multipart/form-data; boundary=xx"}
+    cases = {
+        "form without files": (lambda: requests.post(url, data={"views": "frontal"}, timeout=10), 415),
+        "views only": (lambda: requests.post(url, files=[("views", (None, "frontal"))], timeout=10), 400),
+        "url instead of file": (lambda: requests.post(url, files=[("images", (None, "http://example.com/x.png"))],
+                                                      timeout=10), 400),
+        "misspelt field": (lambda: requests.post(url, files=[("image", png(1))], timeout=10), 400),
+        "json body": (lambda: requests.post(url, json={"images": ["x"]}, timeout=10), 415),
+        "garbage multipart": (lambda: requests.post(url, data=b"--xx\r\ngarbage", headers=mp, timeout=10), 400),
+        "file as views": (lambda: requests.post(url, files=[("images", png(1)), ("views", png(2))], timeout=10), 400),
+        "chunked upload": (lambda: requests.post(url, data=iter([b"--xx\r\n", b"x"]), headers=mp, timeout=10), 411),
+    }
+    for name, (send, status) in cases.items():
+        r = send()
+        assert r.status_code == status, (name, r.status_code, r.text)
+        assert r.json()["error"], name
+
+
+def batch_sizes(url) -> dict[str, float]:
+    """Cumulative adaptive-batch histogram of the model's batchable API, by bucket bound."""
+    out = {}
+    for line in requests.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith("bentoml_service_adaptive_batch_size_bucket") and "predict_studies" in line:
+            le = re.search(r'le="([^"]+)"', line).group(1)
+            out[le] = out.get(le, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def test_concurrent_requests_are_batched_and_batch_independent(service_url):
+    studies = [[png(10 + i), png(30 + i, "JPEG")] for i in range(16)]
+    alone = [post(service_url, s, views=["frontal", "lateral"]).json()["probabilities"] for s in studies]
+    batched_seen = False
+    for _ in range(3):  # adaptive batching decides from traffic; give it a few bursts
+        before = batch_sizes(service_url)
+        with ThreadPoolExecutor(8) as ex:
+            rs = list(ex.map(lambda s: post(service_url, s, views=["frontal", "lateral"]), studies))
+        assert [r.status_code for r in rs] == [200] * len(studies)
+        for r, ref in zip(rs, alone):
+            got = r.json()["probabilities"]
+            np.testing.assert_allclose([got[k] for k in ref], list(ref.values()), atol=1e-5)
+        after = batch_sizes(service_url)
+        assert "+Inf" in after, "no adaptive batch histogram in /metrics"
+        multi = (after["+Inf"] - after["1.0"]) - (before.get("+Inf", 0) - before.get("1.0", 0))
+        if multi > 0:
+            batched_seen = True
+            break
+    assert batched_seen, f"no batch larger than 1 in /metrics: {after}"
+
+
+def test_prediction_log_has_no_identifiers(service_url, prediction_log, label_space):
+    from cxrlt.monitoring import RECORD_KEYS, read_log
+
+    name = "patient-JohnDoe-123456.png"
+    assert post(service_url, [png(5, name=name)], views=["frontal"]).status_code == 200
+    lines = prediction_log.read_text().splitlines()
+    assert lines and name not in prediction_log.read_text() and "JohnDoe" not in prediction_log.read_text()
+    for line in lines:
+        rec = json.loads(line)
+        assert set(rec) == set(RECORD_KEYS)
+        assert set(rec["probabilities"]) == set(label_space.names)
+        assert all(set(s) == {"width", "height", "mean_intensity", "std_intensity"} for s in rec["image_stats"])
+        assert rec["time"].endswith("Z")
+    frame = read_log(prediction_log)
+    assert {f"p_{n}" for n in label_space.names} <= set(frame.columns)
+    assert frame["width"].iloc[-1] == 64.0
