@@ -2,7 +2,9 @@
 
 params.yaml's sections mirror these classes: `data`, `train`, `eval`, and `variants`, a mapping of
 variant name -> {model: <registered model name>, loss: <loss name>, model_args: {...}, loss_args: {...},
-train: {...overrides}}. A *variant* is what the pipeline trains and registers; a *model* is an
+train: {...overrides}}. `stage2_variants` has the same form plus `init_from: <a variant of
+variants>`: CheXFusion's stage 2, which starts from a trained stage-1 backbone (frozen by default).
+They are separate sections so DVC can make each stage-2 training depend on its stage-1 artefact. A *variant* is what the pipeline trains and registers; a *model* is an
 architecture in `cxrlt.models` (timm's vocabulary).
 Other sections (`paths`, `demo`) are read by the callers (dvc.yaml, Makefile, pipelines).
 """
@@ -58,6 +60,8 @@ class VariantConfig:
     model_args: Mapping[str, Any] = field(default_factory=dict)
     loss_args: Mapping[str, Any] = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
+    init_from: str = ""            # stage 2: a variant name (models/<name>), artefact folder or registry tag
+    freeze_backbone: bool = True   # with init_from: keep the stage-1 backbone fixed, as CheXFusion does
 
 
 @dataclass(frozen=True)
@@ -94,8 +98,15 @@ def config_from_dict(d: Mapping[str, Any]) -> Config:
     train = _build(TrainConfig, d.get("train"), "train")
     evalc = _build(EvalConfig, d.get("eval"), "eval")
     variants = {}
-    for name, v in (d.get("variants") or {}).items():
+    stage1, stage2 = d.get("variants") or {}, d.get("stage2_variants") or {}
+    for name in set(stage1) & set(stage2):
+        raise ValueError(f"variant {name!r} is in both `variants` and `stage2_variants`")
+    for name, v in [*stage1.items(), *stage2.items()]:
         v = dict(v or {})
+        if name in stage2 and not v.get("init_from"):
+            raise ValueError(f"stage-2 variant {name!r} needs `init_from:` (the stage-1 variant it starts from)")
+        if v.get("init_from") and v["init_from"] not in stage1 and name in stage2:
+            raise ValueError(f"stage-2 variant {name!r}: init_from {v['init_from']!r} is not in `variants`")
         if "model" not in v:
             raise ValueError(f"variant {name!r} in params.yaml needs a `model:` (see `cxrlt models`)")
         tr = _build(TrainConfig, {**dataclasses.asdict(train), **(v.pop("train", None) or {})},

@@ -80,9 +80,34 @@ def per_image(dataset: CXRDataset, item_probs: np.ndarray, frame: pd.DataFrame) 
     return out
 
 
+def resolve_init(init_from: str, models_dir: str | Path = "models") -> Path:
+    """A stage-1 artefact named by variant (models/<name>), by folder, or by registry tag."""
+    for cand in (Path(models_dir) / init_from, Path(init_from)):
+        if (cand / "artefact.json").exists():
+            return cand
+    if ":" in init_from:
+        from .registry import model_path
+        return model_path(init_from)
+    raise FileNotFoundError(f"stage-1 artefact {init_from!r} not found (looked in {models_dir}/ and as a "
+                            "folder); train that variant first or give a registry tag")
+
+
+def init_backbone(model, init_dir: Path) -> None:
+    """Load a stage-1 artefact's backbone into `model` strictly (same backbone architecture required)."""
+    stage1 = load_artefact(init_dir)
+    if stage1.model.config.backbone != model.config.backbone:
+        raise ValueError(f"stage-1 artefact {init_dir} has backbone {stage1.model.config.backbone!r}, "
+                         f"this model {model.config.backbone!r}")
+    model.backbone.load_state_dict(stage1.model.backbone.state_dict(), strict=True)
+
+
 def train(variant: VariantConfig, data: DataConfig, manifest: Manifest, out_dir: str | Path,
           progress: bool = True, log: Callable[[str], None] = print) -> Path:
-    """Train one variant on the manifest's train split, select the best epoch on val, save an artefact."""
+    """Train one variant on the manifest's train split, select the best epoch on val, save an artefact.
+
+    A stage-2 variant (`init_from`) starts from its stage-1 artefact's backbone, looked up beside
+    `out_dir`, and keeps it frozen (weights and batch-norm statistics) unless `freeze_backbone` is off.
+    """
     tc = variant.train
     torch.manual_seed(tc.seed)
     if tc.threads:
@@ -90,6 +115,12 @@ def train(variant: VariantConfig, data: DataConfig, manifest: Manifest, out_dir:
     device = resolve_device(tc.device)
     ls = manifest.label_space
     model = create_model(variant.model, num_labels=len(ls), **dict(variant.model_args)).to(device)
+    init_dir = None
+    if variant.init_from:
+        init_dir = resolve_init(variant.init_from, Path(out_dir).parent)
+        init_backbone(model, init_dir)
+        if variant.freeze_backbone:
+            model.backbone.requires_grad_(False)
     loss_fn = create_loss(variant.loss, class_counts=ls.counts, n_train=ls.n_train, **dict(variant.loss_args)).to(device)
     train_ds = make_dataset(manifest, "train", model, data.image_size, train=tc.augment, seed=tc.seed)
     val_ds = make_dataset(manifest, "val", model, data.image_size, train=False)
@@ -114,6 +145,8 @@ def train(variant: VariantConfig, data: DataConfig, manifest: Manifest, out_dir:
         f"{unit_of(model)} items, {tc.epochs} epochs on {device}")
     for epoch in range(tc.epochs):
         model.train()
+        if variant.init_from and variant.freeze_backbone:
+            model.backbone.eval()  # frozen means batch-norm statistics too
         train_ds.set_epoch(epoch)
         t0, seen, running = time.perf_counter(), 0, 0.0
         bar = tqdm(loader, total=steps, desc=f"{variant.name} epoch {epoch + 1}/{tc.epochs}", disable=not progress)
@@ -146,7 +179,8 @@ def train(variant: VariantConfig, data: DataConfig, manifest: Manifest, out_dir:
     out = save_artefact(out_dir, model, model_name=variant.model, label_space=ls, variant=variant.name,
                         loss={"name": variant.loss, **dict(variant.loss_args)}, train=to_dict(tc), data=to_dict(data),
                         data_version=data_version(manifest.dir), git_commit=git_commit(),
-                        synthetic=bool(ls.synthetic), best_epoch=int(np.argmax([h["val_mAP"] for h in history]) + 1))
+                        synthetic=bool(ls.synthetic), init_from=str(init_dir) if init_dir else None,
+                        freeze_backbone=bool(variant.init_from and variant.freeze_backbone), best_epoch=int(np.argmax([h["val_mAP"] for h in history]) + 1))
     pd.DataFrame(history).to_csv(Path(out) / "history.csv", index=False)
     return out
 

@@ -94,6 +94,8 @@ def train_eval(variants: list[str] | None = None, labels: str | None = None, ima
     names = list(variants or cfg.variants)
     for n in names:
         cfg.variant(n)  # fail fast on an unknown name, before any work
+    # stage-1 variants first: a stage-2 variant starts from its stage-1 artefact
+    names.sort(key=lambda n: bool(cfg.variant(n).init_from))
     manifest = build_manifest_task(labels, images, f"{work_dir}/manifest", params, overrides)
     cache = prepare_task(manifest, f"{work_dir}/cache", cfg.data.image_size)
     results: dict[str, Any] = {}

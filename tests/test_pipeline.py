@@ -21,8 +21,8 @@ TINY_PARAMS = {
     "data": {"image_size": 32, "val_fraction": 0.2, "seed": 0, "task": "task1"},
     "train": {"epochs": 1, "batch_size": 8, "lr": 0.001, "threads": 1},
     "eval": {"split": "val", "batch_size": 16},
-    "variants": {"tiny-fusion": {"model": "chexfusion_test", "loss": "asl"},
-                 "tiny-single": {"model": "single_test", "loss": "wbce"}},
+    "variants": {"tiny-single": {"model": "single_test", "loss": "wbce"}},
+    "stage2_variants": {"tiny-fusion": {"model": "chexfusion_test", "loss": "asl", "init_from": "tiny-single"}},
 }
 
 
@@ -44,9 +44,16 @@ def test_cli_manifest_prepare_train_evaluate_register(project, capsys):
     assert run_cli("manifest", "--labels", p / TINY_PARAMS["paths"]["labels"], "--images",
                    p / TINY_PARAMS["paths"]["images"], "--out", p / "cli/manifest", "--params", params) == 0
     assert run_cli("prepare", "--manifest", p / "cli/manifest", "--out", p / "cli/cache", "--params", params) == 0
-    art = p / "cli/models/tiny-fusion"
-    assert run_cli("train", "--variant", "tiny-fusion", "--manifest", p / "cli/cache", "--out", art,
-                   "--params", params, "--quiet") == 0
+    for v in ("tiny-single", "tiny-fusion"):  # stage 1, then stage 2 from it
+        art = p / "cli/models" / v
+        assert run_cli("train", "--variant", v, "--manifest", p / "cli/cache", "--out", art,
+                       "--params", params, "--quiet") == 0
+    # stage 2 started from stage 1's backbone and kept it frozen (weights and batch-norm statistics)
+    from cxrlt.checkpoint import load_artefact
+    s1, s2 = load_artefact(p / "cli/models/tiny-single"), load_artefact(art)
+    for k, v in s1.model.backbone.state_dict().items():
+        assert (s2.model.backbone.state_dict()[k] == v).all(), k
+    assert s2.meta["freeze_backbone"] and s2.meta["init_from"].endswith("tiny-single")
     assert run_cli("evaluate", "--artefact", art, "--manifest", p / "cli/cache", "--params", params, "--quiet") == 0
     metrics = json.loads((art / "metrics.json").read_text())
     assert {"val", "dev", "test"} <= set(metrics)
@@ -84,9 +91,10 @@ def test_train_eval_flow_registers_and_serves_the_best(project, prefect_harness,
 
     monkeypatch.chdir(project)
     res = train_eval(params="params.yaml", work_dir="flow/prepared", models_dir="flow/models")
-    tags = {res[v]["tag"] for v in TINY_PARAMS["variants"]}
+    variants = [*TINY_PARAMS["variants"], *TINY_PARAMS["stage2_variants"]]
+    tags = {res[v]["tag"] for v in variants}
     assert len(tags) == 2
-    best = max(TINY_PARAMS["variants"], key=lambda v: res[v]["metrics"]["val"]["mAP"])
+    best = max(variants, key=lambda v: res[v]["metrics"]["val"]["mAP"])
     assert res["serving"] == res[best]["tag"] == registry.serving_tag()
     listed = {r["tag"]: r for r in registry.list_registered()}
     assert tags <= set(listed) and listed[res[best]["tag"]]["serving"]
@@ -115,7 +123,7 @@ def test_dvc_repro_in_a_fresh_repository(project, tmp_path):
     sh(*dvc, "init", "-q")
     sh(*dvc, "add", "-q", "data")
     sh(*dvc, "repro")
-    for v in TINY_PARAMS["variants"]:
+    for v in [*TINY_PARAMS["variants"], *TINY_PARAMS["stage2_variants"]]:
         m = json.loads((repo / "models" / v / "metrics.json").read_text())
         assert 0.0 <= m["val"]["mAP"] <= 1.0
     shown = sh(*dvc, "metrics", "show", "--json")
