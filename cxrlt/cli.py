@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -117,6 +118,12 @@ def cmd_drift(a):
     print(json.dumps(run_drift(log_path=a.log, out_dir=a.out, tag=a.tag, last_n=a.last), indent=2, default=str))
 
 
+def cmd_send(a):
+    from .client import send_studies
+
+    print(json.dumps(send_studies(a.url, a.manifest, a.split, a.studies, a.seed), indent=2))
+
+
 def cmd_models(a):
     from .models import list_models
 
@@ -182,9 +189,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("drift", cmd_drift, "Evidently drift report of logged predictions against validation predictions")
     p.add_argument("--log", help="prediction log (default: $CXRLT_PREDICTION_LOG or var/predictions/predictions.jsonl)")
-    p.add_argument("--out", default="reports/drift", help="report folder (default: reports/drift)")
+    p.add_argument("--out", help="report folder (default: $CXRLT_REPORTS_DIR or reports/drift)")
     p.add_argument("--tag", help="model whose validation predictions are the reference (default: served)")
     p.add_argument("--last", type=int, help="only the last N logged predictions")
+
+    p = add("send", cmd_send, "send studies of a manifest split to the running service (demo traffic)")
+    p.add_argument("--manifest", required=True, help="manifest folder (its images are sent as files)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--studies", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--url", default=os.environ.get("CXRLT_SERVICE_URL", "http://127.0.0.1:3000"),
+                   help="service URL (default: $CXRLT_SERVICE_URL or http://127.0.0.1:3000)")
 
     p = add("models", cmd_models, "list the registered model architectures")
     p.add_argument("pattern", nargs="?", default="*")

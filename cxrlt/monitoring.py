@@ -5,7 +5,7 @@ evidently is imported inside the functions that use it, never at module level.
 The service appends one JSON line per scored study (UTC time, model tag, number of images, views, the
 probability of every label, simple image statistics) and nothing that identifies a patient or an image:
 no file names, no identifiers, no pixels. `run_drift` compares the latest logged predictions with the
-served model's validation predictions (`predictions_val.csv`, written by evaluation).
+served model's validation predictions (`eval/predictions_val.csv`, written by evaluation).
 """
 
 from __future__ import annotations
@@ -103,9 +103,9 @@ def read_log(path: str | Path | None = None, last_n: int | None = None) -> pd.Da
 def reference_frame(model_dir: str | Path) -> pd.DataFrame:
     """Validation predictions of a model as `p_<label>` columns, one row per study (images of a study
     are averaged, as the service scores whole studies)."""
-    csv = Path(model_dir) / "predictions_val.csv"
+    csv = Path(model_dir) / "eval" / "predictions_val.csv"
     if not csv.exists():
-        raise MonitoringError(f"the model at {model_dir} has no predictions_val.csv: "
+        raise MonitoringError(f"the model at {model_dir} has no eval/predictions_val.csv: "
                               "evaluate it (`cxrlt evaluate`) and register it again")
     frame = pd.read_csv(csv)
     meta = Path(model_dir) / "artefact.json"  # the model's own label order, when it is there

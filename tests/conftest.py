@@ -71,7 +71,8 @@ def tiny_artefact(session_tmp, label_space) -> Path:
                         label_space=label_space, data={"image_size": 32}, variant="tiny", loss={"name": "asl"},
                         synthetic=True, metrics={"val": {"mAP": 0.5, "mAUC": 0.6, "mF1": 0.1}},
                         thresholds=[0.5, 0.45, 0.4, 0.3, 0.2, 0.1])
-    write_val_predictions(out / "predictions_val.csv", label_space.names)
+    (out / "eval").mkdir(exist_ok=True)
+    write_val_predictions(out / "eval" / "predictions_val.csv", label_space.names)
     return out
 
 

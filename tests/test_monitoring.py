@@ -77,7 +77,7 @@ def test_clear_errors(tmp_path):
 def test_reference_frame_is_one_row_per_study(tiny_artefact, label_space):
     ref = mon.reference_frame(tiny_artefact)
     assert list(ref.columns) == [f"p_{n}" for n in label_space.names]
-    assert len(ref) == pd.read_csv(tiny_artefact / "predictions_val.csv")["study_id"].nunique()
+    assert len(ref) == pd.read_csv(tiny_artefact / "eval" / "predictions_val.csv")["study_id"].nunique()
 
 
 def test_drift_report_detects_a_shift_and_writes_files(tmp_path):

@@ -1,0 +1,58 @@
+"""A small HTTP client of the service: send studies from a manifest, as an uploader would.
+
+Used by `make demo` (to give the drift report real traffic) and by people checking a deployment.
+Only `requests` is needed; images are sent as the original files, never modified.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import requests
+
+from .data.manifest import load_manifest
+
+DEFAULT_URL = "http://127.0.0.1:3000"
+
+
+class ServiceError(RuntimeError):
+    pass
+
+
+def post_study(url: str, paths: list[Path], views: list[str] | None = None, timeout: float = 60,
+               session: requests.Session | None = None) -> dict:
+    """POST one study (image files + optional views) to `<url>/predict`; returns the JSON answer."""
+    files = [("images", (p.name, p.read_bytes(), "image/png" if p.suffix == ".png" else "image/jpeg"))
+             for p in paths]
+    data = [("views", v) for v in views] if views else None
+    try:
+        r = (session or requests).post(f"{url.rstrip('/')}/predict", files=files, data=data, timeout=timeout)
+    except requests.ConnectionError:
+        raise ServiceError(f"no service answers at {url}: start it with `make up` or `bentoml serve`") from None
+    if r.status_code != 200:
+        raise ServiceError(f"service answered {r.status_code}: {r.text[:300]}")
+    return r.json()
+
+
+def send_studies(url: str, manifest_dir: str | Path, split: str = "test", n: int = 40, seed: int = 0,
+                 max_images: int = 4) -> dict:
+    """Send `n` random studies of a manifest split; returns counts and round-trip latencies (ms)."""
+    m = load_manifest(manifest_dir)
+    studies = m.studies(split)
+    if not studies:
+        raise ValueError(f"manifest {manifest_dir} has no studies in split {split!r}")
+    pick = np.random.default_rng(seed).permutation(len(studies))[:n]
+    latencies, findings = [], 0
+    with requests.Session() as s:
+        for i in pick:
+            _, rows = studies[i]
+            rows = rows.head(max_images)
+            t = time.perf_counter()
+            out = post_study(url, [m.image_root / p for p in rows["path"]], list(rows["view"]), session=s)
+            latencies.append((time.perf_counter() - t) * 1e3)
+            findings += len(out["findings"])
+    lat = np.asarray(latencies)
+    return {"studies": len(lat), "model_tag": out["model_tag"], "findings_per_study": findings / len(lat),
+            "latency_ms_median": float(np.median(lat)), "latency_ms_p90": float(np.percentile(lat, 90))}
