@@ -16,5 +16,5 @@ def drift_task(log_path: str | None, out_dir: str, last_n: int | None) -> dict:
 @flow(name="drift-report", log_prints=True)
 def drift_report(log_path: str | None = None, out_dir: str = "reports/drift", last_n: int | None = None) -> dict:
     summary = drift_task(log_path, out_dir, last_n)
-    print(f"drift report: {out_dir} (drifted share {summary.get('drifted_share')})")
+    print(f"drift report in {summary.get('out_dir', out_dir)}: {summary['n_drifted']} of {summary['n_columns']} columns drifted")
     return summary

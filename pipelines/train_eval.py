@@ -28,7 +28,7 @@ def build_manifest_task(labels: str, images: str, out: str, params: str, overrid
 def prepare_task(manifest: str, out: str, image_size: int) -> str:
     from cxrlt.data.prepare import prepare_cache
 
-    return str(prepare_cache(manifest, out, size=image_size))
+    return str(prepare_cache(manifest, out, size=image_size, progress=False))
 
 
 # training is deterministic and expensive: one retry covers a transient failure (e.g. a killed worker)
@@ -55,28 +55,29 @@ def evaluate_task(artefact: str, manifest: str, params: str, overrides: dict) ->
 
 
 @task(name="register", retries=2, retry_delay_seconds=2, task_run_name="register-{artefact}")
-def register_task(artefact: str) -> str:
+def register_task(artefact: str, model_name: str) -> str:
     from cxrlt import registry
 
-    return registry.register(artefact)
+    return registry.register(artefact, name=model_name)
 
 
 @task(name="promote-best")
-def promote_task() -> str:
+def promote_task(model_name: str) -> str:
     from cxrlt import registry
 
-    return registry.promote_best()
+    return registry.promote_best(model_name)
 
 
 @flow(name="train-eval", log_prints=True)
 def train_eval(variants: list[str] | None = None, labels: str | None = None, images: str | None = None,
                work_dir: str = "prepared", models_dir: str = "models", params: str = "params.yaml",
                epochs: int | None = None, image_size: int | None = None, max_steps_per_epoch: int | None = None,
-               register_models: bool = True, promote: bool = True) -> dict[str, Any]:
+               register_models: bool = True, promote: bool = True, model_name: str = "cxrlt") -> dict[str, Any]:
     """Train, evaluate and register each variant of params.yaml (or those named), then serve the best.
 
     labels/images: the CXR-LT CSV folder and the MIMIC-CXR-JPG root (default: params.yaml `paths`,
     the built-in demo). epochs/image_size/max_steps_per_epoch override params.yaml for this run.
+    Models are registered under `model_name`; the best of that name by validation mAP gets served.
     """
     import yaml
 
@@ -104,8 +105,8 @@ def train_eval(variants: list[str] | None = None, labels: str | None = None, ima
         res = evaluate_task(art, cache, params, overrides)
         results[n] = {"artefact": art, "metrics": res}
         if register_models:
-            results[n]["tag"] = register_task(art)
+            results[n]["tag"] = register_task(art, model_name)
     if register_models and promote:
-        results["serving"] = promote_task()
+        results["serving"] = promote_task(model_name)
         print(f"serving {results['serving']}")
     return results

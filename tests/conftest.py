@@ -6,6 +6,7 @@ both read their settings once, at import time.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -37,6 +38,15 @@ def pytest_sessionfinish(session, exitstatus):
 @pytest.fixture(scope="session")
 def session_tmp() -> Path:
     return _SESSION_TMP
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect server (SQLite) for the whole session: flows run with the real engine."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -127,9 +137,15 @@ def service_url(served_tag, session_tmp, prediction_log):
     from cxrlt import registry
 
     registry.set_serving(served_tag, reason="tests: service fixture")  # the service reads the mark at start
+    with running_service(session_tmp / "service.log", prediction_log) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def running_service(log: Path, prediction_log: Path):
+    """Start `bentoml serve` (the model marked for serving) on a free port; yield its URL; stop it by PID."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    log = session_tmp / "service.log"
     env = {**os.environ, "CXRLT_PREDICTION_LOG": str(prediction_log), "PYTHONPATH": str(ROOT)}
     env.pop("CXRLT_MODEL_TAG", None)
     with open(log, "wb") as fh:

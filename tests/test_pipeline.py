@@ -77,14 +77,6 @@ def test_cli_errors_are_one_clear_line(project, capsys):
     assert "Traceback" not in capsys.readouterr().err
 
 
-@pytest.fixture(scope="module")
-def prefect_harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 def test_train_eval_flow_registers_and_serves_the_best(project, prefect_harness, monkeypatch):
     from cxrlt import registry
     from pipelines.train_eval import train_eval

@@ -1,0 +1,62 @@
+"""The whole path on a tiny demo, with every real component: demo data -> Prefect train-eval flow ->
+BentoML model store + serving mark -> `bentoml serve` -> HTTP request with a demo study's images ->
+prediction log -> Evidently drift report (Prefect flow) -> Streamlit page."""
+
+import json
+
+import pytest
+import yaml
+from conftest import running_service
+
+from cxrlt.client import post_study, send_studies
+from cxrlt.data.demo import generate_demo
+from cxrlt.data.manifest import load_manifest
+
+PARAMS = {
+    "paths": {"labels": "data/demo/cxr-lt-2024", "images": "data/demo/mimic-cxr-jpg"},
+    "data": {"image_size": 32, "val_fraction": 0.2, "seed": 0, "task": "task1"},
+    "train": {"epochs": 1, "batch_size": 8, "lr": 0.001, "threads": 1},
+    "eval": {"split": "val", "batch_size": 16},
+    "variants": {"e2e-single": {"model": "single_test", "loss": "asl"}},
+    "stage2_variants": {"e2e-fusion": {"model": "chexfusion_test", "loss": "asl", "init_from": "e2e-single"}},
+}
+
+
+@pytest.mark.slow
+def test_demo_data_to_flow_to_service_to_drift_report(tmp_path, monkeypatch, prefect_harness):
+    from cxrlt import registry
+    from pipelines.drift import drift_report
+    from pipelines.train_eval import train_eval
+
+    generate_demo(tmp_path / "data" / "demo", n_studies=60, seed=5, progress=False)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(PARAMS))
+    monkeypatch.chdir(tmp_path)
+
+    res = train_eval(params="params.yaml", model_name="cxrlt-e2e")
+    served = res["serving"]
+    assert served == registry.serving_tag() and served.startswith("cxrlt-e2e:")
+    assert {r["tag"] for r in registry.list_registered("cxrlt-e2e")} == {res["e2e-single"]["tag"], res["e2e-fusion"]["tag"]}
+
+    m = load_manifest("prepared/manifest")
+    study_id, rows = next((s, r) for s, r in m.studies("test") if len(r) >= 2)
+    log = tmp_path / "var" / "predictions.jsonl"
+    with running_service(tmp_path / "service.log", log) as url:
+        out = post_study(url, [m.image_root / p for p in rows["path"]], list(rows["view"]))
+        assert out["model_tag"] == served and out["synthetic_model"] is True
+        assert len(out["probabilities"]) == 40 and all(0 <= p <= 1 for p in out["probabilities"].values())
+        sent = send_studies(url, "prepared/manifest", split="test", n=12)
+        assert sent["studies"] == 12
+
+        from streamlit.testing.v1 import AppTest
+        from conftest import ROOT
+        monkeypatch.setenv("CXRLT_SERVICE_URL", url)
+        at = AppTest.from_file(str(ROOT / "ui" / "app.py"), default_timeout=60).run()
+        assert not at.exception
+
+    lines = [json.loads(x) for x in log.read_text().splitlines()]
+    assert len(lines) == 13 and all(r["model_tag"] == served for r in lines)
+    assert not any(study_id in json.dumps(r) for r in lines)  # no identifiers in the log
+
+    summary = drift_report(log_path=str(log), out_dir=str(tmp_path / "reports"))
+    assert (tmp_path / "reports" / "drift.html").exists() and (tmp_path / "reports" / "drift.json").exists()
+    assert summary["synthetic"] is True
