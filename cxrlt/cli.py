@@ -109,6 +109,8 @@ def cmd_predict(a):
     p = Predictor.from_path(a.artefact) if a.artefact else Predictor.from_registry(a.tag)
     imgs = [load_grayscale(f) for f in a.images]
     res = p.describe(p.predict([imgs], [a.views] if a.views else None)[0])
+    if a.finding:
+        res["zero_shot"] = p.score_findings(imgs, a.finding, a.views)
     print(json.dumps(res, indent=2))
 
 
@@ -183,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("predict", cmd_predict, "score one study (1-4 images) with the served or a given model")
     p.add_argument("images", nargs="+", help="image files of one study")
     p.add_argument("--views", nargs="+", help="view per image: frontal / lateral / unknown")
+    p.add_argument("--finding", action="append", metavar="TEXT",
+                   help="also score this finding text (zero-shot; text-query models only); repeatable")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--tag", help="registered model tag (default: the served one)")
     g.add_argument("--artefact", help="artefact folder instead of the registry")

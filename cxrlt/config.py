@@ -60,6 +60,8 @@ class VariantConfig:
     model_args: Mapping[str, Any] = field(default_factory=dict)
     loss_args: Mapping[str, Any] = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
+    text_encoder: Mapping[str, Any] = field(default_factory=dict)  # for `model_args: {query: text}`:
+    #   cxrlt.models.text.TextEncoderSpec fields (name, pooling, prompt, template, folder); default MiniLM
     init_from: str = ""            # stage 2: a variant name (models/<name>), artefact folder or registry tag
     freeze_backbone: bool = True   # with init_from: keep the stage-1 backbone fixed, as CheXFusion does
 

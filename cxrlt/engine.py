@@ -101,6 +101,21 @@ def init_backbone(model, init_dir: Path) -> None:
     model.backbone.load_state_dict(stage1.model.backbone.state_dict(), strict=True)
 
 
+def label_embeddings_for(variant: VariantConfig, label_names) -> tuple[torch.Tensor | None, dict | None]:
+    """Frozen text embeddings of every label (zero-shot ones included) for a text-query variant."""
+    if dict(variant.model_args).get("query") != "text":
+        if variant.text_encoder:
+            raise ValueError(f"variant {variant.name!r} sets text_encoder but not model_args.query: text")
+        return None, None
+    from dataclasses import asdict
+
+    from .models.text import TextEncoderSpec, embedding_id, encode_labels
+
+    spec = TextEncoderSpec(**dict(variant.text_encoder))
+    record = {**asdict(spec), "embedding_id": embedding_id(label_names, spec)}
+    return encode_labels(label_names, spec), record
+
+
 def train(variant: VariantConfig, data: DataConfig, manifest: Manifest, out_dir: str | Path,
           progress: bool = True, log: Callable[[str], None] = print) -> Path:
     """Train one variant on the manifest's train split, select the best epoch on val, save an artefact.
@@ -114,7 +129,9 @@ def train(variant: VariantConfig, data: DataConfig, manifest: Manifest, out_dir:
         torch.set_num_threads(tc.threads)
     device = resolve_device(tc.device)
     ls = manifest.label_space
-    model = create_model(variant.model, num_labels=len(ls), **dict(variant.model_args)).to(device)
+    emb, text_record = label_embeddings_for(variant, ls.names)
+    extra = {"label_embeddings": emb} if emb is not None else {}
+    model = create_model(variant.model, num_labels=len(ls), **dict(variant.model_args), **extra).to(device)
     init_dir = None
     if variant.init_from:
         init_dir = resolve_init(variant.init_from, Path(out_dir).parent)
@@ -179,7 +196,7 @@ def train(variant: VariantConfig, data: DataConfig, manifest: Manifest, out_dir:
     out = save_artefact(out_dir, model, model_name=variant.model, label_space=ls, variant=variant.name,
                         loss={"name": variant.loss, **dict(variant.loss_args)}, train=to_dict(tc), data=to_dict(data),
                         data_version=data_version(manifest.dir), git_commit=git_commit(),
-                        synthetic=bool(ls.synthetic), init_from=str(init_dir) if init_dir else None,
+                        synthetic=bool(ls.synthetic), text_encoder=text_record, init_from=str(init_dir) if init_dir else None,
                         freeze_backbone=bool(variant.init_from and variant.freeze_backbone), best_epoch=int(np.argmax([h["val_mAP"] for h in history]) + 1))
     pd.DataFrame(history).to_csv(Path(out) / "history.csv", index=False)
     return out

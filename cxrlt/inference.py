@@ -108,11 +108,32 @@ class Predictor:
             return np.stack([probs[owner == i].mean(0) for i in range(len(studies))])
         return self._forward([self.encode_study(imgs, vs) for imgs, vs in zip(studies, views)])
 
-    def _forward(self, encoded: list) -> np.ndarray:
+    def _forward(self, encoded: list, label_embeddings: torch.Tensor | None = None) -> np.ndarray:
         x = torch.stack([e[0] for e in encoded]).to(self.device)
         mask = torch.stack([e[1] for e in encoded]).to(self.device)
         types = torch.stack([e[2] for e in encoded]).to(self.device)
-        return torch.sigmoid(self.artefact.model(x, mask, types).float()).cpu().numpy()
+        logits = self.artefact.model(x, mask, types, label_embeddings=label_embeddings)
+        return torch.sigmoid(logits.float()).cpu().numpy()
+
+    @torch.inference_mode()
+    def score_findings(self, images: Sequence[Image.Image], findings: Sequence[str],
+                       views: Sequence[str | None] | None = None, prompt: str = "template") -> dict[str, float]:
+        """Zero-shot: score finding texts the model may never have seen, with the text encoder the model
+        was trained with (it must be available here). New texts have no description, so they are
+        embedded with the prompt template (or as bare names with prompt="name")."""
+        from dataclasses import replace
+
+        from .models.text import TextEncoderSpec, encode_labels
+
+        rec = self.artefact.meta.get("text_encoder")
+        if not rec:
+            raise StudyInputError("this model has learned per-label queries and cannot score new findings; "
+                                  "use a variant with `model_args: {query: text}`")
+        spec = replace(TextEncoderSpec(**{k: v for k, v in rec.items() if k != "embedding_id"}), prompt=prompt)
+        emb = encode_labels(list(findings), spec, allow_missing=True).to(self.device)
+        enc = [self.encode_study(images, views)] if self.max_views > 1 else [self.encode_study([i]) for i in images]
+        probs = self._forward(enc, emb).mean(0)
+        return {f: round(float(p), 6) for f, p in zip(findings, probs)}
 
     def describe(self, probs: np.ndarray) -> dict:
         """One study's probabilities -> the service's response body."""
