@@ -120,6 +120,15 @@ def cmd_drift(a):
     print(json.dumps(run_drift(log_path=a.log, out_dir=a.out, tag=a.tag, last_n=a.last), indent=2, default=str))
 
 
+def cmd_compare(a):
+    from .report import write_report
+
+    missing = [d for d in a.artefacts if not (Path(d) / "metrics.json").exists()]
+    if missing:
+        raise FileNotFoundError(f"not evaluated artefact folder(s): {missing}; run `cxrlt evaluate` first")
+    print(f"report: {write_report(a.artefacts, a.out, manifest=a.manifest, split=a.split, n_boot=a.bootstrap)}")
+
+
 def cmd_send(a):
     from .client import send_studies
 
@@ -196,6 +205,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="report folder (default: $CXRLT_REPORTS_DIR or reports/drift)")
     p.add_argument("--tag", help="model whose validation predictions are the reference (default: served)")
     p.add_argument("--last", type=int, help="only the last N logged predictions")
+
+    p = add("compare", cmd_compare, "compare evaluated variants in one report (markdown, plots, CSV) with "
+            "bootstrap confidence intervals, beside the published results")
+    p.add_argument("artefacts", nargs="+", help="evaluated artefact folders, e.g. models/matrix/*")
+    p.add_argument("--manifest", required=True, help="the manifest they were evaluated on")
+    p.add_argument("--out", default="reports/compare", help="report folder (default: reports/compare)")
+    p.add_argument("--split", default="test", help="split to compare on (default: test)")
+    p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples over studies (default: 200)")
 
     p = add("send", cmd_send, "send studies of a manifest split to the running service (demo traffic)")
     p.add_argument("--manifest", required=True, help="manifest folder (its images are sent as files)")

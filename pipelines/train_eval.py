@@ -68,16 +68,25 @@ def promote_task(model_name: str) -> str:
     return registry.promote_best(model_name)
 
 
+@task(name="comparison-report")
+def report_task(artefacts: list[str], manifest: str, out_dir: str) -> str:
+    from cxrlt.report import write_report
+
+    return str(write_report(artefacts, out_dir, manifest=manifest))
+
+
 @flow(name="train-eval", log_prints=True)
 def train_eval(variants: list[str] | None = None, labels: str | None = None, images: str | None = None,
                work_dir: str = "prepared", models_dir: str = "models", params: str = "params.yaml",
                epochs: int | None = None, image_size: int | None = None, max_steps_per_epoch: int | None = None,
-               register_models: bool = True, promote: bool = True, model_name: str = "cxrlt") -> dict[str, Any]:
+               register_models: bool = True, promote: bool = True, model_name: str = "cxrlt",
+               report_dir: str | None = None) -> dict[str, Any]:
     """Train, evaluate and register each variant of params.yaml (or those named), then serve the best.
 
     labels/images: the CXR-LT CSV folder and the MIMIC-CXR-JPG root (default: params.yaml `paths`,
     the built-in demo). epochs/image_size/max_steps_per_epoch override params.yaml for this run.
     Models are registered under `model_name`; the best of that name by validation mAP gets served.
+    With `report_dir`, the variants of this run are compared in one report (cxrlt.report).
     """
     import yaml
 
@@ -106,6 +115,9 @@ def train_eval(variants: list[str] | None = None, labels: str | None = None, ima
         results[n] = {"artefact": art, "metrics": res}
         if register_models:
             results[n]["tag"] = register_task(art, model_name)
+    if report_dir:
+        results["report"] = report_task([results[n]["artefact"] for n in names], cache, report_dir)
+        print(f"comparison report: {results['report']}")
     if register_models and promote:
         results["serving"] = promote_task(model_name)
         print(f"serving {results['serving']}")
