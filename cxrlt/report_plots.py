@@ -1,0 +1,249 @@
+"""Presentation of the comparison report (`cxrlt.report` computes, this module shows): PNG figures drawn
+on matplotlib's Agg canvas, and the markdown text.
+
+`Figure` + `FigureCanvasAgg` instead of pyplot: no global backend switch (the caller may be a notebook or a
+server with its own backend) and no pyplot figure registry that would keep every figure alive.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+GROUP_BARS = (("mAP", "all labels"), ("mAP_head", "head"), ("mAP_medium", "medium"), ("mAP_tail", "tail"))
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+
+# Reference notes section 3: published numbers, QUOTED from their sources and never measured by this project.
+_UOS = "UoS-HDS/cxr-lt-diss (GitHub)"
+LITERATURE = tuple(dict(zip(("system", "data", "split", "mAP", "mAUC", "mF1", "head/medium/tail mAP", "source"), r))
+                   for r in (
+    ("CheXFusion (1st place, CXR-LT 2023)", "2023, 26 labels", "test", 0.372, None, None, None,
+     "Kim, arXiv 2308.03968"),
+    ("CheXFusion, own validation (leaky image-level split)", "2023", "10% of train", 0.368, None, None, None,
+     "Kim, arXiv 2308.03968"),
+    ("CheXFusion re-implementation, ASL", "2024 Task 1", "test", 0.2379, 0.808, 0.263, "0.546 / 0.195 / 0.105",
+     _UOS),
+    ("CheXFusion re-implementation, ASL", "2024 Task 1", "dev", 0.2326, 0.802, 0.248, None, _UOS),
+    ("CheXFusion re-implementation, RAL", "2024 Task 1", "dev", 0.2312, 0.810, 0.225, None, _UOS),
+    ("CheXFusion re-implementation, ASL", "2024 Task 2", "dev", 0.3320, 0.829, 0.320, None, _UOS),
+))
+
+Interval = tuple[float, float, float]     # value, CI low, CI high (NaN where unknown)
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    FigureCanvasAgg(fig)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    return path
+
+
+def _errors(values: Sequence[Interval]) -> np.ndarray:
+    """[2, n] whisker lengths; an unknown interval draws no whisker rather than failing."""
+    v = np.array([x[0] for x in values], dtype=float)
+    lo = np.array([x[1] for x in values], dtype=float)
+    hi = np.array([x[2] for x in values], dtype=float)
+    return np.nan_to_num(np.clip(np.stack([v - lo, hi - v]), 0, None))
+
+
+def group_bars(rows: Sequence[tuple[str, Mapping[str, Interval]]], path: Path) -> Path:
+    """mAP over all labels and per head/medium/tail group, one cluster of bars per variant."""
+    fig = Figure(figsize=(max(6.0, 1.5 * len(rows) + 2.5), 4.2))
+    ax = fig.add_subplot()
+    x = np.arange(len(rows))
+    width = 0.8 / len(GROUP_BARS)
+    for j, (key, label) in enumerate(GROUP_BARS):
+        vals = [r[key] for _, r in rows]
+        ax.bar(x + (j - (len(GROUP_BARS) - 1) / 2) * width, [v[0] for v in vals], width,
+               yerr=_errors(vals), capsize=3, label=label)
+    ax.set_xticks(x, [name for name, _ in rows], rotation=20, ha="right")
+    ax.set_ylabel("mAP (95% CI)")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("mAP by label group (share of training images)")
+    ax.legend(fontsize=8, ncols=4, loc="upper center")
+    return _save(fig, path)
+
+
+def ap_vs_frequency(series: Sequence[tuple[str, Sequence[int], Sequence[float]]], path: Path) -> Path:
+    """Per-label AP against the label's training-image count (log x), one marker series per variant."""
+    fig = Figure(figsize=(7.0, 4.5))
+    ax = fig.add_subplot()
+    for k, (name, counts, aps) in enumerate(series):
+        c, a = np.asarray(counts, float), np.asarray(aps, float)
+        keep = (c > 0) & np.isfinite(a)       # log axis: zero-shot labels (count 0) have no place here
+        ax.scatter(c[keep], a[keep], marker=MARKERS[k % len(MARKERS)], alpha=0.75, label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("training images with the label (log scale)")
+    ax.set_ylabel("average precision")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("Per-label AP against training frequency")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def zero_shot_bars(labels: Sequence[str], rows: Sequence[tuple[str, Mapping[str, Interval]]],
+                   path: Path) -> Path:
+    """AUROC of each held-out finding, one bar per variant, with the chance line at 0.5."""
+    fig = Figure(figsize=(max(6.0, 1.3 * len(labels) + 2.5), 4.2))
+    ax = fig.add_subplot()
+    x = np.arange(len(labels))
+    width = 0.8 / max(len(rows), 1)
+    for j, (name, by_label) in enumerate(rows):
+        vals = [by_label.get(lab, (np.nan, np.nan, np.nan)) for lab in labels]
+        ax.bar(x + (j - (len(rows) - 1) / 2) * width, [v[0] for v in vals], width,
+               yerr=_errors(vals), capsize=3, label=name)
+    ax.axhline(0.5, color="grey", linestyle="--", linewidth=1, label="chance")
+    ax.set_xticks(x, labels, rotation=20, ha="right")
+    ax.set_ylabel("AUROC (95% CI)")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("Zero-shot findings (no training labels)")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+# ---------------------------------------------------------------- markdown
+SYNTHETIC_BANNER = ("> **SYNTHETIC DATA**: numbers from the synthetic demo; they say nothing about chest X-rays.")
+NAMES = {"mAP": "mAP", "mAUC": "mAUC", "mF1": "mF1", "mAP_head": "head mAP", "mAP_medium": "medium mAP",
+         "mAP_tail": "tail mAP", "lat_mAP": "lateral-only findings mAP", "lat_mAUC": "lateral-only findings mAUC"}
+
+
+def _f(v, fmt: str = ".3f") -> str:
+    return "–" if v is None or not np.isfinite(v) else format(v, fmt)
+
+
+def _ci(v: float, interval) -> str:
+    lo, hi = interval
+    return _f(v) if not (np.isfinite(lo) and np.isfinite(hi)) else f"{_f(v)} [{_f(lo)}, {_f(hi)}]"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + \
+           ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+
+
+def _main_table(runs) -> list[str]:
+    zs = any(r.label_space.zero_shot for r in runs)
+    head = ["variant", "kind", "loss", "query head", "backbones", "mAP [95% CI]", "mAUC [95% CI]", "mF1",
+            "head mAP", "medium mAP", "tail mAP"] + (["zero-shot mAUC [95% CI]"] if zs else []) + ["images"]
+    rows = []
+    for r in runs:
+        row = [r.name, r.kind, r.loss, r.query_label, r.backbones, _ci(r.value("mAP"), r.interval("mAP")),
+               _ci(r.value("mAUC"), r.interval("mAUC")), _f(r.value("mF1")),
+               *(_f(r.value(k)) for k in ("mAP_head", "mAP_medium", "mAP_tail"))]
+        if zs:
+            row.append(_ci(r.value("zs_mAUC"), r.interval("zs_mAUC")) if r.label_space.zero_shot else "n/a")
+        rows.append(row + [len(r.probs)])
+    return _table(head, rows)
+
+
+def _outside(runs, per_label) -> list[str]:
+    """A warning where a point estimate falls outside its own interval, and why that happens."""
+    keys = ("mAP", "mAUC", "mF1", "mAP_head", "mAP_medium", "mAP_tail", "zs_mAP", "zs_mAUC")
+    bad = [f"{r.name} {k}" for r in runs for k in keys
+           if np.isfinite(r.value(k)) and not (r.interval(k)[0] - 1e-9 <= r.value(k) <= r.interval(k)[1] + 1e-9)]
+    if not bad:
+        return []
+    t = per_label[runs[0].name]
+    few = int(((t["n_pos"] > 0) & (t["n_pos"] < 5)).sum())
+    # The stratified draw keeps each study's rarest label, but a label whose positives all carry a rarer
+    # label can still be resampled away; its AP is then undefined and the macro mean drops it.
+    return ["", f"Warning: point estimate outside its bootstrap interval for {', '.join(bad)}. Resamples that "
+                f"miss a rare label's few positives leave that label out of the macro mean, which shifts the "
+                f"intervals; {few} label(s) have fewer than 5 positive images in this split. Read those intervals "
+                "with care; the paired differences below compare both variants on the same labels."]
+
+
+def _lateral(ctx, runs) -> list[str]:
+    labels = ctx["lateral_labels"]
+    if not labels:
+        return ["No lateral-only findings scored (pass `lateral_labels` to name them; the default list "
+                "belongs to the synthetic demo)."]
+    sub = f"studies with a lateral view ({ctx['n_lateral_studies']})"
+    rows = [[r.name] + [_ci(r.value(k, s), r.interval(k, s)) for s in ("all", "lateral")
+                        for k in ("lat_mAP", "lat_mAUC")] for r in runs]
+    return [f"Findings that show only on lateral views: {', '.join(labels)}. Scored on all studies and on the "
+            f"{sub}, every image of such a study counted.", ""] + \
+        _table(["variant", "mAP, all studies", "mAUC, all studies", f"mAP, {sub}", f"mAUC, {sub}"], rows)
+
+
+def _comparison(block: dict) -> list[str]:
+    if "missing" in block:
+        return [block["missing"] + "."]
+    rows = []
+    for c in block["rows"]:
+        metric = NAMES.get(c["metric"], c["metric"]) + (", lateral-view studies" if c["subset"] == "lateral" else "")
+        overlap = {True: "yes", False: "no", None: "–"}[c["ci_overlap"]]
+        diff = f"{c['diff']:+.3f}" + ("" if not np.isfinite(c["diff_low"])
+                                      else f" [{c['diff_low']:+.3f}, {c['diff_high']:+.3f}]")
+        rows.append([f"{c['a']} ({c['a_is']})", f"{c['b']} ({c['b_is']})", metric, _f(c["a_value"]),
+                     _f(c["b_value"]), diff, overlap, c["verdict"]])
+    return _table(["A", "B", "metric", "A", "B", "B − A [95% paired CI]", "separate CIs overlap", "verdict"], rows)
+
+
+def _zero_shot(ctx, runs, per_label, figures) -> list[str]:
+    zs_runs = [r for r in runs if r.label_space.zero_shot]
+    if not zs_runs:
+        return ["missing: a variant whose label space holds out zero-shot findings (`data.zero_shot`, scored "
+                "through text queries); none of the artefacts given has any."]
+    out = []
+    for r in zs_runs:
+        t = per_label[r.name]
+        t = t[t["label"].isin(r.label_space.zero_shot)]
+        auc, ap = (_ci(r.value(k), r.interval(k)) for k in ("zs_mAUC", "zs_mAP"))
+        out += [f"**{r.name}**: query head {r.query_label}; zero-shot mAUC {auc}, mAP {ap}.", ""]
+        if r.query != "text":
+            out += ["Learned queries have no way to score a label they never saw: expect chance (AUROC 0.5).", ""]
+        if not (t["n"] > 0).any():
+            out += [f"No ground truth for the held-out findings in split {ctx['split']!r}: nothing to score.", ""]
+        rows = [[x.label, f"{x.n_pos} / {x.n}", _f(x.n_pos / x.n if x.n else np.nan),
+                 _ci(x.auroc, (x.auroc_ci_low, x.auroc_ci_high)), _ci(x.ap, (x.ap_ci_low, x.ap_ci_high))]
+                for x in t.itertuples()]
+        out += _table(["held-out finding", "positives / images", "prevalence (AP of chance)", "AUROC [95% CI]",
+                       "AP [95% CI]"], rows) + [""]
+    return out + [f"![Zero-shot AUROC]({figures['zero_shot']})"]
+
+
+def _literature(literature, synthetic: bool) -> list[str]:
+    rows = [[x["system"], x["data"], x["split"], _f(x["mAP"], ".4g"), _f(x["mAUC"]), _f(x["mF1"]),
+             x["head/medium/tail mAP"] or "–", x["source"], "quoted, not measured here"] for x in literature]
+    why = ("they come from MIMIC-CXR radiographs and the challenge's label files, ours from the synthetic demo"
+           if synthetic else "their training budgets, image sizes and test sets differ from ours, and the "
+           "challenge's scoring programs are not public")
+    return ["Published results, QUOTED from their sources (collected in the project's reference notes), not "
+            "measured here.", ""] + _table(
+        ["system", "data", "split", "mAP", "mAUC", "mF1", "head / medium / tail mAP", "source", "status"], rows) + \
+        ["", f"Our numbers above are not comparable to these: {why}."]
+
+
+def render_markdown(ctx: dict, runs, per_label: dict, comparisons: dict, figures: dict, questions,
+                    literature) -> str:
+    lines = [f"# {ctx['title']}", ""]
+    if ctx["synthetic"]:
+        lines += [SYNTHETIC_BANNER, ""]
+    boot = (f"95% percentile bootstrap over studies, stratified by each study's rarest finding so that rare "
+            f"findings keep their positives ({ctx['n_boot']} resamples, seed {ctx['seed']})"
+            if ctx["n_boot"] > 0 else "none (n_boot = 0)")
+    lines += [f"Split `{ctx['split']}` of manifest `{ctx['manifest']}`: {ctx['n_images']} images in "
+              f"{ctx['n_studies']} studies ({ctx['n_lateral_studies']} with a lateral view). Every number is "
+              "recomputed from the artefacts' saved per-image predictions. Intervals: " + boot + ". Head / medium / "
+              "tail: share of training images >= 10% / 1-10% / < 1%. mF1 at threshold 0.5.", "",
+              "## Results", ""] + _main_table(runs) + _outside(runs, per_label) + [
+        "", f"![mAP by label group]({figures['groups']})", "",
+        f"![Per-label AP against training frequency]({figures['frequency']})", "",
+        "## Lateral-only findings", ""] + _lateral(ctx, runs) + [
+        "", "## Comparisons", "",
+        "A is the baseline, B the change. B − A comes with a 95% paired bootstrap interval (both scored on the "
+        "same resampled studies): \"not distinguishable\" when it contains 0. \"separate CIs overlap\" compares "
+        "the two variants' own intervals, a cruder test.", ""]
+    sections = {q["key"]: q for q in questions}
+    for key in ("losses", "queries", "zero_shot", "backbones", "fusion"):
+        if key == "zero_shot":
+            lines += ["### 3. Zero-shot findings", ""] + _zero_shot(ctx, runs, per_label, figures) + [""]
+        else:
+            lines += [f"### {sections[key]['title']}", ""] + _comparison(comparisons[key]) + [""]
+    return "\n".join(lines + ["## Literature (quoted, not measured here)", ""] +
+                     _literature(literature, ctx["synthetic"])) + "\n"

@@ -1,0 +1,275 @@
+"""Comparison report: tiny hand-made artefact folders over a hand-made manifest; no training."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cxrlt.data.manifest import MANIFEST_COLUMNS, load_manifest
+from cxrlt.labels import LabelSpace
+from cxrlt.metrics import bootstrap_ci, compute_metrics, draw_resamples
+from cxrlt.report import LITERATURE, load_run, paired_difference, score_runs, write_report
+
+# n_train 1000: head >= 100, medium 10-99, tail < 10. Hernia and Kyphosis are lateral-only in the demo.
+COUNTS = {"Atelectasis": 400, "Cardiomegaly": 250, "Edema": 60, "Pneumothorax": 20, "Hernia": 6, "Kyphosis": 4}
+ZS = "Bulla"
+TRAINED = LabelSpace.from_counts(COUNTS, 1000, synthetic=True)
+WITH_ZS = LabelSpace.from_counts({**COUNTS, ZS: 0}, 1000, zero_shot=(ZS,), synthetic=True)
+N_STUDIES = 48
+CI = re.compile(r"\d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\]")
+
+
+def _frame(synthetic: bool = True) -> pd.DataFrame:
+    """Test split: studies of one frontal image, or a frontal and a lateral one; labels per study."""
+    rng = np.random.default_rng(0)
+    names = list(WITH_ZS.names)
+    rows = []
+    for s in range(N_STUDIES):
+        y = (rng.random(len(names)) < 0.3).astype(int)
+        y[s % len(names)] = 1              # every label has positives (and, at 0.3, negatives)
+        views = ["PA", "LATERAL"] if s % 2 else ["PA"]
+        for k, vp in enumerate(views):
+            rows.append({"dicom_id": f"d{s:03d}_{k}", "subject_id": 100 + s, "study_id": f"s{s:03d}",
+                         "ViewPosition": vp, "view": "lateral" if vp == "LATERAL" else "frontal",
+                         "path": f"files/p{s}/d{s:03d}_{k}.jpg", "split": "test", **dict(zip(names, y))})
+    return pd.DataFrame(rows)[list(MANIFEST_COLUMNS) + names]
+
+
+def _manifest(root, synthetic=True):
+    d = root / "manifest"
+    d.mkdir(parents=True, exist_ok=True)
+    _frame().to_csv(d / "manifest.csv", index=False)
+    space = LabelSpace.from_counts({**COUNTS, ZS: 0}, 1000, zero_shot=(ZS,), synthetic=synthetic)
+    (d / "manifest.json").write_text(json.dumps({"label_space": space.to_dict(), "image_root": "."}))
+    return d
+
+
+def _artefact(root, name, probs_fn, space=TRAINED, loss="asl", max_views=4, query="learned", encoder=None,
+              backbones=None, synthetic=True, split="test"):
+    """artefact.json + eval/predictions_<split>.csv; probs_fn(targets [N, L], rng) -> probs."""
+    d = root / name
+    (d / "eval").mkdir(parents=True, exist_ok=True)
+    cfg = {"backbone": "tiny_net", "max_views": max_views, "query": query}
+    if encoder:
+        cfg["text_encoder"] = encoder
+    if backbones:
+        cfg["view_backbones"] = backbones
+    meta = {"format": 1, "model": "chexfusion_tiny", "model_config": cfg, "label_space": space.to_dict(),
+            "variant": name, "loss": {"name": loss}, "synthetic": synthetic, "init_from": None}
+    (d / "artefact.json").write_text(json.dumps(meta))
+    frame = _frame()
+    y = frame[list(space.names)].to_numpy()
+    probs = probs_fn(y, np.random.default_rng(abs(hash(name)) % 2**32))
+    pred = frame[["dicom_id", "study_id"]].assign(**dict(zip(space.names, probs.T)))
+    pred.to_csv(d / "eval" / f"predictions_{split}.csv", index=False, float_format="%.6f")
+    return d
+
+
+def noisy(strength=0.35):
+    return lambda y, rng: np.clip(strength * y + rng.random(y.shape) * (1 - strength), 0, 1)
+
+
+def perfect(y, rng):
+    return y.astype(float)
+
+
+@pytest.fixture
+def man(tmp_path):
+    return _manifest(tmp_path)
+
+
+def _csv(out):
+    return pd.read_csv(out / "results.csv").set_index("variant")
+
+
+def test_full_report(tmp_path, man):
+    arts = [_artefact(tmp_path, "single-asl", noisy(0.2), max_views=1),
+            _artefact(tmp_path, "fusion-asl", noisy()),
+            _artefact(tmp_path, "fusion-ral", noisy(), loss="ral"),
+            _artefact(tmp_path, "fusion-text", noisy(), space=WITH_ZS, query="text", encoder="minilm"),
+            _artefact(tmp_path, "fusion-views", noisy(0.5), backbones="view-specific")]
+    md_path = write_report(arts, tmp_path / "out", manifest=man, n_boot=40)
+    md = md_path.read_text()
+    out = md_path.parent
+    assert md.startswith("# CXR-LT comparison report (synthetic demo)")
+    assert "**SYNTHETIC DATA**: numbers from the synthetic demo; they say nothing about chest X-rays." in md
+    rows = {}                            # first table row of each variant: the main table
+    for line in md.split("## Results")[1].splitlines():
+        if line.startswith("| "):
+            rows.setdefault(line.split(" | ")[0].lstrip("| "), line)
+    for name, kind in [("single-asl", "single"), ("fusion-asl", "fusion"), ("fusion-views", "fusion")]:
+        assert f"| {name} | {kind} |" in md
+        assert len(CI.findall(rows[name])) >= 2                  # mAP and mAUC with brackets
+    assert "text (minilm)" in rows["fusion-text"] and "view-specific" in rows["fusion-views"]
+    # every comparison section found its pair
+    for title in ("### 1. Losses", "### 2. Label-embedding", "### 3. Zero-shot", "### 4. View-specific",
+                  "### 5. Fusion vs single"):
+        section = md.split(title)[1].split("###")[0]
+        assert "missing:" not in section, title
+    assert "| fusion-asl (asl) | fusion-ral (ral) | tail mAP |" in md
+    assert ("| fusion-asl (shared) | fusion-views (view-specific) | lateral-only findings mAP, lateral-view studies |"
+            in md)
+    assert "| single-asl (single) | fusion-asl (fusion) | mAP |" in md
+    # literature: quoted, sourced, and said to be not comparable
+    lit = md.split("## Literature")[1]
+    assert lit.count("quoted, not measured here") >= len(LITERATURE)
+    assert "| CheXFusion (1st place, CXR-LT 2023) | 2023, 26 labels | test | 0.372 |" in lit
+    assert "UoS-HDS/cxr-lt-diss" in lit and "not comparable" in lit
+    for fig in ("figures/map_by_group.png", "figures/ap_vs_frequency.png", "figures/zero_shot_auroc.png"):
+        assert f"]({fig})" in md and (out / fig).stat().st_size > 1000
+    table = _csv(out)
+    assert list(table.index) == [a.name for a in arts]
+    assert {"mAP_ci_low", "mAP_tail", "lat_mAP_lateral_studies", "zs_mAUC"} <= set(table.columns)
+    res = json.loads((out / "results.json").read_text())
+    assert all(row["quoted"] for row in res["literature"]) and len(res["variants"]) == 5
+    assert "NaN" not in (out / "results.json").read_text()
+
+
+def test_numbers_equal_compute_metrics_and_bootstrap_ci(tmp_path, man):
+    art = _artefact(tmp_path, "fusion-text", noisy(), space=WITH_ZS, query="text", encoder="minilm")
+    out = write_report([art], tmp_path / "out", manifest=man, n_boot=30, seed=3).parent
+    m = load_manifest(man).split("test")
+    pred = pd.read_csv(art / "eval" / "predictions_test.csv")
+    p, y = pred[list(WITH_ZS.names)].to_numpy(), m[list(WITH_ZS.names)].to_numpy()
+    ref = compute_metrics(p, y, WITH_ZS)
+    ci = bootstrap_ci(p, y, WITH_ZS, m["study_id"].to_numpy(), n_boot=30, seed=3,
+                      metrics=("mAP", "mAUC", "mF1", "mAP_head", "mAP_medium", "mAP_tail", "zs_mAP", "zs_mAUC"))
+    row = _csv(out).loc["fusion-text"]
+    for k in ("mAP", "mAUC", "mF1", "mAP_head", "mAP_medium", "mAP_tail", "zs_mAP", "zs_mAUC"):
+        assert row[k] == pytest.approx(ref[k], abs=1e-12), k
+        assert (row[f"{k}_ci_low"], row[f"{k}_ci_high"]) == pytest.approx(ci[k], abs=1e-12), k
+    assert row["n_images"] == len(m)
+    lat = [n for n in ("Hernia", "Kyphosis") if n in WITH_ZS.names]
+    table = ref["per_label"].set_index("label")
+    assert row["lat_mAP"] == pytest.approx(table.loc[lat, "ap"].mean(), abs=1e-12)
+
+
+def test_perfect_variant_scores_one_and_beats_noise(tmp_path, man):
+    arts = [_artefact(tmp_path, "noise", lambda y, rng: rng.random(y.shape)),
+            _artefact(tmp_path, "perfect", perfect, loss="ral")]
+    out = write_report(arts, tmp_path / "out", manifest=man, n_boot=50).parent
+    row = _csv(out).loc["perfect"]
+    assert row["mAP"] == 1.0 and row["mAUC"] == 1.0 and row["mAP_ci_low"] == 1.0
+    comp = json.loads((out / "results.json").read_text())["comparisons"]["losses"]["rows"]
+    overall = next(c for c in comp if c["metric"] == "mAP")
+    assert overall["a"] == "noise" and overall["diff"] > 0.3 and overall["diff_low"] > 0
+    assert overall["verdict"] == "B higher" and overall["ci_overlap"] is False
+
+
+def test_paired_difference_of_a_variant_with_itself_is_zero(tmp_path, man):
+    same = noisy()
+    arts = [_artefact(tmp_path, "a-asl", same), _artefact(tmp_path, "a-ral", same, loss="ral")]
+    for a in arts[1:]:       # identical predictions under another name
+        (a / "eval" / "predictions_test.csv").write_bytes((arts[0] / "eval" / "predictions_test.csv").read_bytes())
+    manifest = load_manifest(man)
+    runs = [load_run(a, manifest) for a in arts]
+    frame = manifest.split("test")
+    score_runs(runs, frame["study_id"], np.flatnonzero(frame["view"] == "lateral"), ("Hernia",), n_boot=25)
+    for key in ("mAP", "mAP_tail", "lat_mAP"):
+        assert paired_difference(runs[0], runs[0], key) == (0.0, 0.0, 0.0)
+        assert paired_difference(runs[0], runs[1], key) == (0.0, 0.0, 0.0)
+    out = write_report(arts, tmp_path / "out", manifest=man, n_boot=25)
+    assert "| a-asl (asl) | a-ral (ral) | mAP |" in out.read_text()
+    assert "+0.000 [+0.000, +0.000] | yes | not distinguishable |" in out.read_text()
+
+
+def test_replicates_equal_compute_metrics_on_the_shared_resamples(tmp_path, man):
+    """The fast replicates mean what a compute_metrics call per resample meant, for every run, on one draw
+    stratified on all the runs' labels (the zero-shot one included)."""
+    arts = [_artefact(tmp_path, "plain", noisy()), _artefact(tmp_path, "zs", noisy(0.5), space=WITH_ZS)]
+    manifest = load_manifest(man)
+    runs = [load_run(a, manifest) for a in arts]
+    frame = manifest.split("test")
+    study, lat_rows = frame["study_id"].astype(str).to_numpy(), np.flatnonzero(frame["view"] == "lateral")
+    score_runs(runs, study, lat_rows, ("Hernia", "Kyphosis"), n_boot=7, seed=2)
+    zs = runs[1]
+    for subset, rows, seed in (("all", np.arange(len(frame)), 2), ("lateral", lat_rows, 3)):
+        sets = draw_resamples(study[rows], zs.targets[rows], n_boot=7, seed=seed)
+        for r in runs:
+            lat = [r.label_space.index(n) for n in ("Hernia", "Kyphosis")]
+            lat_space = LabelSpace(("Hernia", "Kyphosis"), tuple(r.label_space.counts[c] for c in lat), 1000)
+            for b, idx in enumerate(sets):
+                p, y = r.probs[rows][idx], r.targets[rows][idx]
+                m = compute_metrics(p[:, lat], y[:, lat], lat_space)
+                got = [r.reps[subset][k][b] for k in ("lat_mAP", "lat_mAUC")]
+                np.testing.assert_allclose(got, [m["mAP"], m["mAUC"]], rtol=1e-12)
+                if subset == "all":
+                    m = compute_metrics(p, y, r.label_space)
+                    for k in ("mAP", "mAUC", "mF1", "mAP_tail", "zs_mAP", "zs_mAUC"):
+                        np.testing.assert_allclose(r.reps["all"][k][b], m.get(k, np.nan), rtol=1e-12, err_msg=k)
+                    np.testing.assert_allclose(r.reps["all"]["ap"][b], m["per_label"]["ap"], rtol=1e-12)
+    assert set(runs[0].reps["lateral"]) == {"lat_mAP", "lat_mAUC"}
+
+
+def test_missing_variants_are_named(tmp_path, man):
+    md = write_report([_artefact(tmp_path, "only", noisy())], tmp_path / "out", manifest=man, n_boot=10).read_text()
+    sections = md.split("## Comparisons")[1].split("## Literature")[0]
+    assert sections.count("missing:") == 5
+    assert "different losses. The artefacts given have loss = asl" in sections
+    assert "a `query: text` and a `query: learned` variant" in sections
+    assert "holds out zero-shot findings" in sections and "zero-shot mAUC" not in md
+    assert "zero_shot_auroc.png" not in md
+    assert "a single-image variant (max_views 1)" in sections
+
+
+def test_pairs_need_the_same_model_otherwise(tmp_path, man):
+    """A loss change together with a query change answers neither question."""
+    arts = [_artefact(tmp_path, "x", noisy()), _artefact(tmp_path, "y", noisy(), loss="ral", query="text")]
+    md = write_report(arts, tmp_path / "out", manifest=man, n_boot=5).read_text()
+    assert "loss = asl, ral but no two agree on" in md and "query = learned, text but no two agree" in md
+
+
+def test_zero_shot_section(tmp_path, man):
+    art = _artefact(tmp_path, "zs", noisy(0.6), space=WITH_ZS, query="text", encoder={"name": "pubmedbert"})
+    md = write_report([art], tmp_path / "out", manifest=man, n_boot=20).read_text()
+    zs = md.split("### 3. Zero-shot findings")[1].split("###")[0]
+    assert "query head text (pubmedbert)" in zs and f"| {ZS} |" in zs and len(CI.findall(zs)) >= 3
+    assert "zero-shot mAUC [95% CI]" in md and "expect chance" not in zs
+
+
+def test_real_data_defaults_and_no_bootstrap(tmp_path):
+    man = _manifest(tmp_path, synthetic=False)
+    art = _artefact(tmp_path, "real", noisy(), space=LabelSpace.from_counts(COUNTS, 1000), synthetic=False)
+    md = write_report([art], tmp_path / "out", manifest=man, n_boot=0, title="Run 7").read_text()
+    assert md.startswith("# Run 7") and "SYNTHETIC" not in md
+    assert "No lateral-only findings scored" in md and not CI.search(md)
+    assert "Intervals: none (n_boot = 0)" in md
+    md = write_report([art], tmp_path / "out2", manifest=man, n_boot=5, lateral_labels=["Kyphosis"]).read_text()
+    assert "Findings that show only on lateral views: Kyphosis." in md
+
+
+def test_lateral_subset_scores_only_studies_with_a_lateral_view(tmp_path, man):
+    frame = _frame()
+    has_lat = frame["study_id"].isin(frame.loc[frame["view"] == "lateral", "study_id"]).to_numpy()
+
+    def seen_on_lateral(y, rng):       # lateral findings right only where a lateral view exists
+        p = noisy()(y, rng)
+        for c in (TRAINED.index("Hernia"), TRAINED.index("Kyphosis")):
+            p[:, c] = np.where(has_lat, y[:, c], 1 - y[:, c])
+        return p
+
+    out = write_report([_artefact(tmp_path, "v", seen_on_lateral)], tmp_path / "out", manifest=man, n_boot=10).parent
+    row = _csv(out).loc["v"]
+    assert row["lat_mAP_lateral_studies"] == 1.0 and row["lat_mAUC_lateral_studies"] == 1.0
+    assert row["lat_mAP"] < 0.9
+
+
+def test_clear_errors(tmp_path, man):
+    art = _artefact(tmp_path, "a", noisy())
+    with pytest.raises(ValueError, match="needs the manifest"):
+        write_report([art], tmp_path / "out")
+    with pytest.raises(ValueError, match="no artefact folders"):
+        write_report([], tmp_path / "out", manifest=man)
+    with pytest.raises(FileNotFoundError, match=r"no predictions for split 'dev' \(it has \['test'\]\)"):
+        write_report([art], tmp_path / "out", manifest=man, split="dev")
+    pred = pd.read_csv(art / "eval" / "predictions_test.csv")
+    pred.iloc[:-3].to_csv(art / "eval" / "predictions_test.csv", index=False)
+    with pytest.raises(ValueError, match="cover 69 of the 72 images"):
+        write_report([art], tmp_path / "out", manifest=man)
+    pred.drop(columns=["Edema"]).to_csv(art / "eval" / "predictions_test.csv", index=False)
+    with pytest.raises(ValueError, match=r"lacks column\(s\) \['Edema'\]"):
+        write_report([art], tmp_path / "out", manifest=man)
