@@ -93,12 +93,29 @@ def resolve_init(init_from: str, models_dir: str | Path = "models") -> Path:
 
 
 def init_backbone(model, init_dir: Path) -> None:
-    """Load a stage-1 artefact's backbone into `model` strictly (same backbone architecture required)."""
+    """Load a stage-1 artefact's backbone into `model` strictly (same backbone architecture required).
+
+    A view-specific model (`view_backbones` separate/split) starts every part (shared stem, frontal
+    and lateral branches) from a shared stage-1 backbone; from a stage 1 that is view-specific in the
+    same way it takes the branches and the view classifier as they are.
+    """
     stage1 = load_artefact(init_dir)
-    if stage1.model.config.backbone != model.config.backbone:
-        raise ValueError(f"stage-1 artefact {init_dir} has backbone {stage1.model.config.backbone!r}, "
-                         f"this model {model.config.backbone!r}")
-    model.backbone.load_state_dict(stage1.model.backbone.state_dict(), strict=True)
+    src, dst = stage1.model.config, model.config
+    if src.backbone != dst.backbone:
+        raise ValueError(f"stage-1 artefact {init_dir} has backbone {src.backbone!r}, this model {dst.backbone!r}")
+    state = stage1.model.backbone.state_dict()
+    if src.view_backbones == "shared" and dst.view_backbones != "shared":
+        model.backbone.load_shared_state(state)
+        return
+    same = src.view_backbones == dst.view_backbones and (
+        dst.view_backbones != "split" or src.split_stage == dst.split_stage)
+    if not same:
+        raise ValueError(f"stage-1 artefact {init_dir} has view_backbones={src.view_backbones!r} "
+                         f"(split_stage {src.split_stage}), this model {dst.view_backbones!r} (split_stage "
+                         f"{dst.split_stage}): start a view-specific model from a shared or identical stage 1")
+    model.backbone.load_state_dict(state, strict=True)
+    if dst.view_backbones != "shared":
+        model.view_classifier.load_state_dict(stage1.model.view_classifier.state_dict(), strict=True)
 
 
 def label_embeddings_for(variant: VariantConfig, label_names) -> tuple[torch.Tensor | None, dict | None]:
@@ -174,6 +191,9 @@ def train(variant: VariantConfig, data: DataConfig, manifest: Manifest, out_dir:
             with torch.autocast(device.type, enabled=use_amp):
                 logits = model(b["images"], b["view_mask"], b["view_types"])
             loss = loss_fn(logits.float(), b["target"], b["label_mask"])
+            aux = getattr(model, "auxiliary_loss", None)  # view-specific models: their view classifier
+            if aux is not None:
+                loss = loss + aux(b["images"], b["view_mask"], b["view_types"])
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)

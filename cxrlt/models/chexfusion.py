@@ -15,11 +15,13 @@ from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .backbone import create_backbone
 from .fusion import StudyFusion, ViewTokenizer
 from .heads import QueryHead
 from .registry import register_model
+from .views import LATERAL, MODES, UNKNOWN, ViewBackbones, ViewClassifier
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,9 @@ class ModelConfig:
     slot_embedding: bool = True
     view_embedding: bool = True
     tta_flip: bool = False          # average logits of the image and its horizontal flip at eval
+    view_backbones: str = "shared"  # shared (one backbone, as CheXFusion) | separate | split (views.py)
+    split_stage: int = 2            # split: stem + this many stages shared, later stages per view
+    view_classifier_size: int = 64  # side of the downsampled image that routes unknown views
 
 
 class CheXFusion(nn.Module):
@@ -57,18 +62,28 @@ class CheXFusion(nn.Module):
     def pretrained_cfg(self) -> dict:
         return dict(getattr(self.backbone, "pretrained_cfg", {}) or {})
 
-    def encode_views(self, images: torch.Tensor, view_mask: torch.Tensor) -> torch.Tensor:
-        """[B, V, C, H, W] -> per-view tokens [B, V, T, d]; empty slots stay zero and never run."""
+    def encode_views(self, images: torch.Tensor, view_mask: torch.Tensor,
+                     routes: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, V, C, H, W] -> per-view tokens [B, V, T, d]; empty slots stay zero and never run.
+        `routes` [B, V] picks the branch of a view-specific backbone (see `route`)."""
         b, v = view_mask.shape
         flat_mask = view_mask.reshape(-1)
         real = images.reshape(b * v, *images.shape[2:])[flat_mask]
-        tokens = self.tokenizer(self.backbone.forward_features(real))  # [N_real, T, d]
+        if routes is None:
+            feats = self.backbone.forward_features(real)
+        else:
+            feats = self.backbone.forward_features(real, routes.reshape(-1)[flat_mask])
+        tokens = self.tokenizer(feats)  # [N_real, T, d]
         out = tokens.new_zeros(b * v, *tokens.shape[1:])
         out[flat_mask] = tokens
         return out.view(b, v, *tokens.shape[1:])
 
-    def forward_once(self, images, view_mask, view_types, label_embeddings=None) -> torch.Tensor:
-        tokens = self.encode_views(images, view_mask)
+    def route(self, images: torch.Tensor, view_mask: torch.Tensor, view_types: torch.Tensor):
+        """Backbone branch per slot; None: one shared backbone, nothing to route."""
+        return None
+
+    def forward_once(self, images, view_mask, view_types, label_embeddings=None, routes=None) -> torch.Tensor:
+        tokens = self.encode_views(images, view_mask, routes)
         fused, pad = self.fusion(tokens, view_mask, view_types)
         return self.head(fused, pad, label_embeddings)
 
@@ -86,10 +101,60 @@ class CheXFusion(nn.Module):
             raise ValueError("every study needs at least one image (a view_mask row is all False)")
         if view_types is None:
             view_types = torch.full((b, v), 2, dtype=torch.long, device=images.device)
-        logits = self.forward_once(images, view_mask, view_types, label_embeddings)
+        # routed once: the flipped copy of an image goes through the same branch as the image
+        routes = self.route(images, view_mask, view_types)
+        logits = self.forward_once(images, view_mask, view_types, label_embeddings, routes)
         if self.config.tta_flip and not self.training:
-            logits = (logits + self.forward_once(images.flip(-1), view_mask, view_types, label_embeddings)) / 2
+            flipped = self.forward_once(images.flip(-1), view_mask, view_types, label_embeddings, routes)
+            logits = (logits + flipped) / 2
         return logits
+
+
+class ViewSpecificCheXFusion(CheXFusion):
+    """CheXFusion with frontal and lateral backbone branches (`view_backbones` separate | split).
+
+    Known views pick their branch; unknown ones (code 2) follow `view_classifier`, which learns from
+    `auxiliary_loss` (the training loop adds it to the task loss). The fusion still receives the
+    original view codes, so its view embedding can tell a predicted view from a recorded one.
+    """
+
+    def __init__(self, cfg: ModelConfig, label_embeddings: torch.Tensor | None = None):
+        super().__init__(cfg, label_embeddings)
+        self.backbone = ViewBackbones(self.backbone, cfg.view_backbones, cfg.split_stage)
+        # outside `backbone`, so freezing the backbone in stage 2 leaves the classifier trainable
+        self.view_classifier = ViewClassifier(cfg.view_classifier_size)
+
+    def predict_views(self, images: torch.Tensor, view_mask: torch.Tensor) -> torch.Tensor:
+        """[B, V, C, H, W], [B, V] -> predicted view code per slot [B, V]; empty slots get 2 (unknown)."""
+        view_mask = view_mask.bool()
+        out = torch.full(view_mask.shape, UNKNOWN, dtype=torch.long, device=images.device)
+        if bool(view_mask.any()):
+            with torch.no_grad():  # routing is a hard choice; the classifier learns from auxiliary_loss
+                out[view_mask] = self.view_classifier(images[view_mask]).argmax(-1)
+        return out
+
+    def route(self, images, view_mask, view_types):
+        bad = view_mask & ((view_types < 0) | (view_types > UNKNOWN))
+        if bool(bad.any()):
+            raise ValueError(f"view_types must be 0 (frontal), 1 (lateral) or {UNKNOWN} (unknown); "
+                             f"got {sorted(set(view_types[bad].tolist()))}")
+        unknown = view_mask & (view_types == UNKNOWN)
+        routes = view_types.clamp(max=LATERAL)  # empty slots: any branch, they never run
+        if bool(unknown.any()):
+            routes = torch.where(unknown, self.predict_views(images, unknown), routes)
+        return routes
+
+    def auxiliary_loss(self, images: torch.Tensor, view_mask: torch.Tensor, view_types: torch.Tensor):
+        """Cross-entropy of the view classifier on the real images whose view is known; 0 if none.
+
+        No weight is applied: the classifier's parameters are its own, and Adam-type optimisers are
+        invariant to a constant scale of a parameter group's gradient.
+        """
+        known = view_mask.bool() & (view_types >= 0) & (view_types < UNKNOWN)
+        if not bool(known.any()):
+            return images.new_zeros((), dtype=torch.float32)
+        logits = self.view_classifier(images[known])
+        return F.cross_entropy(logits.float(), view_types[known])
 
 
 def build_chexfusion(defaults: Mapping[str, Any], overrides: Mapping[str, Any]) -> CheXFusion:
@@ -99,7 +164,11 @@ def build_chexfusion(defaults: Mapping[str, Any], overrides: Mapping[str, Any]) 
     unknown = sorted(set(overrides) - names)
     if unknown:
         raise ValueError(f"unknown model option(s) {unknown}; allowed: {sorted(names)}")
-    return CheXFusion(ModelConfig(**{**defaults, **overrides}), label_embeddings)
+    cfg = ModelConfig(**{**defaults, **overrides})
+    if cfg.view_backbones not in MODES:
+        raise ValueError(f"view_backbones must be one of {MODES}, not {cfg.view_backbones!r}")
+    cls = CheXFusion if cfg.view_backbones == "shared" else ViewSpecificCheXFusion
+    return cls(cfg, label_embeddings)
 
 
 # --- variants: the published configuration, and small ones for CPUs and tests -----------------------
@@ -108,6 +177,18 @@ def build_chexfusion(defaults: Mapping[str, Any], overrides: Mapping[str, Any]) 
 def chexfusion_convnext_small(**kw):
     """CheXFusion stage 2 as published: convnext_small, 4 views, 16x16 tokens per view, 2 fusion layers."""
     return build_chexfusion({}, kw)
+
+
+@register_model
+def chexfusion_convnext_small_separate(**kw):
+    """Published stage 2 with a frontal and a lateral convnext_small (view-specific backbones)."""
+    return build_chexfusion(dict(view_backbones="separate"), kw)
+
+
+@register_model
+def chexfusion_convnext_small_split(**kw):
+    """Published stage 2, stem + stages 0-1 shared, stages 2-3 (most of the weights) per view."""
+    return build_chexfusion(dict(view_backbones="split", split_stage=2), kw)
 
 
 @register_model
@@ -124,6 +205,18 @@ _SMALL = dict(backbone="regnetx_002", d_model=128, heads=4, ff_dim=256, decoder_
 def chexfusion_regnetx002(**kw):
     """A CPU-sized fusion model (regnetx_002, d 128) for small images such as the demo's."""
     return build_chexfusion(_SMALL, kw)
+
+
+@register_model
+def chexfusion_regnetx002_separate(**kw):
+    """chexfusion_regnetx002 with a frontal and a lateral backbone."""
+    return build_chexfusion(dict(_SMALL, view_backbones="separate"), kw)
+
+
+@register_model
+def chexfusion_regnetx002_split(**kw):
+    """chexfusion_regnetx002 with stem + s1-s2 shared and s3-s4 per view."""
+    return build_chexfusion(dict(_SMALL, view_backbones="split", split_stage=2), kw)
 
 
 @register_model
@@ -146,3 +239,16 @@ def chexfusion_test(**kw):
 def single_test(**kw):
     """Tiny single-image model that builds in milliseconds."""
     return build_chexfusion(dict(_TEST, max_views=1, fusion_layers=0), kw)
+
+
+# named *_test (not chexfusion_test_*) so that every `list_models("*_test")` loop covers them
+@register_model
+def chexfusion_separate_test(**kw):
+    """Tiny fusion model with a frontal and a lateral backbone."""
+    return build_chexfusion(dict(_TEST, view_backbones="separate"), kw)
+
+
+@register_model
+def chexfusion_split_test(**kw):
+    """Tiny fusion model with a shared stem and view-specific late stages (test_resnet has no stages)."""
+    return build_chexfusion(dict(_TEST, backbone="test_convnext", view_backbones="split", split_stage=2), kw)
