@@ -257,5 +257,8 @@ def evaluate(artefact_dir: str | Path, manifest: Manifest, ec: EvalConfig, image
         m["per_label"].to_csv(out / f"per_label_{split}.csv", index=False)
         img.to_csv(out / f"predictions_{split}.csv", index=False, float_format="%.6f")
         results[split] = M.summary(m)
+        if hasattr(art.model, "predict_views"):  # view-specific: how well unknown views get routed
+            from .models.views import view_classifier_accuracy
+            results[split]["view_classifier_accuracy"] = view_classifier_accuracy(art.model, ds)
     write_evaluation(artefact_dir, results, thresholds, ec.split)
     return results
