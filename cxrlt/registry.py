@@ -64,15 +64,20 @@ def list_registered(name: str = MODEL_NAME) -> list[dict]:
         rows.append({"tag": str(m.tag), "variant": info.labels.get("variant", ""), "model": info.labels.get("model", ""),
                      "loss": info.labels.get("loss", ""), "val_mAP": info.metadata.get("val_mAP"),
                      "val_mAUC": info.metadata.get("val_mAUC"), "created": info.creation_time.isoformat(timespec="seconds"),
-                     "synthetic": info.labels.get("synthetic") == "true", "serving": str(m.tag) == serving})
+                     "synthetic": info.labels.get("synthetic") == "true", "serving": str(m.tag) == serving,
+                     "data_version": (info.metadata.get("data_version") or {}).get("manifest_md5")})
     return sorted(rows, key=lambda r: r["created"], reverse=True)
 
 
-def best_tag(name: str = MODEL_NAME) -> str:
-    rows = [r for r in list_registered(name) if r["val_mAP"] is not None]
+def best_tag(name: str = MODEL_NAME, data_version: str | None = None) -> str:
+    """Highest validation mAP; with `data_version` (a manifest md5) only among models validated on that
+    data, since validation mAPs of different data sets are not comparable."""
+    rows = [r for r in list_registered(name) if r["val_mAP"] is not None
+            and (data_version is None or r["data_version"] == data_version)]
     if not rows:
-        raise RegistryError("no registered model has a validation mAP: train and register one first "
-                            "(`make demo` or `prefect deployment run 'train-eval/demo'`)")
+        raise RegistryError("no registered model has a validation mAP" + (f" on data {data_version}" if data_version
+                            else "") + ": train and register one first (`make demo` or "
+                            "`prefect deployment run 'train-eval/demo'`)")
     return max(rows, key=lambda r: (r["val_mAP"], r["created"]))["tag"]
 
 
@@ -99,9 +104,9 @@ def set_serving(tag: str, reason: str = "manual") -> str:
     return tag
 
 
-def promote_best(name: str = MODEL_NAME) -> str:
+def promote_best(name: str = MODEL_NAME, data_version: str | None = None) -> str:
     """Serve the registered model with the best validation mAP (no-op if it is already served)."""
-    best = best_tag(name)
+    best = best_tag(name, data_version)
     if serving_tag(required=False) != best:
         set_serving(best, reason=f"best validation mAP among {name} models")
     return best

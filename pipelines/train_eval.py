@@ -62,10 +62,12 @@ def register_task(artefact: str, model_name: str) -> str:
 
 
 @task(name="promote-best")
-def promote_task(model_name: str) -> str:
+def promote_task(model_name: str, manifest: str) -> str:
+    """The best of the models validated on this run's data (other data sets' mAPs are not comparable)."""
     from cxrlt import registry
+    from cxrlt.provenance import data_version
 
-    return registry.promote_best(model_name)
+    return registry.promote_best(model_name, data_version(manifest)["manifest_md5"])
 
 
 @task(name="comparison-report")
@@ -119,6 +121,6 @@ def train_eval(variants: list[str] | None = None, labels: str | None = None, ima
         results["report"] = report_task([results[n]["artefact"] for n in names], cache, report_dir)
         print(f"comparison report: {results['report']}")
     if register_models and promote:
-        results["serving"] = promote_task(model_name)
+        results["serving"] = promote_task(model_name, cache)
         print(f"serving {results['serving']}")
     return results
