@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from . import metrics as M
 from .checkpoint import EVAL_DIR, load_artefact, save_artefact, write_evaluation
 from .config import DataConfig, EvalConfig, VariantConfig, to_dict
-from .data.dataset import CXRDataset
+from .data.dataset import CXRDataset, targets_for
 from .data.manifest import Manifest
 from .losses import class_aware_sampler_weights, create_loss
 from .models import create_model
@@ -223,7 +223,6 @@ def train(variant: VariantConfig, data: DataConfig, manifest: Manifest, out_dir:
 
 
 def _targets(frame: pd.DataFrame, ls) -> np.ndarray:
-    from .data.dataset import targets_for
     return targets_for(frame, ls.names).astype(np.int64)
 
 
