@@ -129,6 +129,24 @@ def cmd_compare(a):
     print(f"report: {write_report(a.artefacts, a.out, manifest=a.manifest, split=a.split, n_boot=a.bootstrap)}")
 
 
+def cmd_submit(a):
+    """Challenge CSV from an artefact's per-image predictions of a split, columns in a task's order."""
+    import pandas as pd
+
+    from .labels import LABEL_SETS
+    from .metrics import write_submission
+
+    src = Path(a.artefact) / "eval" / f"predictions_{a.split}.csv"
+    if not src.exists():
+        raise FileNotFoundError(f"{src} does not exist: run `cxrlt evaluate` on a manifest with split {a.split!r}")
+    pred = pd.read_csv(src)
+    names = list(LABEL_SETS[a.task])
+    missing = [n for n in names if n not in pred.columns]
+    if missing:
+        raise ValueError(f"the model does not score {missing} of {a.task}; pick the task it was trained for")
+    print(f"submission: {write_submission(a.out, pred['dicom_id'], pred[names].to_numpy(), names)}")
+
+
 def cmd_send(a):
     from .client import send_studies
 
@@ -213,6 +231,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="reports/compare", help="report folder (default: reports/compare)")
     p.add_argument("--split", default="test", help="split to compare on (default: test)")
     p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples over studies (default: 200)")
+
+    p = add("submit", cmd_submit, "write the challenge's submission CSV (dicom_id + one column per label, "
+            "by name) from an evaluated artefact")
+    p.add_argument("--artefact", required=True, help="evaluated artefact folder")
+    p.add_argument("--split", default="test", help="split whose predictions to submit (default: test)")
+    p.add_argument("--task", default="task1", choices=["task1", "task2", "task3", "2023"],
+                   help="column set and order of the submission (Task 2 columns are mapped by name)")
+    p.add_argument("--out", required=True, help="CSV file to write")
 
     p = add("send", cmd_send, "send studies of a manifest split to the running service (demo traffic)")
     p.add_argument("--manifest", required=True, help="manifest folder (its images are sent as files)")

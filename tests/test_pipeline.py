@@ -61,6 +61,13 @@ def test_cli_manifest_prepare_train_evaluate_register(project, capsys):
     meta = json.loads((art / "artefact.json").read_text())
     assert meta["synthetic"] is True and meta["data_version"]["manifest_md5"]
     assert len(json.loads((art / "eval/thresholds.json").read_text())["thresholds"]) == 40
+    # challenge submission: one row per test image, Task 2 columns by name (Normal before Nodule)
+    assert run_cli("submit", "--artefact", art, "--task", "task2", "--out", p / "sub.csv") == 0
+    import pandas as pd
+    sub = pd.read_csv(p / "sub.csv")
+    from cxrlt.labels import TASK2_LABELS
+    assert list(sub.columns) == ["dicom_id", *TASK2_LABELS] and sub["dicom_id"].is_unique
+    assert len(sub) == len(pd.read_csv(art / "eval/predictions_test.csv"))
     assert run_cli("registry", "register", art) == 0
     tag = capsys.readouterr().out.strip().splitlines()[-1]
     assert run_cli("registry", "promote", tag) == 0
