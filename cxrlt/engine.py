@@ -175,6 +175,8 @@ def train(variant: VariantConfig, data: DataConfig, manifest: Manifest, out_dir:
     use_amp = tc.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     best, best_state, history = -1.0, None, []
+    val_frame = manifest.split("val")  # model selection scores per image, like the final evaluation
+    val_targets = _targets(val_frame, ls)
     log(f"[{variant.name}] {variant.model} + {variant.loss}: {len(train_ds)} train / {len(val_ds)} val "
         f"{unit_of(model)} items, {tc.epochs} epochs on {device}")
     for epoch in range(tc.epochs):
@@ -202,10 +204,8 @@ def train(variant: VariantConfig, data: DataConfig, manifest: Manifest, out_dir:
             running += float(loss.detach()) * len(b["index"])
             seen += len(b["index"])
             bar.set_postfix(loss=f"{running / seen:.4f}")
-        val_probs = predict(model, val_ds, device=device, progress=False)
-        val_frame = manifest.split("val")
-        img = per_image(val_ds, val_probs, val_frame)
-        m = M.compute_metrics(img[list(ls.names)].to_numpy(), _targets(val_frame, ls), ls)
+        img = per_image(val_ds, predict(model, val_ds, device=device, progress=False), val_frame)
+        m = M.compute_metrics(img[list(ls.names)].to_numpy(), val_targets, ls)
         history.append({"epoch": epoch + 1, "train_loss": running / max(seen, 1), "val_mAP": m["mAP"],
                         "val_mAUC": m["mAUC"], "seconds": time.perf_counter() - t0})
         log(f"[{variant.name}] epoch {epoch + 1}: loss {running / max(seen, 1):.4f}  val mAP {m['mAP']:.4f}  "

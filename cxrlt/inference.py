@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from .checkpoint import Artefact, load_artefact
-from .data.dataset import VIEW_CODES, choose_views
+from .data.dataset import VIEW_CODES, choose_views, pad_study
 from .data.transforms import image_to_tensor
 
 
@@ -80,14 +80,9 @@ class Predictor:
         if len(views) != len(images):
             raise StudyInputError(f"{len(images)} images but {len(views)} views: give one view per image or none")
         codes = [view_code(v) for v in views]
-        v, s = self.max_views, self.image_size
-        keep = choose_views(codes, [f"{i:04d}" for i in range(len(images))], v) if v > 1 else list(range(len(images)))
-        x = torch.zeros(v, 3, s, s)
-        mask = torch.zeros(v, dtype=torch.bool)
-        types = torch.full((v,), VIEW_CODES["unknown"], dtype=torch.long)
-        for slot, j in enumerate(keep[:v]):
-            x[slot], mask[slot], types[slot] = image_to_tensor(images[j], s), True, codes[j]
-        return x, mask, types
+        keep = choose_views(codes, [f"{i:04d}" for i in range(len(images))], self.max_views)
+        return pad_study([image_to_tensor(images[j], self.image_size) for j in keep], [codes[j] for j in keep],
+                         self.max_views)
 
     @torch.inference_mode()
     def predict(self, studies: Sequence[Sequence[Image.Image]],

@@ -19,7 +19,8 @@ from torch.utils.data import Dataset
 
 from .transforms import augment, image_to_tensor, load_grayscale
 
-VIEW_CODES = {"frontal": 0, "lateral": 1, "unknown": 2}
+from .manifest import VIEW_CODES
+
 UNKNOWN_VIEW = VIEW_CODES["unknown"]
 
 
@@ -47,6 +48,19 @@ def choose_views(views: Sequence[int], ids: Sequence[str], k: int) -> list[int]:
             if buckets[v] and len(out) < k:
                 out.append(buckets[v].pop(0))
     return sorted(out, key=lambda i: ids[i])
+
+
+def pad_study(tensors: Sequence[torch.Tensor], codes: Sequence[int], max_views: int):
+    """Images of one study [3,S,S] each -> fixed slots: (images [V,3,S,S], view_mask [V], view_types [V]).
+    Empty slots are zeros with view_mask False (the model never runs them)."""
+    if len(tensors) > max_views:
+        raise ValueError(f"{len(tensors)} images for {max_views} view slots: choose the views first")
+    images = torch.zeros(max_views, *tensors[0].shape)
+    mask = torch.zeros(max_views, dtype=torch.bool)
+    types = torch.full((max_views,), UNKNOWN_VIEW, dtype=torch.long)
+    for slot, (x, c) in enumerate(zip(tensors, codes)):
+        images[slot], mask[slot], types[slot] = x, True, c
+    return images, mask, types
 
 
 def targets_for(frame: pd.DataFrame, label_names: Sequence[str]) -> np.ndarray:
@@ -111,14 +125,12 @@ class CXRDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         item = self.items[i]
         gen = torch.Generator().manual_seed(hash((self.seed, self.epoch, i)) & 0x7FFFFFFF)
-        v, s = self.max_views, self.image_size
-        images = torch.zeros(v, 3, s, s)
-        mask = torch.zeros(v, dtype=torch.bool)
-        types = torch.full((v,), UNKNOWN_VIEW, dtype=torch.long)
-        for slot, j in enumerate(self._pick(item, gen)):
-            x = image_to_tensor(load_grayscale(self.image_root / item.paths[j]), s)
-            images[slot] = augment(x, gen) if self.train else x
-            mask[slot], types[slot] = True, item.views[j]
+        picked = self._pick(item, gen)
+        tensors = []
+        for j in picked:
+            x = image_to_tensor(load_grayscale(self.image_root / item.paths[j]), self.image_size)
+            tensors.append(augment(x, gen) if self.train else x)
+        images, mask, types = pad_study(tensors, [item.views[j] for j in picked], self.max_views)
         target = torch.from_numpy(item.target.astype(np.float32))
         return {"images": images, "view_mask": mask, "view_types": types,
                 "target": target.clamp(min=0), "label_mask": target >= 0, "index": i}
