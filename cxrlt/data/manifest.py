@@ -9,33 +9,29 @@ ONE `ManifestError` before anything is trained, so a bad download fails in secon
 from __future__ import annotations
 
 import csv
-import hashlib
-import json
-import os
 import re
-import warnings
-from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from ..labels import LABELS_2023, TASK1_LABELS, TASK2_LABELS, TASK3_LABELS, LabelSpace
+from ..labels import LABELS_2023, TASK1_LABELS, TASK2_LABELS, TASK3_LABELS
+from .manifest_io import (MANIFEST_COLUMNS, SPLITS, SYNTHETIC_MARKER, Manifest, ManifestError, examples, file_md5,
+                          load_manifest, missing_images, write_manifest)
+from .splits import check_fraction, overlap_notes, split_validation
 
-MANIFEST_COLUMNS = ("dicom_id", "subject_id", "study_id", "ViewPosition", "view", "path", "split")
-SPLITS = ("train", "val", "dev", "test")
+__all__ = ["MANIFEST_COLUMNS", "SPLITS", "SYNTHETIC_MARKER", "VIEW_CODES", "Manifest", "ManifestError",
+           "build_manifest", "load_manifest", "view_type"]
+
 VIEW_CODES = {"frontal": 0, "lateral": 1, "unknown": 2}
 LATERAL_VIEWS = frozenset({"LATERAL", "LL", "XTABLE LATERAL", "SWIMMERS"})
-SYNTHETIC_MARKER = "SYNTHETIC.md"
 DEMO_TRUTH = "demo_truth_task3.csv"      # demo-only Task 3 truth (see cxrlt.data.demo)
 # MIMIC-CXR metadata columns a label file may carry besides the ones we read; never taken for labels.
 _KNOWN_EXTRA = {"ViewCodeSequence_CodeMeaning", "Rows", "Columns", "StudyDate", "StudyTime",
                 "PerformedProcedureStepDescription", "ProcedureCodeSequence_CodeMeaning",
                 "PatientOrientationCodeSequence_CodeMeaning"}
 _PATH_RE = re.compile(r"p(\d+)/s(\d+)/([^/]+)\.jpg$")
-_SHOW = 10
 
 
 def view_type(view_position) -> str:
@@ -46,24 +42,6 @@ def view_type(view_position) -> str:
     if not v or v == "NAN":
         return "unknown"
     return "lateral" if v in LATERAL_VIEWS else "frontal"
-
-
-class ManifestError(ValueError):
-    """Inputs that cannot make a manifest. The message lists the first problems, their count, and a fix."""
-
-    def __init__(self, header: str, problems: list[tuple[str, int]] = (), hint: str = ""):
-        self.problems = list(problems)
-        self.total = sum(n for _, n in self.problems)
-        lines = [header]
-        if self.problems:
-            lines[0] += f" {self.total} problem(s) found" + (f", first {_SHOW} kinds shown:"
-                                                               if len(self.problems) > _SHOW else ":")
-            lines += [f"  - {msg}" for msg, _ in self.problems[:_SHOW]]
-            if len(self.problems) > _SHOW:
-                lines.append(f"  ... and {len(self.problems) - _SHOW} more kinds of problem")
-        if hint:
-            lines.append(f"What to do: {hint}")
-        super().__init__("\n".join(lines))
 
 
 # One source file: the split its rows go to, the label columns it must / may have, and its role:
@@ -103,18 +81,6 @@ def _label_names(task: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
             "task3": (TASK1_LABELS + TASK3_LABELS, TASK3_LABELS)}[task]
 
 
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _examples(values, n=3) -> str:
-    return ", ".join(str(v) for v in list(values)[:n])
-
-
 def _read(path: Path, src: _Source, year: int, problems: list) -> pd.DataFrame | None:
     """Read one file into normalised columns (dicom_id, subject_id, study_id, ViewPosition, path + labels)."""
     name = path.name
@@ -149,20 +115,20 @@ def _read(path: Path, src: _Source, year: int, problems: list) -> pd.DataFrame |
         bad = p[p.str.startswith("/") | p.str.contains(r"(?:^|/)\.\.(?:/|$)") | (p == "")]
         if len(bad):
             problems.append((f"{name}: {len(bad)} path(s) empty, absolute or with '..' (lines "
-                             f"{_examples(bad.index + 2)}); paths must be relative to the image root", len(bad)))
+                             f"{examples(bad.index + 2)}); paths must be relative to the image root", len(bad)))
         parsed = p.str.extract(_PATH_RE)
         for col, part, fmt in (("subject_id", 0, int), ("study_id", 1, None), ("dicom_id", 2, None)):
             if col not in df:                 # 2023 files: derive from files/pXX/pSUBJECT/sSTUDY/DICOM.jpg
                 bad = parsed[part].isna()
                 if bad.any():
                     problems.append((f"{name}: cannot derive {col} from {int(bad.sum())} path(s) not shaped like "
-                                     f"files/pXX/pSUBJECT/sSTUDY/DICOM.jpg (lines {_examples(df.index[bad] + 2)})",
+                                     f"files/pXX/pSUBJECT/sSTUDY/DICOM.jpg (lines {examples(df.index[bad] + 2)})",
                                      int(bad.sum())))
                 df[col] = parsed[part].fillna("")
         subj = pd.to_numeric(df["subject_id"].str.strip(), errors="coerce")
         if subj.isna().any():
             problems.append((f"{name}: {int(subj.isna().sum())} subject_id value(s) not integers (lines "
-                             f"{_examples(df.index[subj.isna()] + 2)})", int(subj.isna().sum())))
+                             f"{examples(df.index[subj.isna()] + 2)})", int(subj.isna().sum())))
         study = df["study_id"].str.strip()
         out["subject_id"] = subj.fillna(-1).astype("int64")
         out["study_id"] = np.where(study.str.fullmatch(r"\d+"), "s" + study, study)   # 2023: 50414267
@@ -175,7 +141,7 @@ def _read(path: Path, src: _Source, year: int, problems: list) -> pd.DataFrame |
         problems.append((f"{name}: {int((ids == '').sum())} empty dicom_id value(s)", int((ids == "").sum())))
     dups = ids[ids.duplicated() & (ids != "")]
     if len(dups):
-        problems.append((f"{name}: {len(dups)} duplicate dicom_id value(s), e.g. {_examples(dups.unique())}",
+        problems.append((f"{name}: {len(dups)} duplicate dicom_id value(s), e.g. {examples(dups.unique())}",
                          len(dups)))
     out.insert(0, "dicom_id", ids)
     for c in [c for c in dict.fromkeys(header) if c in allowed]:
@@ -187,25 +153,6 @@ def _read(path: Path, src: _Source, year: int, problems: list) -> pd.DataFrame |
                              int(bad.sum())))
         out[c] = v.where(~bad, -1).astype("int8")
     return out
-
-
-def _missing_images(root: Path, paths: pd.Series) -> list[str]:
-    """Paths that do not exist under root: one directory listing per study folder, listed in parallel."""
-    by_dir: dict[str, list[str]] = defaultdict(list)
-    for p in paths:
-        d, _, fname = p.rpartition("/")
-        by_dir[d].append(fname)
-
-    def check(item):
-        d, names = item
-        try:
-            present = set(os.listdir(root / d))
-        except (FileNotFoundError, NotADirectoryError):
-            present = set()
-        return [f"{d}/{n}" if d else n for n in names if n not in present]
-
-    with ThreadPoolExecutor(16) as ex:     # I/O bound; network file systems gain most
-        return [p for miss in ex.map(check, by_dir.items()) for p in miss]
 
 
 def _resolve_task(task: str, year: int) -> tuple[str, int]:
@@ -230,8 +177,7 @@ def build_manifest(labels_dir, image_root, out_dir, task: str = "task1", year: i
     """Validate the CXR-LT files in `labels_dir` against `image_root`, split train/val by patient, and write
     `out_dir/manifest.csv` + `out_dir/manifest.json`. Raises one `ManifestError` listing every problem."""
     task, year = _resolve_task(task, int(year))
-    if not 0 <= val_fraction < 1:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    check_fraction("val_fraction", val_fraction)
     labels_dir, image_root, out_dir = Path(labels_dir), Path(image_root), Path(out_dir)
     names, builtin_zs = _label_names(task)
     bad_zs = [z for z in zero_shot if z not in names]
@@ -255,7 +201,7 @@ def build_manifest(labels_dir, image_root, out_dir, task: str = "task1", year: i
         if not path.is_file():
             continue
         df = _read(path, src, year, problems)
-        sources.append({"file": src.file, "split": src.split, "role": src.role, "md5": _md5(path)})
+        sources.append({"file": src.file, "split": src.split, "role": src.role, "md5": file_md5(path)})
         if df is None:
             continue
         if src.role == "labels":
@@ -265,7 +211,7 @@ def build_manifest(labels_dir, image_root, out_dir, task: str = "task1", year: i
             both = ids & set(df["dicom_id"])
             if both:
                 problems.append((f"{src.file}: {len(both)} dicom_id(s) also in {other}, e.g. "
-                                 f"{_examples(sorted(both))}", len(both)))
+                                 f"{examples(sorted(both))}", len(both)))
         seen[src.file] = set(df["dicom_id"])
         df["split"] = src.split
         parts.append(df)
@@ -273,17 +219,21 @@ def build_manifest(labels_dir, image_root, out_dir, task: str = "task1", year: i
     conflict = frame.groupby("study_id")["subject_id"].nunique()
     if (conflict > 1).any():
         problems.append((f"{int((conflict > 1).sum())} study_id(s) belong to more than one subject_id, e.g. "
-                         f"{_examples(conflict.index[conflict > 1])}", int((conflict > 1).sum())))
+                         f"{examples(conflict.index[conflict > 1])}", int((conflict > 1).sum())))
     if check_images and len(frame):
         ok = frame["path"].notna() & ~frame["path"].str.startswith("/")
-        miss = _missing_images(image_root, frame.loc[ok, "path"])
+        miss = missing_images(image_root, frame.loc[ok, "path"])
         if miss:
             problems.append((f"{len(miss)} image(s) not found under the image root '{image_root}', e.g. "
-                             f"{_examples(miss)}", len(miss)))
+                             f"{examples(miss)}", len(miss)))
     if problems:
         raise ManifestError(f"Cannot build a manifest from '{labels_dir}' ({task}, {year}):", problems, _HINT)
-    return _finish(frame, names, zs, task, year, labels_dir, image_root, out_dir, val_fraction, seed,
-                   check_images, sources)
+    split_validation(frame, val_fraction, seed)
+    notes = overlap_notes(frame)
+    frame["view"] = [view_type(v) for v in frame["ViewPosition"]]
+    meta = {"task": task, "year": year, "layout": "cxr-lt-2024", "sources": sources, "seed": seed,
+            "val_fraction": val_fraction, "check_images": check_images, "warnings": notes}
+    return write_manifest(frame, names, zs, out_dir, image_root, labels_dir, meta)
 
 
 def _merge_labels(parts: list[pd.DataFrame], split: str, labels: pd.DataFrame) -> None:
@@ -293,108 +243,3 @@ def _merge_labels(parts: list[pd.DataFrame], split: str, labels: pd.DataFrame) -
             lab = labels.drop_duplicates("dicom_id").set_index("dicom_id")
             for c in lab.columns:
                 df[c] = df["dicom_id"].map(lab[c]).fillna(-1).astype("int8")
-
-
-def _finish(frame, names, zs, task, year, labels_dir, image_root, out_dir, val_fraction, seed, check_images,
-            sources) -> "Manifest":
-    train_subjects = set(frame.loc[frame["split"] == "train", "subject_id"])
-    subjects = np.array(sorted(train_subjects), dtype=np.int64)      # sorted: independent of row order
-    n_val = int(round(val_fraction * len(subjects)))
-    if val_fraction > 0 and len(subjects) > 1:
-        n_val = min(max(n_val, 1), len(subjects) - 1)
-    val = set(np.random.default_rng(seed).permutation(subjects)[:n_val].tolist())
-    is_val = (frame["split"] == "train") & frame["subject_id"].isin(val)
-    frame.loc[is_val, "split"] = "val"
-    notes = []
-    overlap = train_subjects & set(frame.loc[frame["split"].isin(["dev", "test"]), "subject_id"])
-    if overlap:
-        notes.append(f"{len(overlap)} patient(s) are in both the training file and the dev/test files (e.g. "
-                     f"{_examples(sorted(overlap))}): scores on those splits are not patient-independent")
-        warnings.warn(notes[-1], stacklevel=3)
-    frame["view"] = [view_type(v) for v in frame["ViewPosition"]]
-    for n in names:
-        frame[n] = frame[n].fillna(-1).astype("int8") if n in frame else np.int8(-1)
-    if zs:                                 # held out: never seen in training, kept in dev/test
-        frame.loc[frame["split"].isin(["train", "val"]), list(zs)] = -1
-    order = {s: i for i, s in enumerate(SPLITS)}
-    frame = frame.sort_values("split", key=lambda s: s.map(order), kind="stable").reset_index(drop=True)
-    frame = frame[list(MANIFEST_COLUMNS) + list(names)]
-    train = frame[frame["split"] == "train"]
-    ls = LabelSpace(names, tuple(int((train[n] == 1).sum()) for n in names), len(train), zs,
-                    synthetic=(labels_dir / SYNTHETIC_MARKER).exists())
-    out_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        root = os.path.relpath(image_root.resolve(), out_dir.resolve())
-    except ValueError:                     # another drive (Windows): keep as given
-        root = str(image_root)
-    meta = {"format": "cxrlt-manifest", "version": 1, "task": task, "year": year, "label_space": ls.to_dict(),
-            "image_root": Path(root).as_posix(), "sources": sources, "seed": seed, "val_fraction": val_fraction,
-            "zero_shot": list(zs), "synthetic": ls.synthetic, "check_images": check_images,
-            "splits": {s: {"patients": int(g["subject_id"].nunique()), "studies": int(g["study_id"].nunique()),
-                           "images": len(g)} for s, g in frame.groupby("split", sort=False)},
-            "warnings": notes}
-    tmp = out_dir / "manifest.csv.tmp"
-    frame.to_csv(tmp, index=False)
-    os.replace(tmp, out_dir / "manifest.csv")
-    (out_dir / "manifest.json").write_text(json.dumps(meta, indent=2) + "\n")
-    return load_manifest(out_dir)
-
-
-@dataclass
-class Manifest:
-    """A validated data set: one row per image, its label space, and where the images are."""
-
-    frame: pd.DataFrame
-    label_space: LabelSpace
-    image_root: Path
-    meta: dict
-    dir: Path
-
-    def split(self, name: str) -> pd.DataFrame:
-        if name not in SPLITS:
-            raise ValueError(f"unknown split {name!r}: use one of {SPLITS}")
-        return self.frame[self.frame["split"] == name]
-
-    def studies(self, split: str) -> list[tuple[str, pd.DataFrame]]:
-        """(study_id, rows of its images) for every study of a split, in manifest order."""
-        return list(self.split(split).groupby("study_id", sort=False))
-
-    def image_path(self, rel_path: str) -> Path:
-        return self.image_root / rel_path
-
-
-def load_manifest(directory) -> Manifest:
-    """Load `manifest.csv` + `manifest.json` written by `build_manifest` (or by `prepare_cache`)."""
-    d = Path(directory)
-    for f in ("manifest.csv", "manifest.json"):
-        if not (d / f).is_file():
-            raise ManifestError(f"No {f} in the manifest folder '{d}'.",
-                                hint="build one with `cxrlt manifest` (cxrlt.data.manifest.build_manifest), or run "
-                                     "`cxrlt demo-data` first for a synthetic data set, and pass that folder.")
-    try:
-        meta = json.loads((d / "manifest.json").read_text())
-        ls = LabelSpace.from_dict(meta["label_space"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise ManifestError(f"'{d / 'manifest.json'}' is not a cxrlt manifest ({e}).",
-                            hint="rebuild it with `cxrlt manifest`.") from None
-    frame = pd.read_csv(d / "manifest.csv", keep_default_na=False, na_values={"ViewPosition": [""]},
-                        dtype={"dicom_id": str, "study_id": str, "ViewPosition": str, "view": str, "path": str,
-                               "split": str})
-    expected = list(MANIFEST_COLUMNS) + list(ls.names)
-    problems = []
-    if list(frame.columns) != expected:
-        problems.append((f"columns {list(frame.columns)[:12]}... differ from the expected {expected[:12]}...", 1))
-    else:
-        bad_split = ~frame["split"].isin(SPLITS)
-        if bad_split.any():
-            problems.append((f"{int(bad_split.sum())} row(s) with a split not in {SPLITS}", int(bad_split.sum())))
-        lab = frame[list(ls.names)]
-        bad = ~lab.isin([-1, 0, 1]).to_numpy()
-        if bad.any():
-            problems.append((f"{int(bad.sum())} label value(s) not in -1/0/1", int(bad.sum())))
-    if problems:
-        raise ManifestError(f"The manifest in '{d}' is damaged:", problems, "rebuild it with `cxrlt manifest`.")
-    frame[list(ls.names)] = frame[list(ls.names)].astype("int8")
-    root = Path(meta["image_root"])
-    root = root if root.is_absolute() else (d / root)
-    return Manifest(frame, ls, root.resolve(), meta, d)

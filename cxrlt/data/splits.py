@@ -1,0 +1,67 @@
+"""Patient-level splits, shared by every layout.
+
+A patient's images always land in one split. Draws are reproducible: the patient ids are sorted (so the
+split depends neither on row order nor on whether ids are integers, as in MIMIC and NIH, or strings, as
+PadChest's hashes) and then permuted with a seeded generator.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Iterable
+
+import numpy as np
+import pandas as pd
+
+from .manifest_io import examples
+
+TEST_STREAM = 1          # the test draw uses its own stream of the seed, so val and test draws never collide
+
+
+def hold_out(subjects: Iterable, fraction: float, seed) -> set:
+    """`fraction` of the distinct patients (rounded; at least one and never all of them when fraction > 0)."""
+    ids = sorted(set(subjects))
+    n = int(round(fraction * len(ids)))
+    if fraction > 0 and len(ids) > 1:
+        n = min(max(n, 1), len(ids) - 1)
+    order = np.random.default_rng(seed).permutation(len(ids))
+    return {ids[i] for i in order[:n]}
+
+
+def check_fraction(name: str, value: float) -> None:
+    if not 0 <= value < 1:
+        raise ValueError(f"{name} must be in [0, 1), got {value}")
+
+
+def split_validation(frame: pd.DataFrame, val_fraction: float, seed: int) -> pd.DataFrame:
+    """Move `val_fraction` of the training patients (all their images) from split 'train' to 'val'."""
+    train = frame["split"] == "train"
+    val = hold_out(frame.loc[train, "subject_id"], val_fraction, seed)
+    frame.loc[train & frame["subject_id"].isin(val), "split"] = "val"
+    return frame
+
+
+def split_test(frame: pd.DataFrame, test_fraction: float, seed: int) -> pd.DataFrame:
+    """For layouts without an official test split: move `test_fraction` of the training patients to 'test'."""
+    train = frame["split"] == "train"
+    test = hold_out(frame.loc[train, "subject_id"], test_fraction, [seed, TEST_STREAM])
+    frame.loc[train & frame["subject_id"].isin(test), "split"] = "test"
+    return frame
+
+
+def shared_patients(frame: pd.DataFrame, fit=("train", "val"), held=("dev", "test")) -> list:
+    """Patients with images both in the `fit` splits and in the `held` splits (sorted)."""
+    a = set(frame.loc[frame["split"].isin(fit), "subject_id"])
+    return sorted(a & set(frame.loc[frame["split"].isin(held), "subject_id"]))
+
+
+def overlap_notes(frame: pd.DataFrame) -> list[str]:
+    """A warning (also returned, for manifest.json) when given split files share patients between training
+    and dev/test: the challenge's files are used as published, but the scores are then not patient-independent."""
+    overlap = shared_patients(frame)
+    if not overlap:
+        return []
+    note = (f"{len(overlap)} patient(s) are in both the training file and the dev/test files (e.g. "
+            f"{examples(overlap)}): scores on those splits are not patient-independent")
+    warnings.warn(note, stacklevel=3)
+    return [note]
