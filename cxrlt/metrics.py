@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 __all__ = ["compute_metrics", "summary", "tune_thresholds", "expected_calibration_error", "bootstrap_ci",
-           "draw_resamples", "expand_to_images", "write_submission"]
+           "draw_resamples", "bootstrap_interval", "expand_to_images", "write_submission"]
 
 GROUP_NAMES = ("head", "medium", "tail")
 DEFAULT_BOOT_METRICS = ("mAP", "mAUC", "mF1", "mAP_head", "mAP_medium", "mAP_tail")
@@ -271,98 +271,6 @@ def expected_calibration_error(probs, targets, n_bins: int = 15, mask=None) -> f
     return float(np.abs(gap).sum() / p.size)
 
 
-def draw_resamples(groups_ids, targets, n_boot: int = 200, seed: int = 0, stratify: bool = True,
-                   mask=None) -> list[np.ndarray]:
-    """Row-index sets of `n_boot` resamples of whole studies (all images of a study together).
-
-    Label-stratified bootstrap (default): each study joins the stratum of its rarest positive label (fewest
-    positive studies in `targets`, ties to the earlier column; studies without a positive form one stratum)
-    and each resample draws, with replacement, as many studies from each stratum as it holds. Why: a plain
-    resample now and then loses every positive of a label that has a handful, the label drops out of the
-    macro mean, and as rare labels score low the interval is biased upwards (the demo's test mAP lay below
-    its own 95% interval). Here a label that is some study's rarest positive keeps at least that many
-    positive studies in every resample; the price is an interval a little narrow for such a label.
-    `stratify=False`: studies drawn uniformly. Same studies, positives, n_boot and seed: same resamples.
-    """
-    gid, t = np.asarray(groups_ids), np.asarray(targets, dtype=np.float64)
-    if t.ndim != 2 or gid.shape != (t.shape[0],):
-        raise ValueError(f"groups_ids must give one study id per row ({t.shape[0]}), got shape {gid.shape}")
-    if n_boot < 1 or t.shape[0] == 0:
-        raise ValueError(f"need n_boot >= 1 and at least one row, got {n_boot} and {t.shape[0]}")
-    _, study = np.unique(gid, return_inverse=True)
-    n_study = int(study.max()) + 1
-    rng = np.random.default_rng(seed)
-    if not stratify:
-        draws = rng.integers(0, n_study, size=(n_boot, n_study))
-    else:
-        pos = (t == 1) if mask is None else (t == 1) & np.asarray(mask, bool)
-        by_study = np.argsort(study, kind="stable")
-        starts = np.flatnonzero(np.r_[True, study[by_study][1:] != study[by_study][:-1]])
-        study_pos = np.logical_or.reduceat(pos[by_study], starts, axis=0)   # [n_study, L]
-        rarity = np.where(study_pos, study_pos.sum(0), np.iinfo(np.int64).max)
-        stratum = np.where(study_pos.any(1), rarity.argmin(1), t.shape[1])
-        grouped = np.argsort(stratum, kind="stable")          # studies listed stratum by stratum
-        s = stratum[grouped]
-        first = np.searchsorted(s, s, side="left")
-        size = np.searchsorted(s, s, side="right") - first
-        # Slot j of a resample draws uniformly among the studies of slot j's stratum, so each stratum
-        # keeps its size; the minimum guards u * size rounding up to size.
-        offset = np.minimum((rng.random((n_boot, n_study)) * size).astype(np.intp), size - 1)
-        draws = grouped[first + offset]
-    counts = np.bincount((draws + n_study * np.arange(n_boot)[:, None]).ravel(),
-                         minlength=n_boot * n_study).reshape(n_boot, n_study)
-    return [np.repeat(np.arange(len(study)), c[study]) for c in counts]
-
-
-def bootstrap_ci(probs, targets, label_space, groups_ids, n_boot: int = 200, seed: int = 0,
-                 metrics: Sequence[str] = DEFAULT_BOOT_METRICS, thresholds=None, mask=None,
-                 level: float = 0.95, stratify: bool = True, resamples=None, return_replicates: bool = False):
-    """Percentile intervals of macro metrics over resamples of whole studies; name -> (low, high).
-
-    `groups_ids`: the study id of each row. Resamples: `draw_resamples(groups_ids, targets, n_boot, seed,
-    stratify, mask)`, or `resamples` (row-index sets, e.g. one draw shared by the artefacts of a paired
-    comparison; groups_ids, n_boot, seed, stratify then unused). Undefined replicates are left out.
-    `return_replicates=True` returns (intervals, replicates): each metric's [n_boot] values in resample
-    order, NaN where undefined, plus per-label "ap" and "auroc" [n_boot, L].
-    """
-    names = list(label_space.names)
-    p, y, valid = _prepare(probs, targets, mask, len(names))
-    if not 0 < level < 1:
-        raise ValueError(f"need 0 < level < 1, got {level}")
-    thr_sets = [np.full(len(names), 0.5)]
-    if thresholds is not None:
-        thr_sets.append(_check_thresholds(thresholds, len(names)))
-    sets = _label_sets(label_space)
-    available = _metric_names(sets, tuned=thresholds is not None)
-    unknown = [m for m in metrics if m not in available]
-    if unknown:
-        raise ValueError(f"cannot bootstrap {unknown}; available: {sorted(available)}")
-    if resamples is None:
-        resamples = draw_resamples(groups_ids, np.where(valid, y, -1.0), n_boot, seed, stratify)
-    index_sets = [np.asarray(s) for s in resamples]
-    if not index_sets or any(s.ndim != 1 or s.size == 0 or s.dtype.kind not in "iu" or s.min() < 0
-                             or s.max() >= p.shape[0] for s in index_sets):
-        raise ValueError(f"resamples must be non-empty 1-D arrays of row indices in [0, {p.shape[0]})")
-    # Row multiplicities: duplicated rows weigh as duplicated rows do (see the module docstring).
-    weights = np.stack([np.bincount(s, minlength=p.shape[0]) for s in index_sets]).astype(np.float64)
-
-    ranked = _Ranked(p, y, valid)
-    # Chunks of replicates keep the [B, N] working arrays to a few tens of MB.
-    chunk = max(1, int(2_000_000 // max(p.shape[0], 1)))
-    parts = {m: [] for m in (*metrics, "ap", "auroc")}
-    for lo in range(0, len(weights), chunk):
-        scores, f1s = ranked.scores(weights[lo:lo + chunk], thr_sets)
-        agg = _aggregate(scores, f1s, sets)
-        for m in parts:
-            parts[m].append(scores[m] if m in ("ap", "auroc") else agg[m])
-    reps = {m: np.concatenate(v) for m, v in parts.items()}
-    q, out = (1 - level) / 2, {}
-    for m in metrics:
-        v = reps[m][np.isfinite(reps[m])]
-        out[m] = (float(np.quantile(v, q)), float(np.quantile(v, 1 - q))) if v.size else (np.nan, np.nan)
-    return (out, reps) if return_replicates else out
-
-
 def expand_to_images(study_probs, study_ids, image_study_ids) -> np.ndarray:
     """Copy each study's prediction to each of its images (the challenge scores per image)."""
     sp = np.asarray(study_probs)
@@ -397,3 +305,16 @@ def write_submission(path, dicom_ids, probs, label_names: Sequence[str]) -> Path
     frame = pd.DataFrame(p, columns=names, index=ids).reset_index()
     frame.to_csv(path, index=False)
     return path
+
+
+_BOOTSTRAP_NAMES = ("bootstrap_ci", "bootstrap_interval", "draw_resamples")
+
+
+def __getattr__(name):
+    """The bootstrap lives in cxrlt.bootstrap (it builds on the ranking above); its names stay reachable
+    here, resolved on first use because that module imports this one."""
+    if name in _BOOTSTRAP_NAMES:
+        from . import bootstrap
+
+        return getattr(bootstrap, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

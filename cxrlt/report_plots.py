@@ -115,9 +115,15 @@ def _f(v, fmt: str = ".3f") -> str:
     return "–" if v is None or not np.isfinite(v) else format(v, fmt)
 
 
-def _ci(v: float, interval) -> str:
+def _ci(v: float, interval, sd: float = float("nan")) -> str:
+    """"v [lo, hi]", or with several seeds "mean ± sd [lo, hi]" (sd across seeds, interval of the mean)."""
     lo, hi = interval
-    return _f(v) if not (np.isfinite(lo) and np.isfinite(hi)) else f"{_f(v)} [{_f(lo)}, {_f(hi)}]"
+    shown = _f(v) + (f" ± {_f(sd)}" if sd is not None and np.isfinite(sd) else "")
+    return shown if not (np.isfinite(lo) and np.isfinite(hi)) else f"{shown} [{_f(lo)}, {_f(hi)}]"
+
+
+def _cell(r, key: str, subset: str = "all") -> str:
+    return _ci(r.value(key, subset), r.interval(key, subset), r.sd(key, subset))
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence]) -> list[str]:
@@ -127,16 +133,17 @@ def _table(header: Sequence[str], rows: Sequence[Sequence]) -> list[str]:
 
 def _main_table(runs) -> list[str]:
     zs = any(r.label_space.zero_shot for r in runs)
-    head = ["variant", "kind", "loss", "query head", "backbones", "mAP [95% CI]", "mAUC [95% CI]", "mF1",
-            "head mAP", "medium mAP", "tail mAP"] + (["zero-shot mAUC [95% CI]"] if zs else []) + ["images"]
+    head = ["variant", "seeds", "kind", "loss", "query head", "backbones", "mAP [95% CI]", "mAUC [95% CI]",
+            "mF1", "head mAP", "medium mAP", "tail mAP"] + (["zero-shot mAUC [95% CI]"] if zs else []) + ["images"]
     rows = []
     for r in runs:
-        row = [r.name, r.kind, r.loss, r.query_label, r.backbones, _ci(r.value("mAP"), r.interval("mAP")),
-               _ci(r.value("mAUC"), r.interval("mAUC")), _f(r.value("mF1")),
-               *(_f(r.value(k)) for k in ("mAP_head", "mAP_medium", "mAP_tail"))]
+        seeds = ", ".join(str(s) for s in r.seeds) if r.seeds else ("–" if r.seed is None else str(r.seed))
+        sd = (lambda k: _f(r.value(k)) + (f" ± {_f(r.sd(k))}" if np.isfinite(r.sd(k)) else ""))
+        row = [r.name, seeds, r.kind, r.loss, r.query_label, r.backbones, _cell(r, "mAP"), _cell(r, "mAUC"),
+               sd("mF1"), *(sd(k) for k in ("mAP_head", "mAP_medium", "mAP_tail"))]
         if zs:
-            row.append(_ci(r.value("zs_mAUC"), r.interval("zs_mAUC")) if r.label_space.zero_shot else "n/a")
-        rows.append(row + [len(r.probs)])
+            row.append(_cell(r, "zs_mAUC") if r.label_space.zero_shot else "n/a")
+        rows.append(row + [r.n_images])
     return _table(head, rows)
 
 
@@ -149,12 +156,12 @@ def _outside(runs, per_label) -> list[str]:
         return []
     t = per_label[runs[0].name]
     few = int(((t["n_pos"] > 0) & (t["n_pos"] < 5)).sum())
-    # The stratified draw keeps each study's rarest label, but a label whose positives all carry a rarer
-    # label can still be resampled away; its AP is then undefined and the macro mean drops it.
-    return ["", f"Warning: point estimate outside its bootstrap interval for {', '.join(bad)}. Resamples that "
-                f"miss a rare label's few positives leave that label out of the macro mean, which shifts the "
-                f"intervals; {few} label(s) have fewer than 5 positive images in this split. Read those intervals "
-                "with care; the paired differences below compare both variants on the same labels."]
+    # A basic interval holds its estimate unless the replicates lie almost all on one side of it: a bias
+    # larger than the spread, as when resamples often miss the only positives of rare labels.
+    return ["", f"Warning: point estimate outside its bootstrap interval for {', '.join(bad)}: the resampled "
+                f"values lie almost all on one side of the estimate, a small-sample bias larger than the spread "
+                f"(resamples that miss a rare label's few positives leave it out of the macro mean; {few} label(s) "
+                "have fewer than 5 positive images in this split). Read those intervals with care."]
 
 
 def _lateral(ctx, runs) -> list[str]:
@@ -163,7 +170,7 @@ def _lateral(ctx, runs) -> list[str]:
         return ["No lateral-only findings scored (pass `lateral_labels` to name them; the default list "
                 "belongs to the synthetic demo)."]
     sub = f"studies with a lateral view ({ctx['n_lateral_studies']})"
-    rows = [[r.name] + [_ci(r.value(k, s), r.interval(k, s)) for s in ("all", "lateral")
+    rows = [[r.name] + [_cell(r, k, s) for s in ("all", "lateral")
                         for k in ("lat_mAP", "lat_mAUC")] for r in runs]
     return [f"Findings that show only on lateral views: {', '.join(labels)}. Scored on all studies and on the "
             f"{sub}, every image of such a study counted.", ""] + \
@@ -193,7 +200,7 @@ def _zero_shot(ctx, runs, per_label, figures) -> list[str]:
     for r in zs_runs:
         t = per_label[r.name]
         t = t[t["label"].isin(r.label_space.zero_shot)]
-        auc, ap = (_ci(r.value(k), r.interval(k)) for k in ("zs_mAUC", "zs_mAP"))
+        auc, ap = (_cell(r, k) for k in ("zs_mAUC", "zs_mAP"))
         out += [f"**{r.name}**: query head {r.query_label}; zero-shot mAUC {auc}, mAP {ap}.", ""]
         if r.query != "text":
             out += ["Learned queries have no way to score a label they never saw: expect chance (AUROC 0.5).", ""]
@@ -224,12 +231,15 @@ def render_markdown(ctx: dict, runs, per_label: dict, comparisons: dict, figures
     lines = [f"# {ctx['title']}", ""]
     if ctx["synthetic"]:
         lines += [SYNTHETIC_BANNER, ""]
-    boot = (f"95% percentile bootstrap over studies, stratified by each study's rarest finding so that rare "
-            f"findings keep their positives ({ctx['n_boot']} resamples, seed {ctx['seed']})"
+    boot = ("95% basic (reverse-percentile) bootstrap intervals from resampling patients with replacement, not "
+            f"stratified on findings ({ctx['n_boot']} resamples, seed {ctx['seed']}); a resample without a "
+            "positive for a label leaves that label out, as the point estimate does"
             if ctx["n_boot"] > 0 else "none (n_boot = 0)")
     lines += [f"Split `{ctx['split']}` of manifest `{ctx['manifest']}`: {ctx['n_images']} images in "
-              f"{ctx['n_studies']} studies ({ctx['n_lateral_studies']} with a lateral view). Every number is "
-              "recomputed from the artefacts' saved per-image predictions. Intervals: " + boot + ". Head / medium / "
+              f"{ctx['n_studies']} studies of {ctx.get('n_patients', '?')} patients ({ctx['n_lateral_studies']} "
+              "studies with a lateral view). Every number is recomputed from the artefacts' saved per-image "
+              "predictions. Intervals: " + boot + ". A variant trained with several seeds shows mean ± SD across "
+              "seeds, then the interval of that mean. Head / medium / "
               "tail: share of training images >= 10% / 1-10% / < 1%. mF1 at threshold 0.5.", "",
               "## Results", ""] + _main_table(runs) + _outside(runs, per_label) + [
         "", f"![mAP by label group]({figures['groups']})", "",
@@ -237,7 +247,7 @@ def render_markdown(ctx: dict, runs, per_label: dict, comparisons: dict, figures
         "## Lateral-only findings", ""] + _lateral(ctx, runs) + [
         "", "## Comparisons", "",
         "A is the baseline, B the change. B − A comes with a 95% paired bootstrap interval (both scored on the "
-        "same resampled studies): \"not distinguishable\" when it contains 0. \"separate CIs overlap\" compares "
+        "same resampled patients): \"not distinguishable\" when it contains 0. \"separate CIs overlap\" compares "
         "the two variants' own intervals, a cruder test.", ""]
     sections = {q["key"]: q for q in questions}
     for key in ("losses", "queries", "zero_shot", "backbones", "fusion"):

@@ -8,8 +8,8 @@ import pytest
 from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
 from cxrlt.labels import LabelSpace
-from cxrlt.metrics import (_prepare, _Ranked, bootstrap_ci, compute_metrics, draw_resamples, expand_to_images,
-                           expected_calibration_error, summary, tune_thresholds, write_submission)
+from cxrlt.metrics import (_prepare, _Ranked, bootstrap_ci, bootstrap_interval, compute_metrics, draw_resamples,
+                           expand_to_images, expected_calibration_error, summary, tune_thresholds, write_submission)
 
 # 8 trained labels spanning the share groups (N = 1000: head >= 100, tail < 10) plus one zero-shot label.
 NAMES = ("A", "B", "C", "D", "E", "F", "G", "H", "Z")
@@ -170,25 +170,37 @@ def study_data(n_study=120, seed=0):
     return probs, y, study
 
 
-def test_bootstrap_resamples_whole_studies():
-    """Plain scheme: replicates equal compute_metrics on uniformly drawn studies, materialised."""
+def basic(point, values):
+    """The basic (reverse-percentile) interval written out from its definition."""
+    v = np.asarray(values)[np.isfinite(values)]
+    return 2 * point - np.quantile(v, 0.975), 2 * point - np.quantile(v, 0.025)
+
+
+def test_bootstrap_resamples_whole_patients_uniformly():
+    """Replicates equal compute_metrics on uniformly drawn patients, materialised; the interval is the
+    basic one, [2t - q97.5, 2t - q2.5], clipped to [0, 1]."""
     probs, y, study = study_data()
+    patient = np.array([f"p{int(s[1:]) // 2}" for s in study])      # two studies per patient
     n_boot, seed = 9, 4
-    ci = bootstrap_ci(probs, y, LS, study, n_boot=n_boot, seed=seed, metrics=("mAP", "mAP_tail", "zs_mAUC"),
-                      stratify=False)
-    uniq, inv = np.unique(study, return_inverse=True)
+    ci = bootstrap_ci(probs, y, LS, patient, n_boot=n_boot, seed=seed, metrics=("mAP", "mAP_tail", "zs_mAUC"))
+    uniq, inv = np.unique(patient, return_inverse=True)
     draws = np.random.default_rng(seed).integers(0, len(uniq), size=(n_boot, len(uniq)))
     rows_of = [np.flatnonzero(inv == s) for s in range(len(uniq))]
     reps = {k: [] for k in ci}
     for d in draws:
-        rows = np.concatenate([rows_of[s] for s in d])
+        rows = np.sort(np.concatenate([rows_of[s] for s in d]))
         m = compute_metrics(probs[rows], y[rows], LS)
         for k in reps:
             reps[k].append(m[k])
+    point = compute_metrics(probs, y, LS)
     for k, (lo, hi) in ci.items():
-        v = np.array(reps[k])
-        v = v[np.isfinite(v)]
-        assert (lo, hi) == pytest.approx((np.quantile(v, 0.025), np.quantile(v, 0.975)), abs=1e-12), k
+        want = np.clip(basic(point[k], np.array(reps[k])), 0, 1)
+        assert (lo, hi) == pytest.approx(tuple(want), abs=1e-12), k
+    pct = bootstrap_ci(probs, y, LS, patient, n_boot=n_boot, seed=seed, metrics=("mAP",), method="percentile")
+    v = np.array(reps["mAP"])
+    assert pct["mAP"] == pytest.approx((np.quantile(v, 0.025), np.quantile(v, 0.975)), abs=1e-12)
+    with pytest.raises(ValueError, match="interval method"):
+        bootstrap_ci(probs, y, LS, patient, n_boot=3, method="bca-ish")
 
 
 def test_bootstrap_deterministic_and_contains_point_estimate():
@@ -204,13 +216,27 @@ def test_bootstrap_deterministic_and_contains_point_estimate():
         assert lo < point[k] < hi, k
     with pytest.raises(ValueError, match="cannot bootstrap.*mF1_tuned"):
         bootstrap_ci(probs, y, LS, study, metrics=("mF1_tuned",))
-    with pytest.raises(ValueError, match="one study id per row"):
+    with pytest.raises(ValueError, match="one patient id per row"):
         bootstrap_ci(probs, y, LS, study[:-1])
+
+
+def test_basic_interval_corrects_the_bias_the_percentile_copies():
+    """Replicates biased upward by d around the estimate: the percentile interval sits above the estimate
+    by d, the basic one is shifted down by d (the direction of the estimate's own bias)."""
+    rng = np.random.default_rng(0)
+    reps = 0.30 + 0.05 + 0.01 * rng.standard_normal(4000)         # estimate 0.30, replicates centred at 0.35
+    lo_p, hi_p = bootstrap_interval(0.30, reps, method="percentile")
+    lo_b, hi_b = bootstrap_interval(0.30, reps)
+    assert lo_p > 0.30 and hi_b < 0.30
+    assert (lo_b + hi_b) / 2 == pytest.approx(0.25, abs=0.002) and hi_b - lo_b == pytest.approx(hi_p - lo_p)
+    assert bootstrap_interval(0.99, 0.99 + 0.05 * rng.standard_normal(500), bounds=(0, 1))[1] == 1.0
+    lo, hi = bootstrap_interval(np.array([0.5, np.nan]), np.full((10, 2), 0.5))   # per-label arrays
+    assert (lo[0], hi[0]) == (0.5, 0.5) and np.isnan(lo[1]) and np.isnan(hi[1])
 
 
 def rare_label_data(seed=0, n_study=300):
     """Two images per study; 6 common labels scored fairly and 10 very rare ones (8 with one positive
-    study, 2 with two, no study with two of them) scored at chance, so rare labels have low AP."""
+    study, 2 with two) scored at chance."""
     rng = np.random.default_rng(seed)
     n_common, n_rare = 6, 10
     y = np.zeros((n_study, n_common + n_rare))
@@ -227,59 +253,45 @@ def rare_label_data(seed=0, n_study=300):
     return p, y, np.repeat(np.arange(n_study), 2), ls
 
 
-def test_stratified_bootstrap_removes_the_rare_label_bias():
-    """Plain resampling drops rare, low-AP labels from the macro mean now and then, so its mAP interval
-    lies above the estimate; the label-stratified one keeps them and contains it."""
-    probs, y, study, ls = rare_label_data()
-    point = compute_metrics(probs, y, ls)["mAP"]
-    for seed in (0, 1, 2):
-        lo, hi = bootstrap_ci(probs, y, ls, study, n_boot=200, seed=seed, metrics=("mAP",), stratify=False)["mAP"]
-        assert point < lo, (seed, point, lo)          # the bias this scheme is here to remove
-        lo, hi = bootstrap_ci(probs, y, ls, study, n_boot=200, seed=seed, metrics=("mAP",))["mAP"]
-        assert lo <= point <= hi, (seed, point, lo, hi)
-
-
-def test_stratified_resamples_keep_whole_studies_and_each_stratum():
+def test_resamples_keep_patients_whole_and_do_not_freeze_rare_positives():
+    """No stratification on outcomes: a rare label's positive count varies between resamples (as it
+    would in a new test set), and a resample without any positive leaves the label out of the mean."""
     probs, y, study, ls = rare_label_data(seed=3)
     ys = y[::2]                                        # one row per study (both images share targets)
-    n_pos = ys.sum(0)
-    stratum = np.array([min(np.flatnonzero(r), key=lambda c: (n_pos[c], c)) if r.any() else -1 for r in ys])
-    rare = n_pos <= 2
-    for stratify in (True, False):
-        lost_rare = 0
-        for idx in draw_resamples(study, y, n_boot=60, seed=1, stratify=stratify):
-            drawn = np.bincount(idx, minlength=len(study))
-            assert len(idx) == len(study) and (drawn[::2] == drawn[1::2]).all()   # studies stay whole
-            per_study = drawn[::2]
-            kept = (per_study[:, None] * (ys == 1)).sum(0)        # positive studies of each label
-            lost_rare += int((kept[rare] == 0).sum())
-            if stratify:
-                for s in np.unique(stratum):
-                    assert per_study[stratum == s].sum() == (stratum == s).sum(), s
-                assert (kept >= np.bincount(stratum[stratum >= 0], minlength=ys.shape[1])).all()
-        assert (lost_rare == 0) == stratify, lost_rare
+    rare = ys.sum(0) <= 2
+    kept_counts = []
+    for idx in draw_resamples(study, n_boot=60, seed=1):
+        drawn = np.bincount(idx, minlength=len(study))
+        assert len(idx) >= 1 and (drawn[::2] == drawn[1::2]).all()     # studies (here: patients) stay whole
+        kept_counts.append((drawn[::2][:, None] * (ys == 1)).sum(0))
+    kept = np.array(kept_counts)
+    assert (kept[:, rare] == 0).any() and (kept.std(0)[rare] > 0).all()
+    ci, reps = bootstrap_ci(probs, y, ls, study, n_boot=60, seed=1, metrics=("mAP",), return_replicates=True)
+    lost = np.isnan(reps["ap"][:, rare])
+    assert lost.any() and np.isfinite(reps["mAP"]).all()                 # the label is left out, not the replicate
 
 
 def test_replicates_equal_compute_metrics_on_the_same_resamples():
     probs, y, study = study_data(n_study=80, seed=2)
     thr = tune_thresholds(probs, y, NAMES)
     metrics = ("mAP", "mAUC", "mF1", "mF1_tuned", "mAP_tail", "zs_mAP")
-    sets = draw_resamples(study, y, n_boot=6, seed=5)
+    sets = draw_resamples(study, n_boot=6, seed=5)
     ci, reps = bootstrap_ci(probs, y, LS, None, metrics=metrics, thresholds=thr, resamples=sets,
                             return_replicates=True)
-    assert set(reps) == {*metrics, "ap", "auroc"} and reps["ap"].shape == (6, len(NAMES))
+    assert set(reps) == {*metrics, "ap", "auroc", "point"} and reps["ap"].shape == (6, len(NAMES))
     for b, idx in enumerate(sets):
         m = compute_metrics(probs[idx], y[idx], LS, thresholds=thr)
         np.testing.assert_allclose([reps[k][b] for k in metrics], [m[k] for k in metrics], rtol=1e-12)
         for key in ("ap", "auroc"):
             np.testing.assert_allclose(reps[key][b], m["per_label"][key], rtol=1e-12)
-    # The seed path draws these very resamples, and the intervals are percentiles of the replicates.
+    # The seed path draws these very resamples, and the intervals are basic intervals of the replicates.
     assert bootstrap_ci(probs, y, LS, study, n_boot=6, seed=5, metrics=metrics, thresholds=thr) == ci
-    v = reps["mAP"][np.isfinite(reps["mAP"])]
-    assert ci["mAP"] == pytest.approx((np.quantile(v, 0.025), np.quantile(v, 0.975)), abs=1e-12)
+    point = compute_metrics(probs, y, LS, thresholds=thr)["mAP"]
+    assert reps["point"]["mAP"] == pytest.approx(point, abs=1e-12)
+    assert ci["mAP"] == pytest.approx(basic(point, reps["mAP"]), abs=1e-12)
     # Index sets of any origin work; bad ones fail clearly.
     one = bootstrap_ci(probs, y, LS, None, metrics=("mAP",), resamples=[np.arange(len(probs))])
-    assert one["mAP"] == (compute_metrics(probs, y, LS)["mAP"],) * 2
+    assert one["mAP"] == pytest.approx((compute_metrics(probs, y, LS)["mAP"],) * 2, abs=1e-12)
     for bad in ([np.array([0, len(probs)])], [np.array([0.5])], []):
         with pytest.raises(ValueError, match="row indices"):
             bootstrap_ci(probs, y, LS, None, resamples=bad)
@@ -287,14 +299,13 @@ def test_replicates_equal_compute_metrics_on_the_same_resamples():
 
 def test_draw_resamples_is_deterministic_per_seed():
     probs, y, study = study_data(n_study=50)
-    for stratify in (True, False):
-        a, b, c = (draw_resamples(study, y, n_boot=5, seed=s, stratify=stratify) for s in (7, 7, 8))
-        assert all(np.array_equal(u, v) for u, v in zip(a, b))
-        assert not all(np.array_equal(u, v) and len(u) == len(v) for u, v in zip(a, c))
-    with pytest.raises(ValueError, match="one study id per row"):
-        draw_resamples(study[:-1], y)
+    a, b, c = (draw_resamples(study, n_boot=5, seed=s) for s in (7, 7, 8))
+    assert all(np.array_equal(u, v) for u, v in zip(a, b))
+    assert not all(np.array_equal(u, v) and len(u) == len(v) for u, v in zip(a, c))
+    with pytest.raises(ValueError, match="one id per row"):
+        draw_resamples(study.reshape(-1, 2))
     with pytest.raises(ValueError, match="n_boot >= 1"):
-        draw_resamples(study, y, n_boot=0)
+        draw_resamples(study, n_boot=0)
 
 
 def test_bootstrap_at_challenge_width_5000_by_40():  # timing lives in bench/bench_bootstrap.py

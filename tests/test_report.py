@@ -12,7 +12,7 @@ import pytest
 from cxrlt.data.manifest import MANIFEST_COLUMNS, load_manifest
 from cxrlt.labels import LabelSpace
 from cxrlt.metrics import bootstrap_ci, compute_metrics, draw_resamples
-from cxrlt.report import LITERATURE, load_run, paired_difference, score_runs, write_report
+from cxrlt.report import LITERATURE, load_run, paired_difference, pool_seeds, score_runs, write_report
 
 # n_train 1000: head >= 100, medium 10-99, tail < 10. Hernia and Kyphosis are lateral-only in the demo.
 COUNTS = {"Atelectasis": 400, "Cardiomegaly": 250, "Edema": 60, "Pneumothorax": 20, "Hernia": 6, "Kyphosis": 4}
@@ -102,7 +102,7 @@ def test_full_report(tmp_path, man):
         if line.startswith("| "):
             rows.setdefault(line.split(" | ")[0].lstrip("| "), line)
     for name, kind in [("single-asl", "single"), ("fusion-asl", "fusion"), ("fusion-views", "fusion")]:
-        assert f"| {name} | {kind} |" in md
+        assert f"| {name} | – | {kind} |" in md
         assert len(CI.findall(rows[name])) >= 2                  # mAP and mAUC with brackets
     assert "text (minilm)" in rows["fusion-text"] and "view-specific" in rows["fusion-views"]
     # every comparison section found its pair
@@ -136,7 +136,7 @@ def test_numbers_equal_compute_metrics_and_bootstrap_ci(tmp_path, man):
     pred = pd.read_csv(art / "eval" / "predictions_test.csv")
     p, y = pred[list(WITH_ZS.names)].to_numpy(), m[list(WITH_ZS.names)].to_numpy()
     ref = compute_metrics(p, y, WITH_ZS)
-    ci = bootstrap_ci(p, y, WITH_ZS, m["study_id"].to_numpy(), n_boot=30, seed=3,
+    ci = bootstrap_ci(p, y, WITH_ZS, m["subject_id"].astype(str).to_numpy(), n_boot=30, seed=3,
                       metrics=("mAP", "mAUC", "mF1", "mAP_head", "mAP_medium", "mAP_tail", "zs_mAP", "zs_mAUC"))
     row = _csv(out).loc["fusion-text"]
     for k in ("mAP", "mAUC", "mF1", "mAP_head", "mAP_medium", "mAP_tail", "zs_mAP", "zs_mAUC"):
@@ -168,7 +168,7 @@ def test_paired_difference_of_a_variant_with_itself_is_zero(tmp_path, man):
     manifest = load_manifest(man)
     runs = [load_run(a, manifest) for a in arts]
     frame = manifest.split("test")
-    score_runs(runs, frame["study_id"], np.flatnonzero(frame["view"] == "lateral"), ("Hernia",), n_boot=25)
+    score_runs(runs, frame["subject_id"], np.flatnonzero(frame["view"] == "lateral"), ("Hernia",), n_boot=25)
     for key in ("mAP", "mAP_tail", "lat_mAP"):
         assert paired_difference(runs[0], runs[0], key) == (0.0, 0.0, 0.0)
         assert paired_difference(runs[0], runs[1], key) == (0.0, 0.0, 0.0)
@@ -178,17 +178,16 @@ def test_paired_difference_of_a_variant_with_itself_is_zero(tmp_path, man):
 
 
 def test_replicates_equal_compute_metrics_on_the_shared_resamples(tmp_path, man):
-    """The fast replicates mean what a compute_metrics call per resample meant, for every run, on one draw
-    stratified on all the runs' labels (the zero-shot one included)."""
+    """The fast replicates mean what a compute_metrics call per resample meant, for every run, on one draw of
+    patients shared by all runs."""
     arts = [_artefact(tmp_path, "plain", noisy()), _artefact(tmp_path, "zs", noisy(0.5), space=WITH_ZS)]
     manifest = load_manifest(man)
     runs = [load_run(a, manifest) for a in arts]
     frame = manifest.split("test")
-    study, lat_rows = frame["study_id"].astype(str).to_numpy(), np.flatnonzero(frame["view"] == "lateral")
-    score_runs(runs, study, lat_rows, ("Hernia", "Kyphosis"), n_boot=7, seed=2)
-    zs = runs[1]
+    patient, lat_rows = frame["subject_id"].astype(str).to_numpy(), np.flatnonzero(frame["view"] == "lateral")
+    score_runs(runs, patient, lat_rows, ("Hernia", "Kyphosis"), n_boot=7, seed=2)
     for subset, rows, seed in (("all", np.arange(len(frame)), 2), ("lateral", lat_rows, 3)):
-        sets = draw_resamples(study[rows], zs.targets[rows], n_boot=7, seed=seed)
+        sets = draw_resamples(patient[rows], n_boot=7, seed=seed)
         for r in runs:
             lat = [r.label_space.index(n) for n in ("Hernia", "Kyphosis")]
             lat_space = LabelSpace(("Hernia", "Kyphosis"), tuple(r.label_space.counts[c] for c in lat), 1000)
@@ -203,6 +202,47 @@ def test_replicates_equal_compute_metrics_on_the_shared_resamples(tmp_path, man)
                         np.testing.assert_allclose(r.reps["all"][k][b], m.get(k, np.nan), rtol=1e-12, err_msg=k)
                     np.testing.assert_allclose(r.reps["all"]["ap"][b], m["per_label"]["ap"], rtol=1e-12)
     assert set(runs[0].reps["lateral"]) == {"lat_mAP", "lat_mAUC"}
+
+
+def _seeded(root, name, group, seed, probs_fn, loss="asl"):
+    d = _artefact(root, name, probs_fn, loss=loss)
+    meta = json.loads((d / "artefact.json").read_text())
+    (d / "artefact.json").write_text(json.dumps({**meta, "seed": seed, "seed_group": group, "variant": name}))
+    return d
+
+
+def test_seeds_pool_into_mean_sd_and_the_interval_of_the_mean(tmp_path, man):
+    """Three seeds of one variant become one row: mean over seeds, SD across seeds, and an interval from the
+    seed-mean replicates; the paired difference against another variant uses the same resamples."""
+    arts = [_seeded(tmp_path, f"v-asl-seed{k}", "v-asl", k, noisy(0.2 + 0.1 * k)) for k in range(3)]
+    arts.append(_seeded(tmp_path, "v-ral", "v-ral", 0, noisy(0.5), loss="ral"))
+    manifest = load_manifest(man)
+    frame = manifest.split("test")
+    runs = [load_run(a, manifest) for a in arts]
+    score_runs(runs, frame["subject_id"], np.array([], int), (), n_boot=30, seed=1)
+    singles = {r.name: r for r in runs}
+    pooled = {r.name: r for r in pool_seeds(runs)}
+    assert list(pooled) == ["v-asl", "v-ral"] and pooled["v-asl"].seeds == (0, 1, 2)
+    members = [singles[f"v-asl-seed{k}"] for k in range(3)]
+    maps = [m.value("mAP") for m in members]
+    assert len(set(maps)) == 3                                       # the seeds really differ
+    v = pooled["v-asl"]
+    assert v.value("mAP") == pytest.approx(np.mean(maps), abs=1e-12)
+    assert v.sd("mAP") == pytest.approx(np.std(maps, ddof=1), abs=1e-12)
+    mean_reps = np.mean([m.reps["all"]["mAP"] for m in members], axis=0)
+    assert v.interval("mAP") == pytest.approx(tuple(np.clip(
+        (2 * v.value("mAP") - np.quantile(mean_reps, 0.975), 2 * v.value("mAP") - np.quantile(mean_reps, 0.025)),
+        0, 1)), abs=1e-12)
+    diff, lo, hi = paired_difference(v, pooled["v-ral"], "mAP")
+    d = pooled["v-ral"].reps["all"]["mAP"] - mean_reps
+    assert diff == pytest.approx(pooled["v-ral"].value("mAP") - np.mean(maps), abs=1e-12)
+    assert (lo, hi) == pytest.approx((2 * diff - np.quantile(d, 0.975), 2 * diff - np.quantile(d, 0.025)), abs=1e-12)
+    md = write_report(arts, tmp_path / "out", manifest=man, n_boot=30).read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| v-asl | 0, 1, 2 |"))
+    assert re.search(r"\d\.\d{3} ± \d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\]", row)
+    assert "| v-asl (asl) | v-ral (ral) | mAP |" in md and "basic (reverse-percentile)" in md
+    table = _csv(tmp_path / "out")
+    assert table.loc["v-asl", "n_seeds"] == 3 and table.loc["v-asl", "mAP_seed_sd"] == pytest.approx(v.sd("mAP"))
 
 
 def test_missing_variants_are_named(tmp_path, man):
