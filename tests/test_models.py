@@ -89,11 +89,17 @@ def test_empty_study_is_refused():
         m(x, mask, types)
 
 
-def test_positional_encoding_varies_along_rows_and_columns():
-    pe = sincos_2d(16, 3, 4).view(3, 4, 16)
-    assert not torch.allclose(pe[0, 0], pe[1, 0])  # rows differ
-    assert not torch.allclose(pe[0, 0], pe[0, 1])  # columns differ
-    assert len({tuple(p.tolist()) for p in pe.reshape(12, 16)}) == 12
+def test_positional_encoding_is_the_2d_sincos_formula_in_row_major_order():
+    """Token r * w + c (row-major, as flatten(2) orders a feature map) encodes row r in the first half of
+    the channels and column c in the second: [sin(r f), cos(r f), sin(c f), cos(c f)], f_k = 1e4^(-k/(d/4)).
+    h != w, so a transposed encoding cannot pass; tokens' positional order: see test_properties."""
+    d, h, w = 16, 3, 5
+    pe = sincos_2d(d, h, w)
+    f = 10000.0 ** (-torch.arange(d // 4, dtype=torch.float64) / (d // 4))
+    r, c = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
+    r, c = r.reshape(-1, 1) * f, c.reshape(-1, 1) * f
+    expected = torch.cat([r.sin(), r.cos(), c.sin(), c.cos()], 1).float()
+    torch.testing.assert_close(pe, expected, atol=1e-6, rtol=0)
 
 
 def test_widths_come_from_the_backbone():
