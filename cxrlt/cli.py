@@ -60,7 +60,7 @@ def cmd_train(a):
 
     cfg = load_config(a.params, _overrides(a.set))
     out = train(cfg.variant(a.variant), cfg.data, load_manifest(a.manifest), a.out or Path("models") / a.variant,
-                progress=not a.quiet)
+                progress=not a.quiet, resume=a.resume)
     print(f"artefact: {out}")
 
 
@@ -69,8 +69,8 @@ def cmd_evaluate(a):
     from .data.manifest import load_manifest
     from .engine import evaluate
 
-    cfg = load_config(a.params, _overrides(a.set))
-    res = evaluate(a.artefact, load_manifest(a.manifest), cfg.eval, cfg.data.image_size, progress=not a.quiet)
+    cfg = load_config(a.params, _overrides(a.set))  # only `eval`: the image size is the artefact's own
+    res = evaluate(a.artefact, load_manifest(a.manifest), cfg.eval, progress=not a.quiet)
     for split, m in res.items():
         print(f"{split:>5}: mAP {m['mAP']:.4f}  mAUC {m['mAUC']:.4f}  mF1 {m['mF1']:.4f}  "
               f"head/medium/tail mAP {m.get('mAP_head', float('nan')):.4f} / {m.get('mAP_medium', float('nan')):.4f}"
@@ -110,7 +110,7 @@ def cmd_predict(a):
     imgs = [load_grayscale(f) for f in a.images]
     res = p.describe(p.predict([imgs], [a.views] if a.views else None)[0])
     if a.finding:
-        res["zero_shot"] = p.score_findings(imgs, a.finding, a.views)
+        res["zero_shot"] = p.score_findings(imgs, a.finding, a.views, ensemble=a.ensemble)
     print(json.dumps(res, indent=2))
 
 
@@ -193,13 +193,17 @@ def build_parser() -> argparse.ArgumentParser:
     params(p)
 
     p = add("train", cmd_train, "train one variant from params.yaml into a model artefact")
-    p.add_argument("--variant", required=True, help="variant name from params.yaml `variants`")
+    p.add_argument("--variant", required=True, help="variant name from params.yaml `variants` (a seeded one: "
+                   "<name>-seed<k>)")
     p.add_argument("--manifest", required=True, help="manifest folder (usually the prepared cache)")
     p.add_argument("--out", help="artefact folder (default: models/<variant>)")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run whose checkpoint "
+                   "(train_state.pt) is in the artefact folder; starts afresh when there is none")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     params(p)
 
-    p = add("evaluate", cmd_evaluate, "score an artefact per image on val/dev/test; tune thresholds on val")
+    p = add("evaluate", cmd_evaluate, "score an artefact per image on val/dev/test at the image size it was "
+            "trained at; tune thresholds on val and apply them unchanged to dev/test")
     p.add_argument("--artefact", required=True, help="artefact folder (models/<variant>)")
     p.add_argument("--manifest", required=True, help="manifest folder")
     p.add_argument("--quiet", action="store_true")
@@ -213,7 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="image files of one study")
     p.add_argument("--views", nargs="+", help="view per image: frontal / lateral / unknown")
     p.add_argument("--finding", action="append", metavar="TEXT",
-                   help="also score this finding text (zero-shot; text-query models only); repeatable")
+                   help="also score a finding from its text, 'Name' or 'Name: description' (zero-shot; text-query "
+                        "models only; scored in the prompt form the model was trained with; uncalibrated); "
+                        "repeatable")
+    p.add_argument("--ensemble", action="store_true",
+                   help="with --finding: average the embeddings of several phrasings of each new finding")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--tag", help="registered model tag (default: the served one)")
     g.add_argument("--artefact", help="artefact folder instead of the registry")

