@@ -43,7 +43,14 @@ def test_demo_data_to_flow_to_service_to_drift_report(tmp_path, monkeypatch, pre
     with running_service(tmp_path / "service.log", log) as url:
         out = post_study(url, [m.image_root / p for p in rows["path"]], list(rows["view"]))
         assert out["model_tag"] == served and out["synthetic_model"] is True
-        assert len(out["probabilities"]) == 40 and all(0 <= p <= 1 for p in out["probabilities"].values())
+        # the served answer is the registered model's prediction for this study (not just 40 numbers in [0, 1])
+        from cxrlt.data.transforms import load_grayscale
+        from cxrlt.inference import Predictor
+
+        pred = Predictor.from_registry(served)
+        ref = pred.predict([[load_grayscale(m.image_root / p) for p in rows["path"]]], [list(rows["view"])])[0]
+        assert list(out["probabilities"]) == list(pred.label_names) and len(ref) == 40
+        assert [out["probabilities"][n] for n in pred.label_names] == pytest.approx(ref.tolist(), abs=2e-6)
         sent = send_studies(url, "prepared/manifest", split="test", n=12)
         assert sent["studies"] == 12
 
