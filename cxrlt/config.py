@@ -42,14 +42,24 @@ class TrainConfig:
     amp: bool = False              # mixed precision on cuda
     max_steps_per_epoch: int = 0   # 0 = whole epoch; >0 caps steps (smoke runs)
     threads: int = 0               # torch CPU threads; 0 = torch's default
+    checkpoint_every_steps: int = 0  # resumable state every N steps too (0 = only at each epoch's end)
+    deterministic: bool = False    # torch deterministic algorithms (bit-exact resume on GPU; slower)
+    seeds: tuple[int, ...] = ()    # >1 seed: one variant per seed, named <variant>-seed<k>
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    split: str = "val"             # where metrics, thresholds and drift reference come from
+    split: str = "val"             # where thresholds and the drift reference come from: only `val`
     tta_flip: bool = False         # mean of image and its horizontal flip
     batch_size: int = 32
     bootstrap: int = 0             # bootstrap resamples for confidence intervals (0 = none)
+
+    def __post_init__(self):
+        # thresholds tuned on dev or test would be fitted to the very images they are then scored on
+        if self.split != "val":
+            raise ValueError(f"eval.split is {self.split!r}: thresholds are tuned on the validation split only "
+                             "(tuning on dev/test leaks their labels into their scores). Set eval.split: val; "
+                             "the tuned thresholds are then applied unchanged to dev and test.")
 
 
 @dataclass(frozen=True)
@@ -64,6 +74,11 @@ class VariantConfig:
     #   cxrlt.models.text.TextEncoderSpec fields (name, pooling, prompt, template, folder); default MiniLM
     init_from: str = ""            # stage 2: a variant name (models/<name>), artefact folder or registry tag
     freeze_backbone: bool = True   # with init_from: keep the stage-1 backbone fixed, as CheXFusion does
+    seed_group: str = ""           # the variant name before seed expansion ("" = this variant's name)
+
+    @property
+    def group(self) -> str:
+        return self.seed_group or self.name
 
 
 @dataclass(frozen=True)
@@ -77,8 +92,26 @@ class Config:
         try:
             return self.variants[name]
         except KeyError:
+            members = self.seed_members(name)
+            if members:
+                raise KeyError(f"variant {name!r} is trained once per seed, as {', '.join(members)}: name one of "
+                               "those (each is its own artefact); the train-eval flow trains them all, DVC's "
+                               "foreach only plain names") from None
             known = ", ".join(self.variants) or "(none)"
             raise KeyError(f"unknown variant {name!r}; params.yaml defines: {known}") from None
+
+    def seed_members(self, group: str) -> list[str]:
+        """The per-seed variants a seeded variant was expanded into ([] for any other name)."""
+        return [n for n, v in self.variants.items() if v.seed_group == group and n != group]
+
+    def select(self, names=None) -> list[str]:
+        """Variant names to run: all, or those named, where a seeded variant's name stands for all its seeds."""
+        if not names:
+            return list(self.variants)
+        out = []
+        for n in names:
+            out += [n] if n in self.variants else (self.seed_members(n) or [self.variant(n).name])
+        return list(dict.fromkeys(out))
 
 
 def _build(cls, values: Mapping[str, Any] | None, where: str):
@@ -89,7 +122,7 @@ def _build(cls, values: Mapping[str, Any] | None, where: str):
     if unknown:
         raise ValueError(f"unknown key(s) {unknown} in {where}; allowed: {sorted(names)}")
     for f in fields(cls):
-        if f.name in values and f.type in ("tuple[str, ...]",) and values[f.name] is not None:
+        if f.name in values and str(f.type).startswith("tuple[") and values[f.name] is not None:
             values[f.name] = tuple(values[f.name])
     return cls(**values)
 
@@ -99,10 +132,11 @@ def config_from_dict(d: Mapping[str, Any]) -> Config:
     data = _build(DataConfig, d.get("data"), "data")
     train = _build(TrainConfig, d.get("train"), "train")
     evalc = _build(EvalConfig, d.get("eval"), "eval")
-    variants = {}
+    variants: dict[str, VariantConfig] = {}
     stage1, stage2 = d.get("variants") or {}, d.get("stage2_variants") or {}
     for name in set(stage1) & set(stage2):
         raise ValueError(f"variant {name!r} is in both `variants` and `stage2_variants`")
+    seeds_of: dict[str, tuple[int, ...]] = {}
     for name, v in [*stage1.items(), *stage2.items()]:
         v = dict(v or {})
         if name in stage2 and not v.get("init_from"):
@@ -111,10 +145,50 @@ def config_from_dict(d: Mapping[str, Any]) -> Config:
             raise ValueError(f"stage-2 variant {name!r}: init_from {v['init_from']!r} is not in `variants`")
         if "model" not in v:
             raise ValueError(f"variant {name!r} in params.yaml needs a `model:` (see `cxrlt models`)")
-        tr = _build(TrainConfig, {**dataclasses.asdict(train), **(v.pop("train", None) or {})},
-                    f"variants.{name}.train")
-        variants[name] = _build(VariantConfig, {**v, "name": name, "train": tr}, f"variants.{name}")
+        if "seed_group" in v:
+            raise ValueError(f"variant {name!r}: seed_group is set by `seeds:`, not in params.yaml; remove it")
+        overrides = dict(v.pop("train", None) or {})
+        if "seeds" in v:  # `seeds:` beside `model:` is the same setting as `train: {seeds: ...}`
+            if "seeds" in overrides:
+                raise ValueError(f"variant {name!r} sets seeds twice (`seeds:` and `train.seeds`); keep one")
+            overrides["seeds"] = v.pop("seeds")
+        tr = _build(TrainConfig, {**dataclasses.asdict(train), **overrides}, f"variants.{name}.train")
+        base = _build(VariantConfig, {**v, "name": name, "train": tr}, f"variants.{name}")
+        seeds_of[name] = _seeds(base, seeds_of.get(base.init_from) if name in stage2 else None)
+        for variant in _expand_seeds(base, seeds_of[name], seeds_of.get(base.init_from, ()) if name in stage2 else ()):
+            if variant.name in variants or (variant.name != name and variant.name in {*stage1, *stage2}):
+                raise ValueError(f"seeded variant {name!r} expands to {variant.name!r}, a name already defined; "
+                                 "rename one of them")
+            variants[variant.name] = variant
     return Config(data=data, train=train, eval=evalc, variants=variants)
+
+
+def _seeds(v: VariantConfig, stage1_seeds: tuple[int, ...] | None) -> tuple[int, ...]:
+    """The seeds a variant trains with; a stage-2 variant without its own takes its stage 1's, so that each
+    seed's fusion model starts from the same seed's backbone."""
+    seeds = tuple(int(s) for s in v.train.seeds)
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"variant {v.name!r}: seeds {list(seeds)} repeat a seed; list each seed once")
+    if not seeds and stage1_seeds and len(stage1_seeds) > 1:
+        return stage1_seeds
+    if stage1_seeds and len(stage1_seeds) > 1 and not set(seeds) <= set(stage1_seeds):
+        raise ValueError(f"stage-2 variant {v.name!r} has seeds {list(seeds)} but its stage 1 {v.init_from!r} is "
+                         f"trained only with {list(stage1_seeds)}: each seed starts from the same-seed stage-1 "
+                         "artefact, so use a subset of those seeds (or leave seeds out to take them all)")
+    return seeds
+
+
+def _expand_seeds(v: VariantConfig, seeds: tuple[int, ...], stage1_seeds: tuple[int, ...]) -> list[VariantConfig]:
+    """One variant per seed, `<name>-seed<k>` with train.seed = k; one seed (or none) keeps the plain name
+    so paths and DVC stages of unseeded parameter files do not change."""
+    seeded_stage1 = len(stage1_seeds) > 1
+    def one(name: str, seed: int) -> VariantConfig:
+        init = f"{v.init_from}-seed{seed}" if seeded_stage1 else v.init_from
+        tr = dataclasses.replace(v.train, seed=seed, seeds=())
+        return dataclasses.replace(v, name=name, train=tr, init_from=init, seed_group=v.name)
+    if len(seeds) > 1:
+        return [one(f"{v.name}-seed{k}", k) for k in seeds]
+    return [one(v.name, seeds[0] if seeds else v.train.seed)]
 
 
 def load_config(path: str | Path = "params.yaml", overrides: Mapping[str, Any] | None = None) -> Config:

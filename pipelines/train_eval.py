@@ -31,15 +31,20 @@ def prepare_task(manifest: str, out: str, image_size: int) -> str:
     return str(prepare_cache(manifest, out, size=image_size, progress=False))
 
 
-# training is deterministic and expensive: one retry covers a transient failure (e.g. a killed worker)
+# training is expensive: one retry covers a transient failure (e.g. a killed worker) and continues from
+# the run's last checkpoint rather than from scratch
 @task(name="train", retries=1, retry_delay_seconds=10, task_run_name="train-{variant}")
-def train_task(variant: str, manifest: str, out: str, params: str, overrides: dict) -> str:
+def train_task(variant: str, manifest: str, out: str, params: str, overrides: dict, resume: bool = False) -> str:
+    from prefect.runtime import task_run
+
     from cxrlt.data.manifest import load_manifest
     from cxrlt.engine import train
 
     cfg = load_config(params, overrides)
     log = get_run_logger()
-    return str(train(cfg.variant(variant), cfg.data, load_manifest(manifest), out, progress=False, log=log.info))
+    resume = resume or task_run.run_count > 1  # a retry resumes; a first attempt only when asked to
+    return str(train(cfg.variant(variant), cfg.data, load_manifest(manifest), out, progress=False, log=log.info,
+                     resume=resume))
 
 
 @task(name="evaluate", task_run_name="evaluate-{artefact}")
@@ -47,8 +52,8 @@ def evaluate_task(artefact: str, manifest: str, params: str, overrides: dict) ->
     from cxrlt.data.manifest import load_manifest
     from cxrlt.engine import evaluate
 
-    cfg = load_config(params, overrides)
-    res = evaluate(artefact, load_manifest(manifest), cfg.eval, cfg.data.image_size, progress=False)
+    cfg = load_config(params, overrides)  # only `eval`: the image size is the artefact's own
+    res = evaluate(artefact, load_manifest(manifest), cfg.eval, progress=False)
     for split, m in res.items():
         get_run_logger().info("%s %s: mAP %.4f mAUC %.4f mF1 %.4f", artefact, split, m["mAP"], m["mAUC"], m["mF1"])
     return res
@@ -82,13 +87,16 @@ def train_eval(variants: list[str] | None = None, labels: str | None = None, ima
                work_dir: str = "prepared", models_dir: str = "models", params: str = "params.yaml",
                epochs: int | None = None, image_size: int | None = None, max_steps_per_epoch: int | None = None,
                register_models: bool = True, promote: bool = True, model_name: str = "cxrlt",
-               report_dir: str | None = None) -> dict[str, Any]:
+               report_dir: str | None = None, resume: bool = False) -> dict[str, Any]:
     """Train, evaluate and register each variant of params.yaml (or those named), then serve the best.
 
     labels/images: the CXR-LT CSV folder and the MIMIC-CXR-JPG root (default: params.yaml `paths`,
     the built-in demo). epochs/image_size/max_steps_per_epoch override params.yaml for this run.
-    Models are registered under `model_name`; the best of that name by validation mAP gets served.
-    With `report_dir`, the variants of this run are compared in one report (cxrlt.report).
+    A seeded variant (`seeds: [0, 1, 2]`) runs once per seed as <name>-seed<k>; naming <name> in
+    `variants` runs all its seeds. Models are registered under `model_name`; the best of that name by
+    validation mAP gets served. With `report_dir`, the variants of this run are compared in one report
+    (cxrlt.report). With `resume`, trainings continue from the checkpoints an interrupted flow run left
+    (a retried train task always does).
     """
     import yaml
 
@@ -103,16 +111,14 @@ def train_eval(variants: list[str] | None = None, labels: str | None = None, ima
     if max_steps_per_epoch is not None:
         overrides["train.max_steps_per_epoch"] = max_steps_per_epoch
     cfg = load_config(params, overrides)
-    names = list(variants or cfg.variants)
-    for n in names:
-        cfg.variant(n)  # fail fast on an unknown name, before any work
+    names = cfg.select(variants)  # fails fast on an unknown name, before any work
     # stage-1 variants first: a stage-2 variant starts from its stage-1 artefact
     names.sort(key=lambda n: bool(cfg.variant(n).init_from))
     manifest = build_manifest_task(labels, images, f"{work_dir}/manifest", params, overrides)
     cache = prepare_task(manifest, f"{work_dir}/cache", cfg.data.image_size)
     results: dict[str, Any] = {}
     for n in names:  # sequential: on a CPU box parallel training only fights for the same cores
-        art = train_task(n, cache, f"{models_dir}/{n}", params, overrides)
+        art = train_task(n, cache, f"{models_dir}/{n}", params, overrides, resume)
         res = evaluate_task(art, cache, params, overrides)
         results[n] = {"artefact": art, "metrics": res}
         if register_models:

@@ -1,0 +1,7 @@
+"""`python -m cxrlt ...`: the same command line as the `cxrlt` console script."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,131 @@
+"""Prediction and evaluation, scored per image as the challenge does (a study's prediction is copied to
+each of its images). Per-label thresholds are tuned on the validation split only and applied unchanged
+to dev and test; they are what is stored with the model.
+
+Everything the model saw in training (the image size; normalisation is fixed in `data.transforms`) is
+read from the artefact, never from the current parameters file: a model evaluated on inputs it was not
+trained on gives numbers that describe nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .. import metrics as M
+from ..checkpoint import EVAL_DIR, load_artefact, write_evaluation
+from ..config import EvalConfig
+from ..data.dataset import CXRDataset, targets_for
+from ..data.manifest import Manifest
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def unit_of(model) -> str:
+    """Single-view models learn and predict per image; fusion models per study."""
+    return "image" if model.config.max_views == 1 else "study"
+
+
+def make_dataset(manifest: Manifest, splits: str | list[str], model, image_size: int, train: bool,
+                 seed: int = 0) -> CXRDataset:
+    splits = [splits] if isinstance(splits, str) else list(splits)
+    frame = manifest.frame[manifest.frame["split"].isin(splits)]
+    if frame.empty:
+        have = sorted(manifest.frame["split"].unique())
+        raise ValueError(f"manifest has no images in split(s) {splits}; it has {have}")
+    return CXRDataset(frame, manifest.image_root, manifest.label_space.names, image_size,
+                      model.config.max_views, unit_of(model), train=train, seed=seed)
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def targets_of(frame: pd.DataFrame, label_space) -> np.ndarray:
+    return targets_for(frame, label_space.names).astype(np.int64)
+
+
+@torch.inference_mode()
+def predict(model, dataset: CXRDataset, batch_size: int = 32, device="cpu", progress: bool = True,
+            num_workers: int = 0) -> np.ndarray:
+    """Probabilities [len(dataset), L] in dataset order."""
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    out = []
+    for b in tqdm(loader, desc="predict", disable=not progress, leave=False):
+        b = to_device(b, device)
+        out.append(torch.sigmoid(model(b["images"], b["view_mask"], b["view_types"]).float()).cpu())
+    return torch.cat(out).numpy()
+
+
+def per_image(dataset: CXRDataset, item_probs: np.ndarray, frame: pd.DataFrame) -> pd.DataFrame:
+    """Copy each item's prediction to every image it covers; rows follow `frame` (one per image)."""
+    names = list(dataset.label_names)
+    key_col = "dicom_id" if dataset.unit == "image" else "study_id"
+    by_key = pd.DataFrame(item_probs, columns=names)
+    by_key[key_col] = [it.key for it in dataset.items]
+    out = frame[["dicom_id", "study_id"]].astype(str).merge(by_key, on=key_col, how="left")
+    if out[names].isna().any().any():
+        raise RuntimeError("some images received no prediction; the manifest and dataset disagree")
+    return out
+
+
+def trained_image_size(meta: dict, requested: int | None = None) -> int:
+    """The image size the artefact was trained at; a caller asking for another one is refused."""
+    trained = (meta.get("data") or {}).get("image_size")
+    if trained is None:
+        raise ValueError(f"the artefact records no training image size (data.image_size in artefact.json): "
+                         "retrain it with `cxrlt train`, which records it")
+    if requested is not None and int(requested) != int(trained):
+        raise ValueError(f"the artefact was trained on {trained}px images but evaluation was asked for "
+                         f"{requested}px: scores at another size describe a model that was never trained. Leave "
+                         "the image size out (the artefact's own is used), or train a variant at that size")
+    return int(trained)
+
+
+def evaluate(artefact_dir: str | Path, manifest: Manifest, ec: EvalConfig, image_size: int | None = None,
+             splits: tuple[str, ...] = ("val", "dev", "test"), progress: bool = True, device: str = "auto") -> dict:
+    """Score the artefact on each available split; thresholds are tuned on validation (`ec.split`).
+
+    The image size is the artefact's (`image_size`, if given, must equal it). Writes metrics.json and
+    eval/{thresholds.json, per_label_<split>.csv, predictions_<split>.csv} into the artefact folder.
+    Returns {split: summary metrics}.
+    """
+    dev = resolve_device(device)
+    art = load_artefact(artefact_dir, dev, tta_flip=ec.tta_flip)
+    size = trained_image_size(art.meta, image_size)
+    ls = art.label_space
+    present = [s for s in splits if s in set(manifest.frame["split"])]
+    if ec.split not in present:
+        raise ValueError(f"threshold split {ec.split!r} is not in the manifest (it has {present})")
+    order = [ec.split] + [s for s in present if s != ec.split]
+    results, thresholds = {}, None
+    for split in order:
+        ds = make_dataset(manifest, split, art.model, size, train=False)
+        frame = manifest.split(split)
+        img = per_image(ds, predict(art.model, ds, ec.batch_size, dev, progress), frame)
+        probs, targets = img[list(ls.names)].to_numpy(), targets_of(frame, ls)
+        if thresholds is None:  # the first split is ec.split (val): tuned there, applied unchanged elsewhere
+            thresholds = M.tune_thresholds(probs, targets, ls.names)
+        m = M.compute_metrics(probs, targets, ls, thresholds=thresholds)
+        if ec.bootstrap:
+            m["ci95"] = M.bootstrap_ci(probs, targets, ls, frame["study_id"].to_numpy(), n_boot=ec.bootstrap)
+        out = Path(artefact_dir) / EVAL_DIR
+        out.mkdir(exist_ok=True)
+        m["per_label"].to_csv(out / f"per_label_{split}.csv", index=False)
+        img.to_csv(out / f"predictions_{split}.csv", index=False, float_format="%.6f")
+        results[split] = M.summary(m)
+        if hasattr(art.model, "predict_views"):  # view-specific: how well unknown views get routed
+            from ..models.views import view_classifier_accuracy
+            results[split]["view_classifier_accuracy"] = view_classifier_accuracy(art.model, ds)
+    write_evaluation(artefact_dir, results, thresholds, ec.split)
+    return results
