@@ -95,7 +95,8 @@ def _train(variant, data, manifest, out_dir, progress, log, resume, on_checkpoin
     val_targets = targets_of(val_frame, ls)
     _check_selectable(tc, val_targets, ls, len(val_frame))
     model, init_dir, text_record = build_model(variant, ls, device, out_dir.parent)
-    loss_fn = create_loss(variant.loss, class_counts=ls.counts, n_train=ls.n_train, **dict(variant.loss_args)).to(device)
+    loss_fn = create_loss(variant.loss, class_counts=ls.counts, n_train=ls.n_train,
+                          **dict(variant.loss_args)).to(device)
     train_ds = make_dataset(manifest, "train", model, data.image_size, train=tc.augment, seed=tc.seed)
     val_ds = make_dataset(manifest, "val", model, data.image_size, train=False)
     weights = None
