@@ -23,7 +23,9 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from ..checkpoint import WEIGHTS
 from ..config import DataConfig, VariantConfig, to_dict
+from ..provenance import file_md5
 
 TRAIN_STATE = "train_state.pt"
 FORMAT = 1
@@ -80,12 +82,15 @@ def restore_rng(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def fingerprint(variant: VariantConfig, data: DataConfig, manifest_md5: str | None) -> dict:
-    """What a checkpoint must agree on with the run resuming it: the variant, the data settings, the data."""
+def fingerprint(variant: VariantConfig, data: DataConfig, manifest_md5: str | None,
+                init_dir: Path | None = None) -> dict:
+    """What a checkpoint must agree on with the run resuming it: the variant, the data settings, the data
+    and, for stage 2, the stage-1 weights it started from (retraining stage 1 makes it another run)."""
     v = to_dict(variant)
     for key in _NOT_FINGERPRINTED:
         v["train"].pop(key, None)
-    return {"variant": v, "data": to_dict(data), "manifest_md5": manifest_md5}
+    init_md5 = file_md5(Path(init_dir) / WEIGHTS) if init_dir else None
+    return {"variant": v, "data": to_dict(data), "manifest_md5": manifest_md5, "stage1_weights_md5": init_md5}
 
 
 def _differences(saved, now, where: str = "") -> list[str]:

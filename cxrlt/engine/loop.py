@@ -116,7 +116,7 @@ def _train(variant, data, manifest, out_dir, progress, log, resume, on_checkpoin
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
     version = data_version(manifest.dir)
-    fingerprint = ck.fingerprint(variant, data, version["manifest_md5"])
+    fingerprint = ck.fingerprint(variant, data, version["manifest_md5"], init_dir)
     state_path = out_dir / ck.TRAIN_STATE
     run, rng = _fresh_run(), None
     saved = ck.load_training_state(state_path) if resume else None
