@@ -118,7 +118,9 @@ def evaluate(artefact_dir: str | Path, manifest: Manifest, ec: EvalConfig, image
             thresholds = M.tune_thresholds(probs, targets, ls.names)
         m = M.compute_metrics(probs, targets, ls, thresholds=thresholds)
         if ec.bootstrap:
-            m["ci95"] = M.bootstrap_ci(probs, targets, ls, frame["study_id"].to_numpy(), n_boot=ec.bootstrap)
+            # patients are the independent unit: all their studies and images are resampled together
+            m["ci95"] = M.bootstrap_ci(probs, targets, ls, frame["subject_id"].astype(str).to_numpy(),
+                                       n_boot=ec.bootstrap)
         out = Path(artefact_dir) / EVAL_DIR
         out.mkdir(exist_ok=True)
         m["per_label"].to_csv(out / f"per_label_{split}.csv", index=False)
