@@ -14,6 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q -U pip
 	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps torchxrayvision==1.5.7   # only its real NIH/PadChest label files (tests)
 	touch $@
 
 venv: $(VENV)/.installed  ## create the virtual environment (if missing) and install the project

@@ -30,19 +30,25 @@ def _overrides(pairs: list[str]) -> dict:
 def cmd_demo_data(a):
     from .data.demo import generate_demo
 
-    summary = generate_demo(a.out, n_studies=a.studies, seed=a.seed)
+    summary = generate_demo(a.out, n_studies=a.studies, seed=a.seed, layout=a.layout)
     print(json.dumps(summary, indent=2, default=str))
 
 
 def cmd_manifest(a):
     from .config import load_config
-    from .data.manifest import build_manifest
+    from .data.layouts import build_layout_manifest, detect_layout
 
     d = load_config(a.params, _overrides(a.set)).data
-    m = build_manifest(a.labels, a.images, a.out, task=a.task or d.task, year=a.year, val_fraction=d.val_fraction,
-                       seed=d.seed, check_images=not a.no_check_images, zero_shot=tuple(d.zero_shot))
-    print(f"manifest: {len(m.frame)} images, {m.frame['study_id'].nunique()} studies, "
-          f"{len(m.label_space)} labels -> {a.out}")
+    layout = a.layout or detect_layout(a.labels)
+    m = build_layout_manifest(layout, a.labels, a.images, a.out, task=a.task or d.task, year=a.year,
+                              val_fraction=d.val_fraction, test_fraction=a.test_fraction, seed=d.seed,
+                              check_images=not a.no_check_images, zero_shot=tuple(d.zero_shot))
+    groups = list(m.label_space.groups().values())
+    print(f"manifest ({layout}): {len(m.frame)} images, {m.frame['study_id'].nunique()} studies, "
+          f"{m.frame['subject_id'].nunique()} patients, {len(m.label_space)} labels (head/medium/tail by share "
+          f"{'/'.join(str(groups.count(g)) for g in ('head', 'medium', 'tail'))}) -> {a.out}")
+    for note in m.meta.get("warnings", []):
+        print(f"  note: {note}")
 
 
 def cmd_prepare(a):
@@ -172,17 +178,27 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a parameter, e.g. train.epochs=1")
 
-    p = add("demo-data", cmd_demo_data, "generate the synthetic demo data set in the CXR-LT 2024 layout")
+    p = add("demo-data", cmd_demo_data, "generate the synthetic demo data set (CXR-LT 2024 layout, or NIH / PadChest)")
     p.add_argument("--out", default="data/demo", help="output folder (default: data/demo)")
+    p.add_argument("--layout", default="cxr-lt-2024", choices=["cxr-lt-2024", "nih", "padchest"],
+                   help="release layout to write (default: cxr-lt-2024)")
     p.add_argument("--studies", type=int, default=3000, help="number of studies (default: 3000)")
     p.add_argument("--seed", type=int, default=0)
 
-    p = add("manifest", cmd_manifest, "validate CXR-LT label files + images and write a patient-split manifest")
-    p.add_argument("--labels", required=True, help="folder with the CXR-LT CSV files")
-    p.add_argument("--images", required=True, help="MIMIC-CXR-JPG root (the folder holding files/)")
+    p = add("manifest", cmd_manifest, "validate label files + images (CXR-LT, NIH ChestX-ray14 or PadChest) and "
+            "write a patient-split manifest")
+    p.add_argument("--labels", required=True, help="folder with the label files (CXR-LT CSVs, NIH "
+                   "Data_Entry_2017_v2020.csv, or the PadChest labels CSV)")
+    p.add_argument("--images", required=True, help="image root: MIMIC-CXR-JPG (holding files/), NIH's PNG folder, "
+                   "or PadChest's folder of numbered image folders")
     p.add_argument("--out", required=True, help="manifest folder to write")
-    p.add_argument("--task", choices=["task1", "task2", "task3", "2023"], help="label space (default: params data.task)")
-    p.add_argument("--year", type=int, default=2024, choices=[2023, 2024])
+    p.add_argument("--layout", choices=["cxr-lt-2024", "nih", "padchest"],
+                   help="release layout (default: detected from the files in --labels)")
+    p.add_argument("--task", choices=["task1", "task2", "task3", "2023"],
+                   help="CXR-LT label space (default: params data.task)")
+    p.add_argument("--year", type=int, default=2024, choices=[2023, 2024], help="CXR-LT edition (default: 2024)")
+    p.add_argument("--test-fraction", type=float, default=0.2,
+                   help="NIH without its split files, PadChest: share of patients held out for test (default: 0.2)")
     p.add_argument("--no-check-images", action="store_true", help="skip the check that every image exists")
     params(p)
 

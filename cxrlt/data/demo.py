@@ -187,13 +187,19 @@ def _write(df: pd.DataFrame, path: Path, labels: Sequence[str] = ()) -> None:
 
 
 def generate_demo(out_dir: str | Path, n_studies: int = 3000, seed: int = 0, image_size: tuple[int, int] = (320, 256),
-                  workers: int | None = None, progress: bool = True) -> dict:
+                  workers: int | None = None, progress: bool = True, layout: str = "cxr-lt-2024") -> dict:
     """Write a synthetic CXR-LT 2024 data set under `out_dir`; returns a summary.
 
     `out_dir/cxr-lt-2024/` gets the label files, `out_dir/mimic-cxr-jpg/files/...` the JPEGs (8-bit
     grayscale, `image_size` = (height, width)). The same seed gives the same bytes; files of an earlier,
     larger demo in the same folder are left in place, so use a fresh folder when changing `n_studies`.
+    `layout='nih'` or `'padchest'` writes the same plan and drawings in that release's layout instead
+    (`cxrlt.data.demo_layouts`).
     """
+    if layout != "cxr-lt-2024":
+        from .demo_layouts import generate_layout_demo
+
+        return generate_layout_demo(out_dir, layout, n_studies, seed, image_size, workers, progress)
     t0 = time.perf_counter()
     out = Path(out_dir)
     labels_dir, image_root = out / LABELS_DIR, out / IMAGES_DIR

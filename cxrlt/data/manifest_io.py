@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import pandas as pd
 
 from ..labels import LabelSpace
@@ -168,8 +169,8 @@ def load_manifest(directory) -> Manifest:
         bad_split = ~frame["split"].isin(SPLITS)
         if bad_split.any():
             problems.append((f"{int(bad_split.sum())} row(s) with a split not in {SPLITS}", int(bad_split.sum())))
-        lab = frame[list(ls.names)]
-        bad = ~lab.isin([-1, 0, 1]).to_numpy()
+        lab = frame[list(ls.names)].to_numpy()
+        bad = ((lab < -1) | (lab > 1)) if lab.dtype.kind == "i" else ~np.isin(lab, [-1, 0, 1])
         if bad.any():
             problems.append((f"{int(bad.sum())} label value(s) not in -1/0/1", int(bad.sum())))
     if problems:

@@ -65,3 +65,31 @@ def overlap_notes(frame: pd.DataFrame) -> list[str]:
             f"{examples(overlap)}): scores on those splits are not patient-independent")
     warnings.warn(note, stacklevel=3)
     return [note]
+
+
+def merge_linked_patients(frame: pd.DataFrame) -> list[str]:
+    """A study listed under several patient ids links them: they are taken as one patient (the smallest id
+    of each linked group) so that neither the study nor the person is cut across splits. Returns notes."""
+    n = frame.groupby("study_id")["subject_id"].nunique()
+    if not (n > 1).any():
+        return []
+    several = frame[frame["study_id"].isin(n.index[n > 1])]
+    linked = several.groupby("study_id")["subject_id"].unique()
+    parent: dict = {}
+
+    def root(x):
+        while parent.get(x, x) != x:
+            x = parent[x]
+        return x
+
+    for ids in linked:
+        roots = {root(i) for i in ids}
+        first = min(roots)
+        for r in roots:
+            parent[r] = first
+    merged = {x: root(x) for x in parent if root(x) != x}
+    frame["subject_id"] = frame["subject_id"].map(merged).fillna(frame["subject_id"]).astype(frame["subject_id"].dtype)
+    study, ids = linked.index[0], sorted(linked.iloc[0])
+    return [f"{len(linked)} study id(s) are listed under more than one patient id (e.g. study {study}: patients "
+            f"{examples(ids)}); {len(merged)} patient id(s) were taken as the same patient as another so that "
+            "no study is cut across splits"]
