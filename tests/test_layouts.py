@@ -15,7 +15,7 @@ from cxrlt.cli import main
 from cxrlt.data.dataset import CXRDataset
 from cxrlt.data.demo import generate_demo
 from cxrlt.data.layouts import build_layout_manifest, detect_layout
-from cxrlt.data.manifest import MANIFEST_COLUMNS, ManifestError, load_manifest
+from cxrlt.data.manifest import MANIFEST_COLUMNS, ManifestError, build_manifest, load_manifest
 from cxrlt.data.nih import build_nih_manifest
 from cxrlt.data.padchest import build_padchest_manifest, parse_findings
 from cxrlt.data.splits import hold_out, split_validation
@@ -254,6 +254,14 @@ def test_cli_demo_data_and_manifest_with_layouts(tmp_path, capsys):
     assert main(["manifest", "--labels", str(labels), "--images", str(images), "--out", str(tmp_path / "m"),
                  "--params", str(params)]) == 0
     assert "manifest (nih)" in capsys.readouterr().out and load_manifest(tmp_path / "m").meta["layout"] == "nih"
+    # the default layout still goes where it went: same files as build_manifest writes
+    assert main(["demo-data", "--out", str(tmp_path / "c"), "--studies", "20"]) == 0
+    cxr = [str(tmp_path / "c/cxr-lt-2024"), str(tmp_path / "c/mimic-cxr-jpg")]
+    assert main(["manifest", "--labels", cxr[0], "--images", cxr[1], "--out", str(tmp_path / "mc"), "--params",
+                 str(params), "--set", "data.val_fraction=0.2", "--set", "data.seed=0"]) == 0
+    assert "manifest (cxr-lt-2024)" in capsys.readouterr().out
+    build_manifest(*cxr, tmp_path / "mb", val_fraction=0.2, seed=0)
+    assert (tmp_path / "mc/manifest.csv").read_bytes() == (tmp_path / "mb/manifest.csv").read_bytes()
     write_pc(tmp_path / "d/nih-chestxray14")                          # now two layouts in one folder
     assert main(["manifest", "--labels", str(labels), "--images", str(images), "--out", str(tmp_path / "m2"),
                  "--params", str(params)]) == 2
