@@ -43,7 +43,7 @@ def cmd_manifest(a):
     m = build_layout_manifest(layout, a.labels, a.images, a.out, task=a.task or d.task, year=a.year,
                               val_fraction=d.val_fraction, test_fraction=a.test_fraction, seed=d.seed,
                               check_images=not a.no_check_images, zero_shot=tuple(d.zero_shot))
-    groups = list(m.label_space.groups().values())
+    groups = list(m.label_space.groups().values()) if m.label_space.n_train else []
     print(f"manifest ({layout}): {len(m.frame)} images, {m.frame['study_id'].nunique()} studies, "
           f"{m.frame['subject_id'].nunique()} patients, {len(m.label_space)} labels (head/medium/tail by share "
           f"{'/'.join(str(groups.count(g)) for g in ('head', 'medium', 'tail'))}) -> {a.out}")

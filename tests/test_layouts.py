@@ -51,7 +51,8 @@ def test_nih_reader_maps_names_and_splits_by_patient(tmp_path):
     f = m.frame.set_index("dicom_id")
     assert list(m.frame.columns) == list(MANIFEST_COLUMNS) + list(NIH_LABELS)
     assert m.label_space.names == NIH_LABELS and "Pleural Effusion" in NIH_LABELS and "Effusion" not in NIH_LABELS
-    assert f.loc["00000001_000.png", ["Cardiomegaly", "Pleural Effusion", "No Finding", "Mass"]].tolist() == [1, 1, 0, 0]
+    first = f.loc["00000001_000.png", ["Cardiomegaly", "Pleural Effusion", "No Finding", "Mass"]]
+    assert first.tolist() == [1, 1, 0, 0]
     assert f.loc["00000002_000.png", "Pleural Thickening"] == 1 and f.loc["00000001_001.png", "No Finding"] == 1
     assert f.loc["00000002_000.png", "ViewPosition"] == "AP" and set(f["view"]) == {"frontal"}
     assert f.loc["00000001_001.png", "study_id"] == "p00000001_f001" and f["path"].tolist() == f.index.tolist()

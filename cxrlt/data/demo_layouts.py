@@ -99,7 +99,8 @@ def _write_padchest(plan: pd.DataFrame, labels_dir: Path, rng: np.random.Generat
     out = pd.DataFrame({
         "": np.arange(n), "ImageID": image, "ImageDir": folder, "StudyDate_DICOM": 20140101 + plan["study_index"] % 28,
         "StudyID": study, "PatientID": [_digits(seed, "patient", s) for s in plan["subject_id"]],
-        "PatientBirth": 1930.0 + plan["subject_id"] % 60, "PatientSex_DICOM": np.where(plan["subject_id"] % 2, "M", "F"),
+        "PatientBirth": 1930.0 + plan["subject_id"] % 60,
+        "PatientSex_DICOM": np.where(plan["subject_id"] % 2, "M", "F"),
         "ViewPosition_DICOM": [_DICOM_VIEW[p] for p in proj],
         "Projection": proj, "MethodProjection": "Manual review of DICOM fields", "Pediatric": "No",
         "Modality_DICOM": "CR", "PhotometricInterpretation_DICOM": "MONOCHROME2", "BitsStored_DICOM": 12,

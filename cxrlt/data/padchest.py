@@ -148,7 +148,8 @@ def build_padchest_manifest(labels_dir, image_root, out_dir, val_fraction: float
         raise ManifestError(f"No {LABELS_FILE} (or .csv.gz) in the labels folder '{labels_dir}'.", hint=_HINT)
     if check_images and not image_root.is_dir():
         raise ManifestError(f"The image root '{image_root}' is not a folder.",
-                            hint="pass the folder that holds PadChest's numbered image folders (or check_images=False).")
+                            hint="pass the folder that holds PadChest's numbered image folders "
+                                 "(or check_images=False).")
     problems: list[tuple[str, int]] = []
     notes: list[str] = []
     read = read_labels(path, problems, notes)
