@@ -15,11 +15,12 @@ from cxrlt.config import load_config
 
 @task(name="manifest", retries=1, retry_delay_seconds=5)
 def build_manifest_task(labels: str, images: str, out: str, params: str, overrides: dict) -> str:
-    from cxrlt.data.manifest import build_manifest
+    from cxrlt.data.layouts import build_layout_manifest
 
     d = load_config(params, overrides).data
-    m = build_manifest(labels, images, out, task=d.task, val_fraction=d.val_fraction, seed=d.seed,
-                       zero_shot=tuple(d.zero_shot))
+    # the layout (CXR-LT 2024, NIH ChestX-ray14, PadChest) is read off the files in the labels folder
+    m = build_layout_manifest(None, labels, images, out, task=d.task, val_fraction=d.val_fraction, seed=d.seed,
+                              zero_shot=tuple(d.zero_shot))
     get_run_logger().info("manifest: %d images, %d studies", len(m.frame), m.frame["study_id"].nunique())
     return out
 
@@ -90,8 +91,8 @@ def train_eval(variants: list[str] | None = None, labels: str | None = None, ima
                report_dir: str | None = None, resume: bool = False) -> dict[str, Any]:
     """Train, evaluate and register each variant of params.yaml (or those named), then serve the best.
 
-    labels/images: the CXR-LT CSV folder and the MIMIC-CXR-JPG root (default: params.yaml `paths`,
-    the built-in demo). epochs/image_size/max_steps_per_epoch override params.yaml for this run.
+    labels/images: the label-file folder (CXR-LT 2024, NIH or PadChest layout) and the image root
+    (default: params.yaml `paths`, the built-in demo). epochs/image_size/max_steps_per_epoch override params.yaml for this run.
     A seeded variant (`seeds: [0, 1, 2]`) runs once per seed as <name>-seed<k>; naming <name> in
     `variants` runs all its seeds. Models are registered under `model_name`; the best of that name by
     validation mAP gets served. With `report_dir`, the variants of this run are compared in one report
