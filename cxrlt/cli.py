@@ -101,7 +101,16 @@ def cmd_registry(a):
             raise ValueError("give the artefact folder: cxrlt registry register models/<variant>")
         print(registry.register(a.target))
     elif a.action == "promote":
-        print(f"serving {registry.promote_best() if not a.target else registry.set_serving(a.target)}")
+        if a.target:
+            print(f"serving {registry.set_serving(a.target)}")
+        else:  # the best among models validated on one data set (see registry.promote_best)
+            from .provenance import data_version
+
+            version = data_version(a.manifest)["manifest_md5"] if a.manifest else None
+            if a.manifest and version is None:
+                raise ValueError(f"no manifest.csv in {a.manifest}: pass the manifest folder the models were "
+                                 "validated on (e.g. prepared/cache)")
+            print(f"serving {registry.promote_best(data_version=version)}")
     elif a.action == "rollback":
         print(f"serving {registry.rollback()}")
     elif a.action == "serving":
@@ -228,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("registry", cmd_registry, "the model registry: list, register, promote (best or a tag), rollback, serving")
     p.add_argument("action", choices=["list", "register", "promote", "rollback", "serving"])
     p.add_argument("target", nargs="?", help="artefact folder (register) or tag (promote)")
+    p.add_argument("--manifest", help="promote: the best among models validated on this manifest's data "
+                                      "(default: the served model's data, or the only data set registered)")
 
     p = add("predict", cmd_predict, "score one study (1-4 images) with the served or a given model")
     p.add_argument("images", nargs="+", help="image files of one study")

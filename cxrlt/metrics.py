@@ -247,12 +247,11 @@ def tune_thresholds(probs, targets, label_names: Sequence[str], mask=None) -> np
         f1 = 2 * tp / (ends + 1 + n_pos)
         best = int(np.argmax(f1))  # first maximum: the highest threshold among equally good ones
         hi = s[ends[best]]
-        if best + 1 < len(ends):
-            lo = s[ends[best + 1]]
-            mid = (hi + lo) / 2
-            out[c] = mid if lo < mid <= hi else hi
-        else:
-            out[c] = hi
+        # Below the lowest score called positive, by half the gap to the next score (or to 0 when every
+        # sample is called): never on a score, so rounding the scores (6 decimals in the CSVs) keeps the optimum.
+        lo = s[ends[best + 1]] if best + 1 < len(ends) else min(0.0, hi)
+        mid = (hi + lo) / 2
+        out[c] = mid if lo < mid < hi else (np.nextafter(hi, -np.inf) if lo < hi else hi)
     return out
 
 

@@ -105,7 +105,20 @@ def set_serving(tag: str, reason: str = "manual") -> str:
 
 
 def promote_best(name: str = MODEL_NAME, data_version: str | None = None) -> str:
-    """Serve the registered model with the best validation mAP (no-op if it is already served)."""
+    """Serve the registered model with the best validation mAP among models validated on one data set
+    (no-op if it is already served). Without `data_version`: the served model's data set, or the only one
+    registered; several data sets and nothing served is refused, since their mAPs are not comparable."""
+    if data_version is None:
+        rows = [r for r in list_registered(name) if r["val_mAP"] is not None]
+        served = next((r for r in rows if r["serving"]), None)
+        versions = sorted({str(r["data_version"]) for r in rows})
+        if served is not None:
+            data_version = served["data_version"]
+        elif len(versions) > 1:
+            raise RegistryError(f"{name} models were validated on {len(versions)} different data sets "
+                                f"({', '.join(v[:8] for v in versions)}), whose validation mAPs are not comparable: "
+                                "name the data set (`cxrlt registry promote --manifest <its manifest folder>`) "
+                                "or the model (`cxrlt registry promote <tag>`)")
     best = best_tag(name, data_version)
     if serving_tag(required=False) != best:
         set_serving(best, reason=f"best validation mAP among {name} models")
