@@ -184,6 +184,15 @@ def test_validation_without_positives_stops_with_a_clear_error(project, tmp_path
     assert not (tmp_path / "nan").exists()  # refused before any training
 
 
+def test_a_diverging_run_stops_with_a_clear_error(project, tmp_path):
+    """A loss that turns NaN ends the run at that step with what to change, not a crash at the end."""
+    cfg = config_from_dict({**PARAMS, "train": {**PARAMS["train"], "lr": 1e30, "deterministic": False,
+                                                "checkpoint_every_steps": 0}})
+    with pytest.raises(FloatingPointError, match=r"training diverged.*Lower train.lr \(now 1e\+30\)"):
+        train(cfg.variant("tiny"), cfg.data, load_manifest(project / "manifest"), tmp_path / "nan", progress=False)
+    assert not (tmp_path / "nan" / "weights.safetensors").exists()
+
+
 def test_evaluate_uses_the_artefacts_image_size(runs, project, capsys):
     art = runs["ref"]
     manifest = load_manifest(project / "manifest")

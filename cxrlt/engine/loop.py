@@ -165,6 +165,12 @@ def _train(variant, data, manifest, out_dir, progress, log, resume, on_checkpoin
             aux = getattr(model, "auxiliary_loss", None)  # view-specific models: their view classifier
             if aux is not None:
                 loss = loss + aux(b["images"], b["view_mask"], b["view_types"])
+            if not torch.isfinite(loss):  # a NaN step poisons every later epoch's validation mAP
+                raise FloatingPointError(
+                    f"[{variant.name}] the training loss is {float(loss.detach())} at epoch {epoch + 1}, step {step + 1}: "
+                    f"training diverged, and no later epoch could be selected by validation mAP. Lower train.lr "
+                    f"(now {tc.lr}) or check this batch's images and labels, then train again (a resume keeps "
+                    "the settings, so it would diverge again)")
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
@@ -189,6 +195,10 @@ def _train(variant, data, manifest, out_dir, progress, log, resume, on_checkpoin
             run.update(best=m["mAP"], best_epoch=epoch + 1, best_state=best_state)
         run.update(epoch=epoch + 1, step=0, running=0.0, seen=0, seconds=0.0)
         checkpoint()
+    if run.get("best_state") is None:  # every epoch's validation mAP was NaN: nothing to select
+        maps = [h["val_mAP"] for h in run["history"]]
+        raise RuntimeError(f"[{variant.name}] no epoch had a finite validation mAP ({maps}): the validation split "
+                           "gives no scorable label. Raise data.val_fraction or check the manifest's `val` labels")
     model.load_state_dict(run["best_state"])
     out = save_artefact(out_dir, model, model_name=variant.model, label_space=ls, variant=variant.name,
                         seed=tc.seed, seed_group=variant.group,
