@@ -265,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", required=True, help="the manifest they were evaluated on")
     p.add_argument("--out", default="reports/compare", help="report folder (default: reports/compare)")
     p.add_argument("--split", default="test", help="split to compare on (default: test)")
-    p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples of patients for the 95%% basic intervals (default: 200)")
+    p.add_argument("--bootstrap", type=int, default=200,
+                   help="bootstrap resamples of patients for the 95%% basic intervals (default: 200)")
 
     p = add("submit", cmd_submit, "write the challenge's submission CSV (dicom_id + one column per label, "
             "by name) from an evaluated artefact")
