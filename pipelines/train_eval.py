@@ -92,7 +92,8 @@ def train_eval(variants: list[str] | None = None, labels: str | None = None, ima
     """Train, evaluate and register each variant of params.yaml (or those named), then serve the best.
 
     labels/images: the label-file folder (CXR-LT 2024, NIH or PadChest layout) and the image root
-    (default: params.yaml `paths`, the built-in demo). epochs/image_size/max_steps_per_epoch override params.yaml for this run.
+    (default: params.yaml `paths`, the built-in demo). epochs/image_size/max_steps_per_epoch override
+    params.yaml for this run.
     A seeded variant (`seeds: [0, 1, 2]`) runs once per seed as <name>-seed<k>; naming <name> in
     `variants` runs all its seeds. Models are registered under `model_name`; the best of that name by
     validation mAP gets served. With `report_dir`, the variants of this run are compared in one report

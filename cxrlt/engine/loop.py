@@ -167,8 +167,8 @@ def _train(variant, data, manifest, out_dir, progress, log, resume, on_checkpoin
                 loss = loss + aux(b["images"], b["view_mask"], b["view_types"])
             if not torch.isfinite(loss):  # a NaN step poisons every later epoch's validation mAP
                 raise FloatingPointError(
-                    f"[{variant.name}] the training loss is {float(loss.detach())} at epoch {epoch + 1}, step {step + 1}: "
-                    f"training diverged, and no later epoch could be selected by validation mAP. Lower train.lr "
+                    f"[{variant.name}] the training loss is {float(loss.detach())} at epoch {epoch + 1}, "
+                    f"step {step + 1}: training diverged, and no later epoch could be selected by validation mAP. Lower train.lr "
                     f"(now {tc.lr}) or check this batch's images and labels, then train again (a resume keeps "
                     "the settings, so it would diverge again)")
             opt.zero_grad(set_to_none=True)
