@@ -38,6 +38,10 @@ NIH_N_IMAGES, NIH_N_PATIENTS = 112_120, 30_805
 # as a 194th "finding" when the raw strings are counted), which is not a finding and is dropped here.
 PADCHEST_N_IMAGES, PADCHEST_N_PATIENTS, PADCHEST_N_FINDINGS = 160_861, 67_625, 193
 PADCHEST_TOP: dict[str, int] = {"Normal": 50616, "copd signs": 23280, "Cardiomegaly": 15022}
+# Tags PadChest lists among its labels that describe the study or the report, not the chest: the image was
+# excluded, the study is suboptimal, the image is unchanged from a prior one. Kept out of the label space;
+# an image whose list holds nothing else states no finding, so its labels are unknown.
+PADCHEST_NOT_FINDINGS = frozenset({"exclude", "suboptimal study", "unchanged"})
 
 # Every name the project uses; a PadChest finding equal to one of them (ignoring case) takes its spelling.
 PROJECT_NAMES: dict[str, str] = {n.lower(): n for n in (*TASK1_LABELS, *LABELS_2023, *TASK3_LABELS, *NIH_LABELS)}

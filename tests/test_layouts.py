@@ -20,7 +20,8 @@ from cxrlt.data.nih import build_nih_manifest
 from cxrlt.data.padchest import build_padchest_manifest, parse_findings
 from cxrlt.data.splits import hold_out, split_validation
 from cxrlt.label_sets import (NIH_COUNTS, NIH_LABELS, NIH_N_IMAGES, NIH_N_PATIENTS, PADCHEST_N_FINDINGS,
-                              PADCHEST_N_IMAGES, PADCHEST_N_PATIENTS, PADCHEST_TOP, canonical_finding)
+                              PADCHEST_N_IMAGES, PADCHEST_N_PATIENTS, PADCHEST_NOT_FINDINGS, PADCHEST_TOP,
+                              canonical_finding)
 from cxrlt.labels import TASK1_LABELS, TASK3_LABELS, groups_by_share
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,6 +160,21 @@ def test_padchest_reader(tmp_path):
     assert (m2.frame.groupby("subject_id")["split"].nunique() == 1).all()
     train = m2.frame[m2.frame["split"] == "train"]
     assert all((train[n] == 1).any() for n in m2.label_space.names)
+
+
+def test_padchest_report_annotations_are_not_findings(tmp_path):
+    """'unchanged', 'suboptimal study', 'exclude' describe the study, not the chest: never labels, and an
+    image listing only them states no finding (unknown), not "no finding" (negative)."""
+    rows = [pc_row(0, "a.png", 0, "s1", "1", "PA", "['unchanged']"),
+            pc_row(1, "b.png", 0, "s2", "2", "PA", "['suboptimal study', 'cardiomegaly']"),
+            pc_row(2, "c.png", 0, "s3", "3", "PA", "['normal', 'exclude']")]
+    m = build_padchest_manifest(write_pc(tmp_path / "pc", rows=rows), tmp_path, tmp_path / "m", val_fraction=0.0,
+                                test_fraction=0.0, check_images=False)
+    f = m.frame.set_index("dicom_id")
+    assert m.label_space.names == ("Cardiomegaly", "Normal")
+    assert (f.loc["a.png", ["Cardiomegaly", "Normal"]] == -1).all()
+    assert f.loc["b.png", ["Cardiomegaly", "Normal"]].tolist() == [1, 0]
+    assert f.loc["c.png", ["Cardiomegaly", "Normal"]].tolist() == [0, 1]
 
 
 def test_padchest_problems_come_in_one_error(tmp_path):
@@ -328,7 +344,8 @@ def test_real_padchest_label_file(tmp_path):
             counts[x] += n
     assert len(counts) == PADCHEST_N_FINDINGS == 193                            # 194 raw strings less ''
     assert all(counts[name] == n for name, n in PADCHEST_TOP.items())
-    assert set(ls.names) <= set(counts) and len(ls) >= 190                     # a few appear only in val/test
+    assert set(ls.names) <= set(counts) - PADCHEST_NOT_FINDINGS and len(ls) >= 187   # a few only in val/test
+    assert not PADCHEST_NOT_FINDINGS & set(ls.names) and PADCHEST_NOT_FINDINGS <= set(counts)
     in_manifest = (f[list(ls.names)] == 1).sum()
     left_out = Counter(x for t in excluded["Labels"] for x in parse_findings(t))
     assert all(in_manifest[n] + left_out[n] == counts[n] for n in ls.names)

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..label_sets import canonical_finding
+from ..label_sets import PADCHEST_NOT_FINDINGS, canonical_finding
 from .manifest_io import Manifest, ManifestError, examples, file_md5, missing_images, write_manifest
 from .splits import check_fraction, merge_linked_patients, split_test, split_validation
 
@@ -115,7 +115,10 @@ def read_labels(path: Path, problems: list, notes: list) -> tuple[pd.DataFrame, 
 
 def label_matrix(frame: pd.DataFrame, findings: list, zero_shot=()) -> tuple[list[str], pd.DataFrame, list[str]]:
     """(label names, 0/1/-1 label columns, findings seen only outside training). Names: every finding of
-    the training split (plus zero-shot names seen anywhere), sorted ignoring case."""
+    the training split (plus zero-shot names seen anywhere), sorted ignoring case; PADCHEST_NOT_FINDINGS
+    are no findings (an image listing only those is unlabelled)."""
+    findings = [None if not f or not set(f) - PADCHEST_NOT_FINDINGS else
+                tuple(x for x in f if x not in PADCHEST_NOT_FINDINGS) for f in findings]
     train = (frame["split"] == "train").to_numpy()
     in_train = {x for f, t in zip(findings, train) if t and f for x in f}
     everywhere = {x for f in findings if f for x in f}
