@@ -160,21 +160,37 @@ def test_perfect_variant_scores_one_and_beats_noise(tmp_path, man):
     assert overall["verdict"] == "B higher" and overall["ci_overlap"] is False
 
 
-def test_paired_difference_of_a_variant_with_itself_is_zero(tmp_path, man):
-    same = noisy()
-    arts = [_artefact(tmp_path, "a-asl", same), _artefact(tmp_path, "a-ral", same, loss="ral")]
-    for a in arts[1:]:       # identical predictions under another name
-        (a / "eval" / "predictions_test.csv").write_bytes((arts[0] / "eval" / "predictions_test.csv").read_bytes())
+def test_paired_difference_is_the_basic_interval_of_per_resample_differences(tmp_path, man):
+    """B = A with one label (Edema) made perfect: B - A is exactly that label's AP gain over the labels of
+    its group, its interval the basic interval of the per-resample differences computed by hand on the
+    materialised patient resamples; only the labels that changed can move it."""
+    base = noisy()
+
+    def better(y, rng):
+        p = base(y, np.random.default_rng(abs(hash("a-asl")) % 2**32))
+        p[:, TRAINED.index("Edema")] = y[:, TRAINED.index("Edema")]
+        return p
+
+    arts = [_artefact(tmp_path, "a-asl", base), _artefact(tmp_path, "a-ral", better, loss="ral")]
     manifest = load_manifest(man)
     runs = [load_run(a, manifest) for a in arts]
     frame = manifest.split("test")
-    score_runs(runs, frame["subject_id"], np.flatnonzero(frame["view"] == "lateral"), ("Hernia",), n_boot=25)
-    for key in ("mAP", "mAP_tail", "lat_mAP"):
-        assert paired_difference(runs[0], runs[0], key) == (0.0, 0.0, 0.0)
-        assert paired_difference(runs[0], runs[1], key) == (0.0, 0.0, 0.0)
-    out = write_report(arts, tmp_path / "out", manifest=man, n_boot=25)
-    assert "| a-asl (asl) | a-ral (ral) | mAP |" in out.read_text()
-    assert "+0.000 [+0.000, +0.000] | yes | not distinguishable |" in out.read_text()
+    patient = frame["subject_id"].astype(str).to_numpy()
+    score_runs(runs, patient, np.array([], int), (), n_boot=25, seed=4)
+    a, b = runs
+    edema = TRAINED.index("Edema")
+    assert np.array_equal(np.delete(a.probs, edema, 1), np.delete(b.probs, edema, 1))
+    diff, lo, hi = paired_difference(a, b, "mAP")
+    n_scored = len(TRAINED.names)
+    assert diff == pytest.approx((1.0 - a.points["all"]["ap"][edema]) / n_scored, abs=1e-12)
+    by_hand = []
+    for idx in draw_resamples(patient, n_boot=25, seed=4):
+        ma, mb = (compute_metrics(r.probs[idx], r.targets[idx], TRAINED)["mAP"] for r in (a, b))
+        by_hand.append(mb - ma)
+    want = (2 * diff - np.quantile(by_hand, 0.975), 2 * diff - np.quantile(by_hand, 0.025))
+    assert (lo, hi) == pytest.approx(want, abs=1e-12) and lo > 0
+    md = write_report(arts, tmp_path / "out", manifest=man, n_boot=25).read_text()
+    assert "| a-asl (asl) | a-ral (ral) | mAP |" in md and "B higher" in md
 
 
 def test_replicates_equal_compute_metrics_on_the_shared_resamples(tmp_path, man):
