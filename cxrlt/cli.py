@@ -248,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "models only; scored in the prompt form the model was trained with; uncalibrated); "
                         "repeatable")
     p.add_argument("--ensemble", action="store_true",
-                   help="with --finding: average the embeddings of several phrasings of each new finding")
+                   help="with --finding: average the embeddings of several phrasings of each new finding (suits "
+                        "template-trained heads; it scored lower with description-trained ones on the demo)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--tag", help="registered model tag (default: the served one)")
     g.add_argument("--artefact", help="artefact folder instead of the registry")
