@@ -163,6 +163,6 @@ def test_bad_requests_fail_clearly(tmp_path):
     real = tmp_path / "cxr-lt-2024"
     real.mkdir()
     (real / "train_labeled.csv").write_text("dicom_id\n")
-    with pytest.raises(FileExistsError, match="look real"):
+    with pytest.raises(FileExistsError, match="looks real"):
         generate_demo(tmp_path, n_studies=20, workers=1, progress=False)
     assert (real / "train_labeled.csv").read_text() == "dicom_id\n"

@@ -186,6 +186,18 @@ def _write(df: pd.DataFrame, path: Path, labels: Sequence[str] = ()) -> None:
     out.to_csv(path, index=False)
 
 
+def check_demo_target(labels_dir: Path, label_file: str, image_size) -> tuple[int, int]:
+    """Refuse to write over what looks like a real release (its label file without the SYNTHETIC marker)
+    and image sizes too small to draw on; returns (height, width)."""
+    if (labels_dir / label_file).exists() and not (labels_dir / MARKER).exists():
+        raise FileExistsError(f"{labels_dir} holds {label_file} without the {MARKER} marker: it looks real, so the "
+                              "demo will not overwrite it. Choose another --out folder.")
+    h, w = (int(v) for v in image_size)
+    if h < 32 or w < 32:
+        raise ValueError(f"image_size={image_size} is too small: use (height, width) of at least 32 px each")
+    return h, w
+
+
 def generate_demo(out_dir: str | Path, n_studies: int = 3000, seed: int = 0, image_size: tuple[int, int] = (320, 256),
                   workers: int | None = None, progress: bool = True, layout: str = "cxr-lt-2024") -> dict:
     """Write a synthetic CXR-LT 2024 data set under `out_dir`; returns a summary.
@@ -203,12 +215,7 @@ def generate_demo(out_dir: str | Path, n_studies: int = 3000, seed: int = 0, ima
     t0 = time.perf_counter()
     out = Path(out_dir)
     labels_dir, image_root = out / LABELS_DIR, out / IMAGES_DIR
-    if (labels_dir / "train_labeled.csv").exists() and not (labels_dir / MARKER).exists():
-        raise FileExistsError(f"{labels_dir} holds CXR-LT files without the {MARKER} marker: they look real, so the "
-                              "demo will not overwrite them. Choose another --out folder.")
-    h, w = (int(v) for v in image_size)
-    if h < 32 or w < 32:
-        raise ValueError(f"image_size={image_size} is too small: use (height, width) of at least 32 px each")
+    h, w = check_demo_target(labels_dir, "train_labeled.csv", image_size)
     df = plan_demo(n_studies, seed)
     labels_dir.mkdir(parents=True, exist_ok=True)
     (labels_dir / MARKER).write_text(

@@ -24,7 +24,7 @@ import pandas as pd
 from PIL import Image
 
 from ..label_sets import NIH_NAME_MAP, NIH_NO_FINDING
-from .demo import MARKER, default_workers, plan_demo, run_chunked
+from .demo import MARKER, check_demo_target, default_workers, plan_demo, run_chunked
 from .demo_draw import ALL_FINDINGS, render_image
 from .nih import DATA_ENTRY, SPLIT_FILES
 from .padchest import LABELS_FILE
@@ -119,12 +119,7 @@ def generate_layout_demo(out_dir, layout: str, n_studies: int = 3000, seed: int 
     t0 = time.perf_counter()
     out = Path(out_dir)
     labels_dir, image_root = (out / d for d in DIRS[layout])
-    if (labels_dir / LABEL_FILES[layout]).exists() and not (labels_dir / MARKER).exists():
-        raise FileExistsError(f"{labels_dir} holds {LABEL_FILES[layout]} without the {MARKER} marker: it looks real, "
-                              "so the demo will not overwrite it. Choose another --out folder.")
-    h, w = (int(v) for v in image_size)
-    if h < 32 or w < 32:
-        raise ValueError(f"image_size={image_size} is too small: use (height, width) of at least 32 px each")
+    h, w = check_demo_target(labels_dir, LABEL_FILES[layout], image_size)
     plan = plan_demo(n_studies, seed)
     rng = np.random.default_rng([seed, 17])
     labels_dir.mkdir(parents=True, exist_ok=True)
