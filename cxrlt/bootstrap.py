@@ -83,6 +83,8 @@ def bootstrap_ci(probs, targets, label_space, groups_ids, n_boot: int = 200, see
     `method`: "basic" (default) or "percentile" (see `bootstrap_interval`).
     `return_replicates=True` returns (intervals, replicates): each metric's [n_boot] values in resample
     order, NaN where undefined, plus per-label "ap" and "auroc" [n_boot, L], and the point values "point".
+    A macro replicate is the point value plus the mean change of the labels the resample scores (see the
+    loop below); with no label lost it equals the metric of the materialised resample.
     """
     names = list(label_space.names)
     p, y, valid = _prepare(probs, targets, mask, len(names))
@@ -112,18 +114,23 @@ def bootstrap_ci(probs, targets, label_space, groups_ids, n_boot: int = 200, see
     weights = np.stack([np.bincount(s, minlength=p.shape[0]) for s in index_sets]).astype(np.float64)
 
     ranked = _Ranked(p, y, valid)
-    scores, f1s = ranked.scores(None, thr_sets)
-    agg = _aggregate(scores, f1s, sets)
+    base, base_f1s = ranked.scores(None, thr_sets)
+    agg = _aggregate(base, base_f1s, sets)
     point = {m: float(agg[m][0]) for m in metrics}
-    point.update(ap=scores["ap"][0], auroc=scores["auroc"][0])
+    point.update(ap=base["ap"][0], auroc=base["auroc"][0])
     # Chunks of replicates keep the [B, N] working arrays to a few tens of MB.
     chunk = max(1, int(2_000_000 // max(p.shape[0], 1)))
     parts = {m: [] for m in (*metrics, "ap", "auroc")}
     for lo in range(0, len(weights), chunk):
         scores, f1s = ranked.scores(weights[lo:lo + chunk], thr_sets)
-        agg = _aggregate(scores, f1s, sets)
+        # A macro replicate is the point estimate plus the mean, over the labels the resample can score,
+        # of each label's change from its point value. A resample that misses a rare label's positives
+        # leaves that label out (it has no AP there), but without comparing a mean over fewer labels with
+        # one over all: rare labels score low, so their absence alone would lift the replicate.
+        dev = _aggregate({k: scores[k] - base[k] for k in ("ap", "auroc")},
+                         [f - f0 for f, f0 in zip(f1s, base_f1s)], sets)
         for m in parts:
-            parts[m].append(scores[m] if m in ("ap", "auroc") else agg[m])
+            parts[m].append(scores[m] if m in ("ap", "auroc") else point[m] + dev[m])
     reps = {m: np.concatenate(v) for m, v in parts.items()}
     out = {m: bootstrap_interval(point[m], reps[m], level, method, (0.0, 1.0)) for m in metrics}
     return (out, {**reps, "point": point}) if return_replicates else out

@@ -233,7 +233,7 @@ def render_markdown(ctx: dict, runs, per_label: dict, comparisons: dict, figures
         lines += [SYNTHETIC_BANNER, ""]
     boot = ("95% basic (reverse-percentile) bootstrap intervals from resampling patients with replacement, not "
             f"stratified on findings ({ctx['n_boot']} resamples, seed {ctx['seed']}); a resample without a "
-            "positive for a label leaves that label out, as the point estimate does"
+            "positive for a label leaves that label out and averages the change of the others"
             if ctx["n_boot"] > 0 else "none (n_boot = 0)")
     lines += [f"Split `{ctx['split']}` of manifest `{ctx['manifest']}`: {ctx['n_images']} images in "
               f"{ctx['n_studies']} studies of {ctx.get('n_patients', '?')} patients ({ctx['n_lateral_studies']} "

@@ -271,6 +271,27 @@ def test_resamples_keep_patients_whole_and_do_not_freeze_rare_positives():
     assert lost.any() and np.isfinite(reps["mAP"]).all()                 # the label is left out, not the replicate
 
 
+def test_a_lost_rare_label_does_not_lift_the_replicate():
+    """A resample that misses a rare label's positives leaves the label out, and its mAP replicate is the
+    point mAP plus the mean change of the labels it still scores, computed here by hand: the raw mean over
+    fewer (high-AP) labels would sit above the estimate, and the interval would not hold it."""
+    probs, y, study, ls = rare_label_data(seed=3)
+    sets = draw_resamples(study, n_boot=40, seed=2)
+    point = compute_metrics(probs, y, ls)
+    ap0 = point["per_label"]["ap"].to_numpy()
+    ci, reps = bootstrap_ci(probs, y, ls, None, metrics=("mAP",), resamples=sets, return_replicates=True)
+    raw, lost = [], 0
+    for b, idx in enumerate(sets):
+        m = compute_metrics(probs[idx], y[idx], ls)
+        ap = m["per_label"]["ap"].to_numpy()
+        kept = np.isfinite(ap)
+        lost += int((~kept).sum())
+        assert reps["mAP"][b] == pytest.approx(point["mAP"] + np.mean(ap[kept] - ap0[kept]), abs=1e-12)
+        raw.append(m["mAP"])
+    assert lost > 0 and np.mean(raw) > point["mAP"] + 0.02           # what the raw replicates would do
+    assert ci["mAP"][0] <= point["mAP"] <= ci["mAP"][1]
+
+
 def test_replicates_equal_compute_metrics_on_the_same_resamples():
     probs, y, study = study_data(n_study=80, seed=2)
     thr = tune_thresholds(probs, y, NAMES)
