@@ -17,8 +17,8 @@ import numpy as np
 import pandas as pd
 
 from ..labels import LABELS_2023, TASK1_LABELS, TASK2_LABELS, TASK3_LABELS
-from .manifest_io import (MANIFEST_COLUMNS, SPLITS, SYNTHETIC_MARKER, Manifest, ManifestError, examples, file_md5,
-                          load_manifest, missing_images, write_manifest)
+from .manifest_io import (MANIFEST_COLUMNS, SPLITS, SYNTHETIC_MARKER, Manifest, ManifestError, check_images_exist,
+                          examples, file_md5, load_manifest, write_manifest)
 from .splits import check_fraction, overlap_notes, split_validation
 
 __all__ = ["MANIFEST_COLUMNS", "SPLITS", "SYNTHETIC_MARKER", "VIEW_CODES", "Manifest", "ManifestError",
@@ -222,10 +222,7 @@ def build_manifest(labels_dir, image_root, out_dir, task: str = "task1", year: i
                          f"{examples(conflict.index[conflict > 1])}", int((conflict > 1).sum())))
     if check_images and len(frame):
         ok = frame["path"].notna() & ~frame["path"].str.startswith("/")
-        miss = missing_images(image_root, frame.loc[ok, "path"])
-        if miss:
-            problems.append((f"{len(miss)} image(s) not found under the image root '{image_root}', e.g. "
-                             f"{examples(miss)}", len(miss)))
+        check_images_exist(image_root, frame.loc[ok, "path"], problems)
     if problems:
         raise ManifestError(f"Cannot build a manifest from '{labels_dir}' ({task}, {year}):", problems, _HINT)
     split_validation(frame, val_fraction, seed)

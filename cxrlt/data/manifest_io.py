@@ -79,6 +79,22 @@ def missing_images(root: Path, paths: pd.Series) -> list[str]:
         return [p for miss in ex.map(check, by_dir.items()) for p in miss]
 
 
+def check_images_exist(root: Path, paths: pd.Series, problems: list) -> None:
+    """Add one problem naming the images of `paths` missing under `root` (every reader's image check)."""
+    miss = missing_images(root, paths)
+    if miss:
+        problems.append((f"{len(miss)} image(s) not found under the image root '{root}', e.g. {examples(miss)}",
+                         len(miss)))
+
+
+def find_label_file(labels_dir: Path, name: str) -> Path | None:
+    """`name` in `labels_dir`, plain or gzipped (as the torchxrayvision wheel ships the public ones)."""
+    for candidate in (name, name + ".gz"):
+        if (labels_dir / candidate).is_file():
+            return labels_dir / candidate
+    return None
+
+
 def write_manifest(frame: pd.DataFrame, names: Sequence[str], zero_shot: Sequence[str], out_dir: Path,
                    image_root: Path, labels_dir: Path, meta: dict) -> "Manifest":
     """Write a validated, split frame as `out_dir/manifest.csv|json` and load it back.

@@ -19,7 +19,8 @@ import numpy as np
 import pandas as pd
 
 from ..label_sets import NIH_LABELS, NIH_NAME_MAP
-from .manifest_io import Manifest, ManifestError, examples, file_md5, missing_images, write_manifest
+from .manifest_io import (Manifest, ManifestError, check_images_exist, examples, file_md5, find_label_file,
+                          write_manifest)
 from .splits import check_fraction, shared_patients, split_test, split_validation
 
 DATA_ENTRY = "Data_Entry_2017_v2020.csv"     # also read gzipped (.csv.gz), as torchxrayvision ships it
@@ -33,10 +34,7 @@ _HINT = ("use the unmodified Data_Entry_2017_v2020.csv (and, optionally, train_v
 
 
 def find_data_entry(labels_dir: Path) -> Path | None:
-    for name in (DATA_ENTRY, DATA_ENTRY + ".gz"):
-        if (labels_dir / name).is_file():
-            return labels_dir / name
-    return None
+    return find_label_file(labels_dir, DATA_ENTRY)
 
 
 def _integers(col: pd.Series, what: str, name: str, problems: list) -> pd.Series:
@@ -154,10 +152,7 @@ def build_nih_manifest(labels_dir, image_root, out_dir, val_fraction: float = 0.
     official = frame is not None and apply_split_files(frame, labels_dir, problems, sources)
     if frame is not None and check_images:
         plain = frame["path"].ne("") & ~frame["path"].str.contains(r"[/\\]")    # others are reported above
-        miss = missing_images(image_root, frame.loc[plain, "path"])
-        if miss:
-            problems.append((f"{len(miss)} image(s) not found under the image root '{image_root}', e.g. "
-                             f"{examples(miss)}", len(miss)))
+        check_images_exist(image_root, frame.loc[plain, "path"], problems)
     if problems:
         raise ManifestError(f"Cannot build a manifest from '{labels_dir}' (NIH ChestX-ray14):", problems, _HINT)
     if not official:

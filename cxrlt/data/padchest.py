@@ -24,7 +24,8 @@ import numpy as np
 import pandas as pd
 
 from ..label_sets import PADCHEST_NOT_FINDINGS, canonical_finding
-from .manifest_io import Manifest, ManifestError, examples, file_md5, missing_images, write_manifest
+from .manifest_io import (Manifest, ManifestError, check_images_exist, examples, file_md5, find_label_file,
+                          write_manifest)
 from .splits import check_fraction, merge_linked_patients, split_test, split_validation
 
 LABELS_FILE = "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv"    # or .csv.gz
@@ -40,10 +41,7 @@ _HINT = ("use the unmodified PadChest labels CSV (PADCHEST_chest_x_ray_images_la
 
 
 def find_labels_file(labels_dir: Path) -> Path | None:
-    for name in (LABELS_FILE, LABELS_FILE + ".gz"):
-        if (labels_dir / name).is_file():
-            return labels_dir / name
-    return None
+    return find_label_file(labels_dir, LABELS_FILE)
 
 
 def parse_findings(text: str) -> tuple[str, ...] | None:
@@ -159,10 +157,7 @@ def build_padchest_manifest(labels_dir, image_root, out_dir, val_fraction: float
     if read is not None and check_images:
         frame = read[0]
         plain = _plain_name(frame["dicom_id"]) & ~frame["path"].str.startswith("/")
-        miss = missing_images(image_root, frame.loc[plain, "path"])
-        if miss:
-            problems.append((f"{len(miss)} image(s) not found under the image root '{image_root}', e.g. "
-                             f"{examples(miss)}", len(miss)))
+        check_images_exist(image_root, frame.loc[plain, "path"], problems)
     if problems:
         raise ManifestError(f"Cannot build a manifest from '{labels_dir}' (PadChest):", problems, _HINT)
     frame, findings = read
