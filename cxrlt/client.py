@@ -6,6 +6,7 @@ Only `requests` is needed; images are sent as the original files, never modified
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -21,16 +22,28 @@ class ServiceError(RuntimeError):
     pass
 
 
+MEDIA_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".dcm": "application/dicom"}
+
+
+def auth_headers(token: str | None = None) -> dict:
+    """`Authorization: Bearer ...` from `token`, else $CXRLT_API_TOKEN; nothing when neither is set."""
+    token = token or os.environ.get("CXRLT_API_TOKEN", "").strip()
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 def post_study(url: str, paths: list[Path], views: list[str] | None = None, timeout: float = 60,
-               session: requests.Session | None = None) -> dict:
+               session: requests.Session | None = None, token: str | None = None) -> dict:
     """POST one study (image files + optional views) to `<url>/predict`; returns the JSON answer."""
-    files = [("images", (p.name, p.read_bytes(), "image/png" if p.suffix == ".png" else "image/jpeg"))
-             for p in paths]
+    files = [("images", (p.name, p.read_bytes(), MEDIA_TYPES.get(p.suffix.lower(), "application/octet-stream")))
+             for p in map(Path, paths)]
     data = [("views", v) for v in views] if views else None
     try:
-        r = (session or requests).post(f"{url.rstrip('/')}/predict", files=files, data=data, timeout=timeout)
+        r = (session or requests).post(f"{url.rstrip('/')}/predict", files=files, data=data, timeout=timeout,
+                                       headers=auth_headers(token))
     except requests.ConnectionError:
         raise ServiceError(f"no service answers at {url}: start it with `make up` or `bentoml serve`") from None
+    if r.status_code == 401:
+        raise ServiceError("the service needs an access token: set CXRLT_API_TOKEN to its value")
     if r.status_code != 200:
         raise ServiceError(f"service answered {r.status_code}: {r.text[:300]}")
     return r.json()

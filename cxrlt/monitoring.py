@@ -24,6 +24,11 @@ DEFAULT_LOG = Path("var/predictions/predictions.jsonl")
 DEFAULT_REPORTS = Path("reports/drift")
 STATS = ("width", "height", "mean_intensity", "std_intensity")
 RECORD_KEYS = ("time", "model_tag", "synthetic_model", "n_images", "views", "probabilities", "image_stats")
+# The log rotates when it passes CXRLT_PREDICTION_LOG_MAX_MB (default 64 MiB, about 60,000 studies of 46
+# labels): predictions.jsonl -> .1 -> .2 ... keeping CXRLT_PREDICTION_LOG_KEEP (default 10) old files, which
+# `read_log` reads too, oldest first.
+MAX_LOG_BYTES = int(float(os.environ.get("CXRLT_PREDICTION_LOG_MAX_MB") or 64) * 2**20)
+KEEP_ROTATED = int(os.environ.get("CXRLT_PREDICTION_LOG_KEEP") or 10)
 _LOCK = threading.Lock()
 
 try:  # advisory lock so that several worker processes can append to one log
@@ -55,23 +60,55 @@ def prediction_record(*, model_tag: str, probabilities: Mapping[str, float], vie
             "image_stats": [{k: float(s[k]) for k in STATS} for s in image_stats]}
 
 
-def log_prediction(record: Mapping[str, Any], path: str | Path | None = None) -> Path:
+def rotated_logs(path: str | Path | None = None) -> list[Path]:
+    """The log's files, oldest first: predictions.jsonl.N ... .1, then the live one (those that exist)."""
+    p = prediction_log_path(path)
+    old = sorted((q for q in p.parent.glob(p.name + ".*") if q.suffix[1:].isdigit()),
+                 key=lambda q: -int(q.suffix[1:]))
+    return old + ([p] if p.exists() else [])
+
+
+def _rotate(p: Path, keep: int) -> None:
+    """predictions.jsonl -> .1, .1 -> .2, ...; the oldest beyond `keep` is dropped. Called under the lock."""
+    oldest = p.with_name(f"{p.name}.{keep}")
+    if oldest.exists():
+        oldest.unlink()
+    for i in range(keep - 1, 0, -1):
+        src = p.with_name(f"{p.name}.{i}")
+        if src.exists():
+            os.replace(src, p.with_name(f"{p.name}.{i + 1}"))
+    os.replace(p, p.with_name(f"{p.name}.1"))
+
+
+def log_prediction(record: Mapping[str, Any], path: str | Path | None = None,
+                   max_bytes: int | None = None, keep: int | None = None) -> Path:
     """Append one record as one JSON line. Keys outside the record schema are refused, so nothing
-    else (file names, identifiers, pixels) can reach the log by accident."""
+    else (file names, identifiers, pixels) can reach the log by accident. The log rotates past
+    `max_bytes` (see MAX_LOG_BYTES); a line is never split across files."""
     extra = set(record) - set(RECORD_KEYS)
     if extra:
         raise ValueError(f"prediction log records may only hold {RECORD_KEYS}; got {sorted(extra)}")
     p = prediction_log_path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     line = (json.dumps(dict(record), separators=(",", ":"), allow_nan=False) + "\n").encode()
+    max_bytes = MAX_LOG_BYTES if max_bytes is None else max_bytes
     with _LOCK:  # one write() per line on an O_APPEND descriptor: lines never interleave
-        fd = os.open(p, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        # the advisory lock is on a separate file, so that a writer in another process never appends to a
+        # file that was rotated away while it waited
+        lock = os.open(p.with_name(p.name + ".lock"), os.O_WRONLY | os.O_CREAT, 0o644)
         try:
             if fcntl is not None:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            os.write(fd, line)
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            fd = os.open(p, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, line)
+                size = os.fstat(fd).st_size
+            finally:
+                os.close(fd)
+            if max_bytes and size >= max_bytes:
+                _rotate(p, max(1, KEEP_ROTATED if keep is None else keep))
         finally:
-            os.close(fd)  # closing releases the flock
+            os.close(lock)  # closing releases the flock
     return p
 
 
@@ -79,25 +116,38 @@ def read_log(path: str | Path | None = None, last_n: int | None = None) -> pd.Da
     """The log as one row per study: time, model_tag, n_images, views, `p_<label>` columns and the
     image statistics averaged over the study's images. Unreadable lines are skipped."""
     p = prediction_log_path(path)
-    if not p.exists():
+    files = rotated_logs(p)
+    if not files:
         raise MonitoringError(f"no predictions logged yet: send studies to the service first (no log at {p})")
     rows = []
-    for line in p.read_text().splitlines():
-        try:
-            r = json.loads(line)
-            row = {"time": r["time"], "model_tag": r["model_tag"], "n_images": int(r["n_images"]),
-                   "views": ",".join(r.get("views", []))}
-            row.update({f"p_{k}": float(v) for k, v in r["probabilities"].items()})
-            stats = r.get("image_stats") or []
-            if stats:
-                row.update({k: float(np.mean([s[k] for s in stats])) for k in STATS})
-            rows.append(row)
-        except (ValueError, KeyError, TypeError):
-            continue  # a torn or foreign line must not stop monitoring
+    for f in files:
+        for line in f.read_bytes().decode("utf-8", errors="replace").splitlines():
+            row = _parse_line(line)
+            if row is not None:
+                rows.append(row)
     if not rows:
         raise MonitoringError(f"no predictions logged yet: send studies to the service first ({p} is empty)")
     frame = pd.DataFrame(rows)
     return frame.tail(last_n).reset_index(drop=True) if last_n else frame
+
+
+def _parse_line(line: str) -> dict | None:
+    """One log line -> a row, or None for a torn, foreign or damaged line (it must not stop monitoring)."""
+    try:
+        r = json.loads(line)
+        row = {"time": str(r["time"]), "model_tag": str(r["model_tag"]), "n_images": int(r["n_images"]),
+               "views": ",".join(str(v) for v in r.get("views", []))}
+        probs = {f"p_{k}": float(v) for k, v in r["probabilities"].items()}
+        stats = r.get("image_stats") or []
+        if stats:
+            row.update({k: float(np.mean([float(s[k]) for s in stats])) for k in STATS})
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+    if not probs or not all(np.isfinite(v) and 0.0 <= v <= 1.0 for v in probs.values()):
+        return None
+    if not all(np.isfinite(row[k]) for k in STATS if k in row):
+        return None
+    return {**row, **probs}
 
 
 def reference_frame(model_dir: str | Path) -> pd.DataFrame:

@@ -1,0 +1,252 @@
+"""The service under load: the same study stream at 1 and at 32 concurrent clients.
+
+Starts `bentoml serve service.service:CXRService` on 127.0.0.1 with a model of your choice in a private
+model store (or targets `--url`, a service you started), then sends one study per request from N
+concurrent clients and prints, per image size and client count: throughput, p50/p95/p99 latency, status
+counts, and the service's resident memory (the whole process tree) before and after.
+
+    python bench/bench_serving.py --artefact models/matrix/fusion-asl            # demo and full size
+    python bench/bench_serving.py --artefact ART --requests 300 --clients 1 32 --sizes demo
+
+Study streams: `demo` = two-image studies of the demo data's test split as stored (small JPEGs);
+`full` = the same studies upscaled to MIMIC-CXR-JPG's typical 2544x3056 with film grain, JPEG quality 95
+(file sizes like the real ones). For full-size studies it also times decoding the study's two JPEGs at
+full resolution with PIL, the floor a service that decodes can reach.
+
+Goals (issue 7): at 32 clients no error other than deliberate 503s (< 1%), throughput >= 2x one client
+on a 2-core CPU, a full-size two-image study within 1.3x the time of decoding its two JPEGs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import psutil
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+FULL_SIZE = (2544, 3056)  # width x height of a typical MIMIC-CXR-JPG frontal image
+
+
+def demo_studies(manifest_dir: Path, n: int, seed: int = 0) -> list[list[tuple[str, bytes, str]]]:
+    """Up to n two-image studies (frontal + lateral when present) of the test split: [(name, bytes, view)]."""
+    sys.path.insert(0, str(ROOT))
+    from cxrlt.data.manifest import load_manifest
+
+    m = load_manifest(manifest_dir)
+    studies = [rows for _, rows in m.studies("test") if len(rows) >= 2]
+    if not studies:
+        raise SystemExit(f"{manifest_dir} has no two-image test studies")
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in rng.permutation(len(studies))[:n]:
+        rows = studies[i].head(2)
+        out.append([(Path(p).name, (m.image_root / p).read_bytes(), v) for p, v in zip(rows["path"], rows["view"])])
+    return out
+
+
+def upscale(blob: bytes, seed: int) -> bytes:
+    """A demo image at full MIMIC size with film grain, saved as JPEG q95 (real files are 1-3 MB)."""
+    img = Image.open(io.BytesIO(blob)).convert("L").resize(FULL_SIZE, Image.BICUBIC)
+    a = np.asarray(img, dtype=np.float32)
+    a += np.random.default_rng(seed).normal(0, 6, a.shape).astype(np.float32)
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def decode_ms(study, reps: int = 5) -> float:
+    """Median time to decode a study's JPEGs at full resolution to 8-bit grey (PIL)."""
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        for _, blob, _ in study:
+            Image.open(io.BytesIO(blob)).convert("L").load()
+        times.append(time.perf_counter() - t)
+    return 1e3 * float(np.median(times))
+
+
+def tree_rss_mb(pid: int) -> float:
+    try:
+        p = psutil.Process(pid)
+        procs = [p, *p.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return float("nan")
+    total = 0
+    for q in procs:
+        try:
+            total += q.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total / 2**20
+
+
+async def load(url: str, studies, n_requests: int, clients: int, token: str | None, timeout: float):
+    """n_requests studies (cycling over `studies`) from `clients` concurrent clients; -> latencies, statuses."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    latencies, statuses, retry_after = [], Counter(), Counter()
+    queue = asyncio.Queue()
+    for i in range(n_requests):
+        queue.put_nowait(studies[i % len(studies)])
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout, headers=headers) as client:
+        async def worker():
+            while True:
+                try:
+                    study = queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    return
+                files = [("images", (name, blob, "application/octet-stream")) for name, blob, _ in study]
+                data = {"views": [v for _, _, v in study]}
+                t = time.perf_counter()
+                try:
+                    r = await client.post("/predict", files=files, data=data)
+                    statuses[r.status_code] += 1
+                    if r.status_code == 503:
+                        retry_after[r.headers.get("retry-after", "none")] += 1
+                except httpx.HTTPError as e:
+                    statuses[type(e).__name__] += 1
+                latencies.append(time.perf_counter() - t)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        wall = time.perf_counter() - t0
+    return np.asarray(latencies) * 1e3, statuses, retry_after, wall
+
+
+class Service:
+    """`bentoml serve` on loopback over a private model store holding one artefact."""
+
+    def __init__(self, artefact: Path, port: int, env: dict | None = None):
+        self.tmp = Path(tempfile.mkdtemp(prefix="cxrlt-bench-"))
+        self.env = {**os.environ, "BENTOML_HOME": str(self.tmp / "bentoml"), "BENTOML_DO_NOT_TRACK": "true",
+                    "CXRLT_PREDICTION_LOG": str(self.tmp / "predictions.jsonl"), "HF_HUB_OFFLINE": "1",
+                    **(env or {})}
+        py = sys.executable
+        code = ("import sys; from cxrlt import registry; t = registry.register(sys.argv[1]); "
+                "registry.set_serving(t, 'bench'); print(t)")
+        self.tag = subprocess.run([py, "-c", code, str(artefact)], env=self.env, cwd=ROOT, check=True,
+                                  capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        self.url = f"http://127.0.0.1:{port}"
+        bentoml = str(Path(py).with_name("bentoml"))
+        self.log = open(self.tmp / "service.log", "wb")
+        self.proc = subprocess.Popen([bentoml, "serve", "service.service:CXRService", "--host", "127.0.0.1",
+                                      "--port", str(port)], cwd=ROOT, env=self.env, stdout=self.log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.wait_ready()
+
+    def wait_ready(self, limit_s: float = 180) -> None:
+        import requests
+
+        end = time.time() + limit_s
+        while time.time() < end:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"the service exited ({self.proc.returncode}); see {self.tmp / 'service.log'}")
+            try:
+                if requests.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        raise SystemExit(f"the service was not ready within {limit_s:.0f} s; see {self.tmp / 'service.log'}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        self.log.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def run_phase(url, pid, studies, n_requests, clients, token, timeout) -> dict:
+    rss0 = tree_rss_mb(pid) if pid else float("nan")
+    lat, statuses, retry_after, wall = asyncio.run(load(url, studies, n_requests, clients, token, timeout))
+    rss1 = tree_rss_mb(pid) if pid else float("nan")
+    ok = lat[: len(lat)]
+    return {"clients": clients, "requests": n_requests, "wall_s": round(wall, 2),
+            "throughput_rps": round(statuses.get(200, 0) / wall, 2),
+            "p50_ms": round(float(np.percentile(ok, 50)), 1), "p95_ms": round(float(np.percentile(ok, 95)), 1),
+            "p99_ms": round(float(np.percentile(ok, 99)), 1),
+            "status": {str(k): v for k, v in sorted(statuses.items(), key=str)},
+            "retry_after": dict(retry_after), "rss_mb_before": round(rss0, 1), "rss_mb_after": round(rss1, 1)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--artefact", type=Path, help="an evaluated model artefact folder to serve")
+    src.add_argument("--url", help="target a running service instead (no memory figures)")
+    ap.add_argument("--manifest", type=Path, default=ROOT / "prepared" / "manifest",
+                    help="studies come from its test split (default: the demo's, prepared/manifest)")
+    ap.add_argument("--requests", type=int, default=400, help="requests per phase (default 400)")
+    ap.add_argument("--full-requests", type=int, default=100, help="requests per full-size phase (default 100)")
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--sizes", nargs="+", default=["demo", "full"], choices=["demo", "full"])
+    ap.add_argument("--port", type=int, default=3917)
+    ap.add_argument("--timeout", type=float, default=120, help="per-request client timeout in seconds")
+    ap.add_argument("--json", type=Path, help="also write the figures here")
+    a = ap.parse_args(argv)
+    token = os.environ.get("CXRLT_API_TOKEN")
+
+    studies = demo_studies(a.manifest, 64)
+    svc = Service(a.artefact, a.port) if a.artefact else None
+    url, pid = (svc.url, svc.proc.pid) if svc else (a.url, None)
+    results = {"cpu_count": os.cpu_count(), "phases": []}
+    try:
+        for size in a.sizes:
+            stream = studies if size == "demo" else [[(n, upscale(b, i * 7 + j), v) for j, (n, b, v) in enumerate(s)]
+                                                      for i, s in enumerate(studies[:8])]
+            n = a.requests if size == "demo" else a.full_requests
+            asyncio.run(load(url, stream, min(8, n), 1, token, a.timeout))  # warm-up, not counted
+            if size == "full":
+                results["full_decode_ms"] = round(float(np.median([decode_ms(s) for s in stream[:4]])), 1)
+                results["full_study_mb"] = round(sum(len(b) for _, b, _ in stream[0]) / 2**20, 2)
+            for c in a.clients:
+                r = {"size": size, **run_phase(url, pid, stream, n, c, token, a.timeout)}
+                results["phases"].append(r)
+                print(json.dumps(r), flush=True)
+    finally:
+        if svc:
+            svc.stop()
+    by = {(r["size"], r["clients"]): r for r in results["phases"]}
+    lo, hi = min(a.clients), max(a.clients)
+    print("\nsummary")
+    for size in a.sizes:
+        one, many = by.get((size, lo)), by.get((size, hi))
+        if one and many and lo != hi:
+            bad = sum(v for k, v in many["status"].items() if k not in ("200", "503"))
+            shed = many["status"].get("503", 0)
+            print(f"  {size}: {hi} clients / {lo} client throughput = {many['throughput_rps'] / one['throughput_rps']:.2f}x"
+                  f" ({many['throughput_rps']} vs {one['throughput_rps']} req/s); errors other than 503: {bad};"
+                  f" 503: {shed} ({100 * shed / many['requests']:.1f}%); p99 {many['p99_ms']} ms;"
+                  f" RSS {many['rss_mb_before']} -> {many['rss_mb_after']} MB")
+    if "full_decode_ms" in results and ("full", lo) in by:
+        print(f"  full-size study, {lo} client: p50 {by[('full', lo)]['p50_ms']} ms vs decoding its two JPEGs "
+              f"{results['full_decode_ms']} ms = {by[('full', lo)]['p50_ms'] / results['full_decode_ms']:.2f}x"
+              f" (study {results['full_study_mb']} MB)")
+    if a.json:
+        a.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
