@@ -118,14 +118,22 @@ def cmd_registry(a):
 
 
 def cmd_predict(a):
-    from .data.transforms import load_grayscale
+    from .data.images import ImageDecodeError, read_image
     from .inference import Predictor
 
     p = Predictor.from_path(a.artefact) if a.artefact else Predictor.from_registry(a.tag)
-    imgs = [load_grayscale(f) for f in a.images]
-    res = p.describe(p.predict([imgs], [a.views] if a.views else None)[0])
+    imgs, header_views = [], []
+    for f in a.images:
+        try:
+            img, info = read_image(f)
+        except ImageDecodeError as e:
+            raise ImageDecodeError(f"{f}: {e.problem}", e.todo) from None
+        imgs.append(img)
+        header_views.append(info.view)     # DICOM ViewPosition; None (unknown) for PNG / JPEG
+    views = a.views if a.views else header_views
+    res = p.describe(p.predict([imgs], [views])[0])
     if a.finding:
-        res["zero_shot"] = p.score_findings(imgs, a.finding, a.views, ensemble=a.ensemble)
+        res["zero_shot"] = p.score_findings(imgs, a.finding, views, ensemble=a.ensemble)
     print(json.dumps(res, indent=2))
 
 
@@ -241,8 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
                                       "(default: the served model's data, or the only data set registered)")
 
     p = add("predict", cmd_predict, "score one study (1-4 images) with the served or a given model")
-    p.add_argument("images", nargs="+", help="image files of one study")
-    p.add_argument("--views", nargs="+", help="view per image: frontal / lateral / unknown")
+    p.add_argument("images", nargs="+", help="image files of one study: PNG, JPEG or DICOM (.dcm)")
+    p.add_argument("--views", nargs="+", help="view per image: frontal / lateral / unknown (default: a DICOM's ViewPosition, else "
+                        "unknown)")
     p.add_argument("--finding", action="append", metavar="TEXT",
                    help="also score a finding from its text, 'Name' or 'Name: description' (zero-shot; text-query "
                         "models only; scored in the prompt form the model was trained with; uncalibrated); "

@@ -25,7 +25,7 @@ __all__ = ["MANIFEST_COLUMNS", "SPLITS", "SYNTHETIC_MARKER", "VIEW_CODES", "Mani
            "build_manifest", "load_manifest", "view_type"]
 
 VIEW_CODES = {"frontal": 0, "lateral": 1, "unknown": 2}
-LATERAL_VIEWS = frozenset({"LATERAL", "LL", "XTABLE LATERAL", "SWIMMERS"})
+LATERAL_VIEWS = frozenset({"LATERAL", "LL", "RL", "LAT", "XTABLE LATERAL", "SWIMMERS"})   # as cxrlt.data.dicom
 DEMO_TRUTH = "demo_truth_task3.csv"      # demo-only Task 3 truth (see cxrlt.data.demo)
 # MIMIC-CXR metadata columns a label file may carry besides the ones we read; never taken for labels.
 _KNOWN_EXTRA = {"ViewCodeSequence_CodeMeaning", "Rows", "Columns", "StudyDate", "StudyTime",

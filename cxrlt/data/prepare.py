@@ -4,6 +4,11 @@ Decoding 2500x3000 JPEGs on every epoch is the cost that matters, so training re
 The sources are opened read-only and never modified, moved or deleted (CheXFusion's loader deleted the
 originals after caching; this one refuses any folder that could touch them). Re-running skips images
 already cached at the right size, and a file is only ever visible complete (written, then renamed).
+
+Every source goes through `cxrlt.data.images.read_image(src, size)` (PNG, JPEG or DICOM), the very function
+the service decodes uploads with, so the cache holds the pixels the service would see. A cached file is a
+JPEG under the source's own relative path and name (a .png or .dcm source keeps its name): the readers go by
+content, not by name.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from pathlib import Path
 from PIL import Image
 
 from .demo import default_workers, run_chunked
+from .images import ImageDecodeError, read_image
 from .manifest import ManifestError, load_manifest
 
 DEFAULT_SIZE = 1024      # CheXFusion's input side; the demo pipeline passes its own, much smaller size
@@ -31,16 +37,20 @@ def _is_cached(path: Path, size: int) -> bool:
         return False
 
 
+def cache_pixels(src: str, size: int) -> Image.Image:
+    """The size x size grayscale picture the cache saves for a source (before JPEG encoding): exactly what
+    `read_image(file bytes, size)` gives the service for the same file, whatever its format."""
+    return read_image(src, size)[0]
+
+
 def _resize_chunk(jobs: list[tuple[str, str]], _root: str, size: int) -> list[str]:
     """Resize (source, destination) pairs; returns 'path: reason' for images that could not be read."""
     failed = []
     for src, dst in jobs:
         try:
-            with Image.open(src) as im:        # Image.open only ever reads the source
-                im.draft("L", (size, size))    # JPEG: let the decoder downscale by 1/2..1/8 first (fast)
-                im = im.convert("L").resize((size, size), Image.Resampling.BILINEAR)
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
-            failed.append(f"{src}: {type(e).__name__}: {e}")
+            im = cache_pixels(src, size)       # read_image only ever reads the source
+        except ImageDecodeError as e:
+            failed.append(f"{src}: {e}")
             continue
         os.makedirs(os.path.dirname(dst), exist_ok=True)
         tmp = dst + ".part"
@@ -92,7 +102,8 @@ def prepare_cache(manifest_dir, out_dir, size: int = DEFAULT_SIZE, workers: int 
                             "with check_images=True; already cached images are kept and skipped next time.")
     meta = dict(m.meta)
     meta["image_root"] = "."
-    meta["cache"] = {"size": size, "quality": QUALITY, "resize": "bilinear to size x size (aspect not kept)",
+    meta["cache"] = {"size": size, "quality": QUALITY, "format": "JPEG under the source's name",
+                     "resize": "bilinear to size x size (aspect not kept)",
                      "source_manifest_md5": _md5_text(Path(manifest_dir) / "manifest.csv")}
     shutil.copyfile(Path(manifest_dir) / "manifest.csv", out / "manifest.csv")
     (out / "manifest.json").write_text(json.dumps(meta, indent=2) + "\n")

@@ -1,52 +1,26 @@
 """Image decoding and tensor transforms: ONE definition shared by training, evaluation and the service.
 
-A radiograph is read as 8-bit grayscale, resized to a square, repeated to 3 channels and normalised with
-the ImageNet statistics (what timm backbones expect; CheXFusion did the same).
+A radiograph is read as 8-bit grayscale (PNG, JPEG or DICOM: `cxrlt.data.images`), resized to a square,
+repeated to 3 channels and normalised with the ImageNet statistics (what timm backbones expect; CheXFusion
+did the same).
 """
 
 from __future__ import annotations
 
-import io
-from pathlib import Path
-from typing import BinaryIO
-
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
+
+# The one reader lives in images.py (PNG / JPEG / DICOM); these names stay importable from here.
+from .images import ImageDecodeError, load_grayscale, read_image, to_grayscale
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ImageDecodeError", "augment", "image_stats", "image_to_tensor",
+           "load_grayscale", "read_image", "to_grayscale"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
 _STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-
-
-class ImageDecodeError(ValueError):
-    """The bytes are not an image PIL can read."""
-
-
-def load_grayscale(src: str | Path | bytes | BinaryIO) -> Image.Image:
-    """Open an image (path, bytes or file object) as 8-bit grayscale without touching the source."""
-    try:
-        if isinstance(src, (bytes, bytearray)):
-            img = Image.open(io.BytesIO(src))
-        else:
-            img = Image.open(src)
-        img.load()
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ImageDecodeError(f"not a readable image ({e.__class__.__name__}: {e})") from None
-    return to_grayscale(img)
-
-
-def to_grayscale(img: Image.Image) -> Image.Image:
-    if img.mode == "L":
-        return img
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16-bit radiographs: rescale the used range to 8 bits instead of clipping at 255
-        a = np.asarray(img, dtype=np.float32)
-        lo, hi = float(a.min()), float(a.max())
-        a = (a - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(a)
-        return Image.fromarray(a.astype(np.uint8), mode="L")
-    return img.convert("L")
 
 
 def image_to_tensor(img: Image.Image, size: int) -> torch.Tensor:
