@@ -11,7 +11,7 @@ from cxrlt.cli import main
 from cxrlt.data.demo import generate_demo
 from cxrlt.data.images import load_grayscale, read_image
 from cxrlt.data.manifest import build_manifest, load_manifest
-from cxrlt.data.prepare import cache_pixels, prepare_cache
+from cxrlt.data.prepare import READER, cache_pixels, prepare_cache
 from dicom_factory import ENCODABLE, make_dicom
 
 
@@ -63,6 +63,14 @@ def test_manifest_and_cache_from_dicom_sources(dicom_demo, tmp_path):
     times = {p: p.stat().st_mtime_ns for p in out.rglob("*.dcm")}
     prepare_cache(dicom_demo / "manifest", out, size=32, workers=1, progress=False)   # all cached: skipped
     assert times == {p: p.stat().st_mtime_ns for p in out.rglob("*.dcm")}
+    # a cache written by an older reader (no "reader" recorded) has its non-JPEG images redone
+    meta = json.loads((out / "manifest.json").read_text())
+    assert meta["cache"]["reader"] == READER
+    del meta["cache"]["reader"]
+    (out / "manifest.json").write_text(json.dumps(meta))
+    prepare_cache(dicom_demo / "manifest", out, size=32, workers=1, progress=False)
+    assert all(p.stat().st_mtime_ns != t for p, t in times.items())
+    assert json.loads((out / "manifest.json").read_text())["cache"]["reader"] == READER
 
 
 def test_a_missing_dicom_is_named_by_the_manifest_check(dicom_demo, tmp_path):

@@ -98,3 +98,28 @@ def test_worker_processes_return_every_failure(tmp_path):
 def test_bad_size_is_refused(source, tmp_path):
     with pytest.raises(ValueError, match="at least 8"):
         prepare_cache(source / "manifest", tmp_path / "c", size=2)
+
+
+def test_a_cache_from_an_older_reader_keeps_its_jpegs(source, tmp_path):
+    """JPEG sources give the same pixels with every reader version: an older cache's JPEGs are not redone."""
+    import json
+
+    out = prepare_cache(source / "manifest", tmp_path / "cache", size=24, workers=1, progress=False)
+    meta = json.loads((out / "manifest.json").read_text())
+    del meta["cache"]["reader"]
+    (out / "manifest.json").write_text(json.dumps(meta))
+    times = {p: p.stat().st_mtime_ns for p in out.rglob("*.jpg")}
+    prepare_cache(source / "manifest", out, size=24, workers=1, progress=False)
+    assert times == {p: p.stat().st_mtime_ns for p in out.rglob("*.jpg")}
+
+
+def test_16_bit_sources_are_cached_stretched_not_clipped(tmp_path):
+    import numpy as np
+
+    src = tmp_path / "x.png"
+    Image.fromarray((np.arange(64 * 64).reshape(64, 64) * 15).astype(np.uint16)).save(src)   # up to 61425
+    dst = tmp_path / "out" / "x.png"
+    assert _resize_chunk([(str(src), str(dst))], str(tmp_path), 32) == []
+    with Image.open(dst) as im:
+        a = np.asarray(im, dtype=float)
+    assert im.format == "JPEG" and a.min() < 5 and a.max() > 250 and a.mean() == pytest.approx(127.5, abs=5)

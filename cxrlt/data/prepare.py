@@ -27,6 +27,10 @@ from .manifest import ManifestError, load_manifest
 
 DEFAULT_SIZE = 1024      # CheXFusion's input side; the demo pipeline passes its own, much smaller size
 QUALITY = 95
+# Bump when read_image gives other pixels for the same file. Version 1 (the one reader, images.py) changed
+# 16-bit PNGs (stretched min-max; PIL's convert had clipped them at 255) and added DICOM; JPEGs are unchanged.
+READER = "cxrlt.data.images/1"
+_UNCHANGED_BY_READER = (".jpg", ".jpeg")
 
 
 def _is_cached(path: Path, size: int) -> bool:
@@ -81,6 +85,7 @@ def prepare_cache(manifest_dir, out_dir, size: int = DEFAULT_SIZE, workers: int 
     out, src_root = Path(out_dir).resolve(), m.image_root.resolve()
     _refuse_overlap(out, src_root, Path(manifest_dir).resolve())
     jobs, real_dirs = [], {}
+    same_reader = _cached_reader(out) == READER    # else non-JPEG images cached by an older reader are redone
     for rel in m.frame["path"].drop_duplicates():
         src, dst = src_root / rel, out / rel
         parent = str(dst.parent)
@@ -89,7 +94,7 @@ def prepare_cache(manifest_dir, out_dir, size: int = DEFAULT_SIZE, workers: int 
             if real_dirs[parent] == src_root or src_root in real_dirs[parent].parents:
                 raise ManifestError(f"The cache folder '{parent}' is linked into the source images.",
                                     hint="choose a cache folder without links into the source images.")
-        if not _is_cached(dst, size):
+        if not _is_cached(dst, size) or not (same_reader or rel.lower().endswith(_UNCHANGED_BY_READER)):
             jobs.append((str(src), str(dst)))
     out.mkdir(parents=True, exist_ok=True)
     results = run_chunked(_resize_chunk, jobs, out, size, workers or default_workers(), progress,
@@ -102,12 +107,20 @@ def prepare_cache(manifest_dir, out_dir, size: int = DEFAULT_SIZE, workers: int 
                             "with check_images=True; already cached images are kept and skipped next time.")
     meta = dict(m.meta)
     meta["image_root"] = "."
-    meta["cache"] = {"size": size, "quality": QUALITY, "format": "JPEG under the source's name",
+    meta["cache"] = {"size": size, "quality": QUALITY, "format": "JPEG under the source's name", "reader": READER,
                      "resize": "bilinear to size x size (aspect not kept)",
                      "source_manifest_md5": _md5_text(Path(manifest_dir) / "manifest.csv")}
     shutil.copyfile(Path(manifest_dir) / "manifest.csv", out / "manifest.csv")
     (out / "manifest.json").write_text(json.dumps(meta, indent=2) + "\n")
     return out
+
+
+def _cached_reader(out: Path) -> str | None:
+    """The reader version a complete earlier run recorded in the cache's manifest.json (None if none)."""
+    try:
+        return json.loads((out / "manifest.json").read_text())["cache"].get("reader")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def _md5_text(path: Path) -> str:
