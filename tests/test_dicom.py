@@ -126,6 +126,27 @@ def test_signed_16_bit():
     assert corr(signed12, out) > 0.999
 
 
+def test_unused_high_bits_and_unextended_signs_are_handled():
+    a = ramp(0, 4095)
+    clean = px(make_dicom(a, bits_stored=12))
+    assert np.array_equal(px(make_dicom(a | 0x8000, bits_stored=12)), clean)       # e.g. overlay bits
+    s = a.astype(np.int16) - 2048
+    extended = px(make_dicom(s, bits_stored=12, signed=True))
+    raw = s.astype(np.uint16) & 0x0FFF                                              # 12-bit two's complement
+    assert np.array_equal(px(make_dicom(raw, bits_stored=12, signed=True)), extended)
+    assert np.array_equal(extended, clean)
+
+
+def test_without_a_window_a_dicom_looks_like_its_16_bit_png():
+    """No window: the full range, the same rule as 16-bit PNGs, so both exports of a picture agree."""
+    from PIL import Image
+
+    stored = to_stored(chest_pixels(), 16)
+    buf = io.BytesIO()
+    Image.fromarray(stored).save(buf, format="PNG")
+    assert np.abs(px(make_dicom(stored, bits_stored=16)) - px(buf.getvalue())).max() <= 1
+
+
 @pytest.mark.parametrize("syntax", [s for s in ENCODABLE if s != "explicit"])
 def test_compressed_syntaxes_decode_to_the_uncompressed_pixels(syntax):
     for kw in ({}, {"bits_stored": 16}, {"bits_stored": 8}, {"photometric": "MONOCHROME1"}):
@@ -156,8 +177,9 @@ def test_the_same_chest_under_every_variation_gives_nearly_the_same_picture():
 
 # ------------------------------------------------------------------ what the header says
 def test_info_has_the_technical_fields_only():
-    img, info = read_image(make_dicom(size=(96, 128), modality="cr", body_part="chest", view="LL",
-                                      syntax="rle" if "rle" in ENCODABLE else "explicit"))
+    data = make_dicom(size=(96, 128), modality="cr", body_part="chest", view="LL",
+                      syntax="rle" if "rle" in ENCODABLE else "explicit")
+    img, info = read_image(io.BytesIO(data))
     assert img.size == (128, 96) and img.mode == "L"
     assert (info.format, info.width, info.height, info.chroma) == ("DICOM", 128, 96, 0.0)
     assert (info.modality, info.body_part, info.view, info.photometric, info.bits_stored) == \
@@ -210,7 +232,14 @@ def _unknown_syntax():
     return buf.getvalue()
 
 
+def _truncated_compressed():
+    syntax = next((s for s in ("jpeg2000", "rle", "jpegls") if s in ENCODABLE), "explicit")
+    data = make_dicom(syntax=syntax)
+    return data[: len(data) - 3000]
+
+
 REFUSED = {
+    "truncated compressed": (_truncated_compressed, r"truncated or corrupt"),
     "multi-frame": (lambda: make_dicom(frames=3), r"3 frames.*one frame"),
     "colour": (lambda: make_dicom(samples=3), r"colour.*RGB"),
     "palette": (lambda: make_dicom(photometric="PALETTE COLOR"), r"PALETTE COLOR.*MONOCHROME1 or MONOCHROME2"),

@@ -63,7 +63,7 @@ def read_dicom(src: bytes | str, max_pixels: int | None = None) -> tuple[np.ndar
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ds = _dataset(src)
-        info, syntax = _check_header(ds)
+        info, syntax = _check_header(ds, src)
         limit = max_pixels if max_pixels is not None else Image.MAX_IMAGE_PIXELS
         if limit and info.width * info.height > limit:
             raise too_many_pixels(info.width, info.height, limit)
@@ -118,7 +118,20 @@ def _int(ds, keyword: str, default=None, required: bool = True) -> int | None:
         raise ImageDecodeError(f"the DICOM {keyword} is not a number: the file is corrupt", _FIX) from None
 
 
-def _check_header(ds) -> tuple[ImageInfo, str]:
+def _mentions_pixel_data(src) -> bool:
+    """Whether the raw file holds the Pixel Data tag (7FE0,0010), little or big endian."""
+    try:
+        if isinstance(src, bytes):
+            data = src
+        else:
+            with open(src, "rb") as f:
+                data = f.read()
+    except OSError:
+        return False
+    return b"\xe0\x7f\x10\x00" in data or b"\x7f\xe0\x00\x10" in data
+
+
+def _check_header(ds, src) -> tuple[ImageInfo, str]:
     try:
         syntax = str(ds.file_meta.TransferSyntaxUID)
         has_pixels = "PixelData" in ds
@@ -129,9 +142,13 @@ def _check_header(ds) -> tuple[ImageInfo, str]:
         raise ImageDecodeError("the DICOM header could not be read: the file is truncated or corrupt",
                                _FIX) from None
     if not has_pixels:
-        what = "float pixel data, not an image of integers" if has_float else "no image (no Pixel Data)"
-        raise ImageDecodeError(f"the DICOM has {what}", "send the DICOM file of the radiograph itself (not a "
-                               "report, a structured report or a presentation state)")
+        if has_float:
+            raise ImageDecodeError("the DICOM has float pixel data, not an image of integers", _GREY)
+        if _mentions_pixel_data(src):   # the tag is there but pydicom dropped an element cut off by the end
+            raise ImageDecodeError("the DICOM Pixel Data could not be read: the file is truncated or corrupt",
+                                   _FIX)
+        raise ImageDecodeError("the DICOM has no image (no Pixel Data)", "send the DICOM file of the radiograph "
+                               "itself (not a report, a structured report or a presentation state)")
     frames = _int(ds, "NumberOfFrames", 1)
     if frames != 1:
         raise ImageDecodeError(f"the DICOM has {frames} frames: only single-frame images (one frame) are read",

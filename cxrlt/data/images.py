@@ -201,7 +201,7 @@ def _read_pil(opener, head: bytes, size: int | None, max_pixels: int | None) -> 
             if size is not None and fmt == "JPEG":
                 return _jpeg_downscaled(im, opener, head, size, max_pixels)
             im.load()
-            grey, chroma, bits = to_grayscale(im), _chroma(im), 16 if im.mode.startswith("I") else 8
+            grey, chroma, bits = to_grayscale(im), _chroma(im), _BITS.get(im.mode, 8)
     except (OSError, SyntaxError, ValueError) as e:
         raise _corrupt(fmt, e) from None
     if size is not None and grey.size != (size, size):
@@ -248,6 +248,7 @@ def _corrupt(fmt: str, e: Exception) -> ImageDecodeError:
                             f"({type(e).__name__})", "send the original, complete file")
 
 
+_BITS = {"I;16": 16, "I;16B": 16, "I;16L": 16, "I": 32, "F": 32}
 _GREY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "F")
 
 
