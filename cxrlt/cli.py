@@ -250,8 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("predict", cmd_predict, "score one study (1-4 images) with the served or a given model")
     p.add_argument("images", nargs="+", help="image files of one study: PNG, JPEG or DICOM (.dcm)")
-    p.add_argument("--views", nargs="+", help="view per image: frontal / lateral / unknown (default: a DICOM's ViewPosition, else "
-                        "unknown)")
+    p.add_argument("--views", nargs="+",
+                   help="view per image: frontal / lateral / unknown (default: a DICOM's ViewPosition, else unknown)")
     p.add_argument("--finding", action="append", metavar="TEXT",
                    help="also score a finding from its text, 'Name' or 'Name: description' (zero-shot; text-query "
                         "models only; scored in the prompt form the model was trained with; uncalibrated); "
