@@ -6,7 +6,8 @@
   history.csv           loss and validation mAP per epoch                   }
   metrics.json          summary metrics per split                           } written by evaluation
   eval/                 thresholds.json, per_label_<split>.csv,             } (a separate DVC stage,
-                        predictions_<split>.csv                             }  so separate files)
+                        predictions_<split>.csv,                            }  so separate files)
+                        gate.json + gate.safetensors (OOD gate, cxrlt.gate) }
 `read_meta` merges both halves, so callers see one record.
 """
 
@@ -64,7 +65,8 @@ def save_artefact(out_dir: str | Path, model: torch.nn.Module, *, model_name: st
 
 
 def read_meta(path: str | Path) -> dict:
-    """artefact.json plus, when evaluated, `metrics` and `thresholds`."""
+    """artefact.json plus, when evaluated, `metrics` and `thresholds`, and `gate` (threshold, target false
+    rejection rate, counts) when an OOD gate is stored."""
     p = Path(path) / META
     if not p.exists():
         raise ArtefactError(f"{path} is not a model artefact (no {META}); train one with `cxrlt train`")
@@ -75,6 +77,9 @@ def read_meta(path: str | Path) -> dict:
     if thr.exists():
         t = json.loads(thr.read_text())
         meta["thresholds"], meta["threshold_split"] = t["thresholds"], t["split"]
+    gate = Path(path) / EVAL_DIR / "gate.json"
+    if gate.exists():  # the OOD gate's record (its arrays: cxrlt.gate.load_gate)
+        meta["gate"] = {k: v for k, v in json.loads(gate.read_text()).items() if k != "reference"}
     return meta
 
 

@@ -176,6 +176,15 @@ def cmd_send(a):
     print(json.dumps(send_studies(a.url, a.manifest, a.split, a.studies, a.seed), indent=2))
 
 
+def cmd_gate(a):
+    from .data.manifest import load_manifest
+    from .gate import calibrate_artefact
+
+    g = calibrate_artefact(a.artefact, load_manifest(a.manifest), frr=a.frr, max_train=a.max_train, seed=a.seed,
+                           device=a.device, log=None if a.quiet else print)
+    print(json.dumps({k: v for k, v in g.describe().items() if k != "reference"}, indent=2))
+
+
 def cmd_models(a):
     from .models import list_models
 
@@ -293,6 +302,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--url", default=os.environ.get("CXRLT_SERVICE_URL", "http://127.0.0.1:3000"),
                    help="service URL (default: $CXRLT_SERVICE_URL or http://127.0.0.1:3000)")
+
+    p = add("gate", cmd_gate, "(re)calibrate an artefact's OOD input gate: fitted on the manifest's train images, "
+            "threshold on val; written to ARTEFACT/eval/gate.json (`cxrlt evaluate` does this too)")
+    p.add_argument("artefact", help="artefact folder (models/<variant>)")
+    p.add_argument("--manifest", required=True, help="the manifest the model was trained on (train and val splits)")
+    p.add_argument("--frr", type=float, default=0.01,
+                   help="share of genuine images the gate may refuse (default: 0.01)")
+    p.add_argument("--max-train", type=int, default=4000,
+                   help="training images to fit on (seeded sample; default: 4000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    p.add_argument("--quiet", action="store_true")
 
     p = add("models", cmd_models, "list the registered model architectures")
     p.add_argument("pattern", nargs="?", default="*")

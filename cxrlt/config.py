@@ -53,6 +53,8 @@ class EvalConfig:
     tta_flip: bool = False         # mean of image and its horizontal flip
     batch_size: int = 32
     bootstrap: int = 0             # bootstrap resamples for confidence intervals (0 = none)
+    gate_frr: float = 0.01         # OOD gate: share of genuine (validation-like) images it may refuse
+    gate_max_train: int = 4000     # OOD gate: training images it is fitted on (seeded sample; cxrlt.gate)
 
     def __post_init__(self):
         # thresholds tuned on dev or test would be fitted to the very images they are then scored on
@@ -60,6 +62,9 @@ class EvalConfig:
             raise ValueError(f"eval.split is {self.split!r}: thresholds are tuned on the validation split only "
                              "(tuning on dev/test leaks their labels into their scores). Set eval.split: val; "
                              "the tuned thresholds are then applied unchanged to dev and test.")
+        if not 0 < self.gate_frr < 1:
+            raise ValueError(f"eval.gate_frr is {self.gate_frr}: it is the share of genuine images the OOD gate "
+                             "may refuse, between 0 and 1 (e.g. 0.01)")
 
 
 @dataclass(frozen=True)

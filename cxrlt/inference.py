@@ -71,6 +71,65 @@ class Predictor:
     def synthetic(self) -> bool:
         return bool(self.artefact.meta.get("synthetic"))
 
+    @property
+    def ood_gate(self):
+        """The artefact's OOD gate (`cxrlt.gate.OODGate`), or None when it carries none."""
+        if not hasattr(self, "_ood_gate"):
+            from .gate import load_gate
+            from .gate.ood import GateError, feature_name
+
+            gate, want = load_gate(self.artefact.path), (feature_name(self.artefact.model), self.image_size)
+            if gate is not None and (gate.feature, gate.image_size) != want:
+                raise GateError(f"the OOD gate of {self.tag} ({gate.feature}, {gate.image_size} px) does not fit the "
+                                f"model ({want[0]}, {want[1]} px); recalibrate it with `cxrlt gate`")
+            self._ood_gate = gate
+        return self._ood_gate
+
+    @torch.inference_mode()
+    def gate_images(self, images: Sequence[Image.Image], views: Sequence[str | None] | None = None) -> list:
+        """The out-of-distribution check of each image (a `cxrlt.gate.GateCheck`, in order): its score, the
+        stored threshold, passed or not. Each image is scored on its own (views route a view-specific
+        backbone, as in `predict`), so a score never depends on the other images. A model without a gate
+        gets checks that did not run, saying so. A refused image whose negative would pass is reported as
+        inverted. Combine with the rules: `cxrlt.gate.check_image(info, image) + [check]`."""
+        from .gate.ood import features
+        from .gate.rules import GateCheck
+
+        views = list(views) if views is not None else [None] * len(images)
+        if len(views) != len(images):
+            raise StudyInputError(f"{len(images)} images but {len(views)} views: give one view per image or none")
+        codes = [view_code(v) for v in views]
+        gate = self.ood_gate
+        if gate is None:
+            why = (f"model {self.tag} carries no OOD gate (eval/gate.json): the out-of-distribution check did not "
+                   "run. Calibrate one with `cxrlt gate ARTEFACT --manifest DIR`")
+            return [GateCheck("ood", False, None, None, why) for _ in images]
+        if not images:
+            return []
+        model, size = self.artefact.model, self.image_size
+        scores = gate.score(features(model, images, codes, size, gate.reference, self.device))
+        refused = [i for i, s in enumerate(scores) if s > gate.threshold]
+        negative = {}
+        if refused:  # would the negative pass? then say so (a PNG / JPEG exported with the wrong polarity)
+            neg = gate.score(features(model, [images[i] for i in refused], [codes[i] for i in refused], size,
+                                      gate.reference, self.device, invert=True))
+            negative = dict(zip(refused, neg <= gate.threshold))
+        thr, out = round(float(gate.threshold), 4), []
+        for i, s in enumerate(scores):
+            s = round(float(s), 4)
+            if i not in negative:
+                out.append(GateCheck("ood", True, True, None, "", s, thr))
+            elif negative[i]:
+                msg = ("The image looks like a negative (inverted: bone dark, air bright). Send it with bone bright "
+                       "(DICOM with its PhotometricInterpretation, or a PNG / JPEG as a viewer shows it).")
+                out.append(GateCheck("ood", True, False, "inverted", msg, s, thr))
+            else:
+                msg = (f"The image does not look like the chest radiographs this model was trained on (OOD score "
+                       f"{s:.1f} above the threshold {thr:.1f}, set so that {gate.frr:.0%} of genuine images are "
+                       "refused). Send a frontal or lateral chest radiograph of an adult.")
+                out.append(GateCheck("ood", True, False, "ood", msg, s, thr))
+        return out
+
     def encode_study(self, images: Sequence[Image.Image], views: Sequence[str | None] | None = None):
         """-> (images [V,3,S,S], view_mask [V], view_types [V]) for one study; single-view models get
         the study's images as separate items (see predict)."""

@@ -97,7 +97,8 @@ def evaluate(artefact_dir: str | Path, manifest: Manifest, ec: EvalConfig, image
     """Score the artefact on each available split; thresholds are tuned on validation (`ec.split`).
 
     The image size is the artefact's (`image_size`, if given, must equal it). Writes metrics.json and
-    eval/{thresholds.json, per_label_<split>.csv, predictions_<split>.csv} into the artefact folder.
+    eval/{thresholds.json, per_label_<split>.csv, predictions_<split>.csv} into the artefact folder, and the
+    OOD gate eval/gate.{json,safetensors} (`fit_ood_gate`).
     Returns {split: summary metrics}.
     """
     dev = resolve_device(device)
@@ -130,4 +131,21 @@ def evaluate(artefact_dir: str | Path, manifest: Manifest, ec: EvalConfig, image
             from ..models.views import view_classifier_accuracy
             results[split]["view_classifier_accuracy"] = view_classifier_accuracy(art.model, ds)
     write_evaluation(artefact_dir, results, thresholds, ec.split)
+    fit_ood_gate(artefact_dir, art, manifest, ec, dev, progress)
     return results
+
+
+def fit_ood_gate(artefact_dir, art, manifest: Manifest, ec: EvalConfig, dev, progress: bool = True) -> None:
+    """Every evaluated model carries an OOD gate (cxrlt.gate), fitted on train, calibrated on val. A manifest
+    it cannot be fitted on leaves none (and removes a stale one), with a warning: the model still serves, and
+    the service reports that the check did not run."""
+    import warnings
+
+    from ..gate import GateError, calibrate_artefact, remove_gate
+
+    try:
+        calibrate_artefact(artefact_dir, manifest, frr=ec.gate_frr, max_train=ec.gate_max_train, device=str(dev),
+                           batch_size=ec.batch_size, log=print if progress else None, artefact=art)
+    except GateError as e:
+        remove_gate(artefact_dir)
+        warnings.warn(f"no OOD gate for {artefact_dir}: {e}", stacklevel=2)

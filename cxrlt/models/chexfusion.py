@@ -82,6 +82,36 @@ class CheXFusion(nn.Module):
         """Backbone branch per slot; None: one shared backbone, nothing to route."""
         return None
 
+    @torch.no_grad()
+    def image_features(self, images: torch.Tensor, view_types: torch.Tensor | None = None) -> torch.Tensor:
+        """[N, C, H, W] (+ view codes [N], default unknown) -> [N, F] float32: the average-pooled output of
+        every stage the timm backbone lists in `feature_info` (stem to last), concatenated; for a view-specific
+        backbone (which lists none), its last stage's. Each image goes through the branch `forward` would
+        route it to and never depends on the others. Call it in eval mode (BatchNorm running statistics).
+        Used by the OOD input gate (`cxrlt.gate`)."""
+        n = images.shape[0]
+        mask = torch.ones(n, 1, dtype=torch.bool, device=images.device)
+        types = (torch.full((n, 1), UNKNOWN, dtype=torch.long, device=images.device) if view_types is None
+                 else view_types.reshape(n, 1).long().to(images.device))
+        routes = self.route(images[:, None], mask, types)
+        pooled: list[torch.Tensor] = []
+
+        def keep(module, inputs, out):
+            if out.dim() != 4:
+                raise ValueError(f"image_features pools [N, C, H, W] feature maps; {type(module).__name__} gives "
+                                 f"{tuple(out.shape)}")
+            pooled.append(out.float().mean((-2, -1)))
+
+        info = getattr(self.backbone, "feature_info", None) or []
+        hooks = [self.backbone.get_submodule(f["module"]).register_forward_hook(keep) for f in info]
+        try:
+            last = (self.backbone.forward_features(images) if routes is None
+                    else self.backbone.forward_features(images, routes.reshape(-1)))
+        finally:
+            for h in hooks:
+                h.remove()
+        return torch.cat(pooled, 1) if pooled else last.float().mean((-2, -1))
+
     def forward_once(self, images, view_mask, view_types, label_embeddings=None, routes=None) -> torch.Tensor:
         tokens = self.encode_views(images, view_mask, routes)
         fused, pad = self.fusion(tokens, view_mask, view_types)
