@@ -341,14 +341,18 @@ def test_image_features_concatenate_every_stage_and_follow_the_view_route():
     f = m.image_features(x)
     assert f.shape == (3, sum(i["num_chs"] for i in m.backbone.feature_info))
     assert torch.allclose(m.image_features(x[:1]), f[:1], atol=1e-5)
-    v = create_model("chexfusion_separate_test").eval()
-    with torch.no_grad():
-        for p in v.backbone.branches["lateral"].parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    front = v.image_features(x, torch.tensor([0, 0, 0]))
-    lat = v.image_features(x, torch.tensor([1, 1, 1]))
-    assert front.shape == (3, v.num_features) and not torch.allclose(front, lat)
-    assert torch.allclose(v.image_features(x, torch.tensor([0, 1, 0]))[1], lat[1], atol=1e-5)
+    for name in ("chexfusion_separate_test", "chexfusion_split_test"):
+        v = create_model(name).eval()
+        with torch.no_grad():
+            for p in v.backbone.branches["lateral"].parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        front = v.image_features(x, torch.tensor([0, 0, 0]))
+        lat = v.image_features(x, torch.tensor([1, 1, 1]))
+        stages = v.backbone.branches["frontal"].feature_info
+        assert front.shape == (3, sum(i["num_chs"] for i in stages)), name
+        assert not torch.allclose(front, lat), name
+        mixed = v.image_features(x, torch.tensor([0, 1, 0]))
+        assert torch.allclose(mixed[1], lat[1], atol=1e-5) and torch.allclose(mixed[0], front[0], atol=1e-5), name
 
 
 def test_gate_round_trips_through_its_files(tmp_path):

@@ -11,7 +11,7 @@ is inverted by the reader before it gets here. The model's own input is not norm
 the gate runs its own backbone pass rather than sharing the prediction's.
 
 Features. `CheXFusion.image_features`: the average-pooled output of every backbone stage, stem to last,
-concatenated (a view-specific backbone: its last stage only), one vector per image. Early stages see grey-level
+concatenated, one vector per image (through the image's own branch of a view-specific backbone). Early stages see grey-level
 texture and edges, late ones anatomy; on the demo the last stage alone let half of the synthetic knee
 radiographs through, all stages none (bench/bench_gate.py).
 
@@ -56,8 +56,7 @@ class GateError(RuntimeError):
 
 def feature_name(model) -> str:
     """What `features` computes for this model (stored with the gate and checked when it is loaded)."""
-    staged = bool(getattr(getattr(model, "backbone", None), "feature_info", None))
-    return FEATURE if staged else "last_stage_avgpool_histmatched"
+    return FEATURE if model.stage_modules() else "last_stage_avgpool_histmatched"
 
 
 # ------------------------------------------------------------------ the gate's input

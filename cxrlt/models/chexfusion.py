@@ -82,18 +82,33 @@ class CheXFusion(nn.Module):
         """Backbone branch per slot; None: one shared backbone, nothing to route."""
         return None
 
+    def stage_modules(self) -> list[nn.Module]:
+        """The modules whose outputs `image_features` pools: every stage timm lists in `feature_info`, in each
+        part of a view-specific backbone (shared stem and branches; pass-through placeholders skipped)."""
+        bb = self.backbone
+        parts = [bb] if not isinstance(bb, ViewBackbones) else [*([bb.stem] if bb.stem is not None else []),
+                                                                *bb.branches.values()]
+        mods = []
+        for part in parts:
+            for f in getattr(part, "feature_info", None) or []:
+                m = part.get_submodule(f["module"])
+                if not isinstance(m, nn.Identity):
+                    mods.append(m)
+        return mods
+
     @torch.no_grad()
     def image_features(self, images: torch.Tensor, view_types: torch.Tensor | None = None) -> torch.Tensor:
         """[N, C, H, W] (+ view codes [N], default unknown) -> [N, F] float32: the average-pooled output of
-        every stage the timm backbone lists in `feature_info` (stem to last), concatenated; for a view-specific
-        backbone (which lists none), its last stage's. Each image goes through the branch `forward` would
-        route it to and never depends on the others. Call it in eval mode (BatchNorm running statistics).
-        Used by the OOD input gate (`cxrlt.gate`)."""
+        every backbone stage (`stage_modules`, stem to last), concatenated; the last stage's alone for a
+        backbone that lists none. Each image goes through the branch `forward` would route it to and never
+        depends on the others. Call it in eval mode (BatchNorm running statistics). Used by the OOD input
+        gate (`cxrlt.gate`)."""
         n = images.shape[0]
         mask = torch.ones(n, 1, dtype=torch.bool, device=images.device)
         types = (torch.full((n, 1), UNKNOWN, dtype=torch.long, device=images.device) if view_types is None
                  else view_types.reshape(n, 1).long().to(images.device))
         routes = self.route(images[:, None], mask, types)
+        routes = None if routes is None else routes.reshape(-1)
         pooled: list[torch.Tensor] = []
 
         def keep(module, inputs, out):
@@ -102,15 +117,23 @@ class CheXFusion(nn.Module):
                                  f"{tuple(out.shape)}")
             pooled.append(out.float().mean((-2, -1)))
 
-        info = getattr(self.backbone, "feature_info", None) or []
-        hooks = [self.backbone.get_submodule(f["module"]).register_forward_hook(keep) for f in info]
-        try:
-            last = (self.backbone.forward_features(images) if routes is None
-                    else self.backbone.forward_features(images, routes.reshape(-1)))
+        hooks = [m.register_forward_hook(keep) for m in self.stage_modules()]
+        out = None
+        try:  # one run per branch, so the hooked stages of a run all belong to the same images
+            for sel in ([None] if routes is None else [routes == r for r in routes.unique()]):
+                pooled.clear()
+                x = images if sel is None else images[sel]
+                last = (self.backbone.forward_features(x) if sel is None
+                        else self.backbone.forward_features(x, routes[sel]))
+                f = torch.cat(pooled, 1) if pooled else last.float().mean((-2, -1))
+                if sel is None:
+                    return f
+                out = f.new_zeros(n, f.shape[1]) if out is None else out
+                out[sel] = f
         finally:
             for h in hooks:
                 h.remove()
-        return torch.cat(pooled, 1) if pooled else last.float().mean((-2, -1))
+        return out
 
     def forward_once(self, images, view_mask, view_types, label_embeddings=None, routes=None) -> torch.Tensor:
         tokens = self.encode_views(images, view_mask, routes)
