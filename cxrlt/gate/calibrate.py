@@ -12,8 +12,8 @@ import numpy as np
 
 from ..data.dataset import VIEW_CODES
 from ..data.transforms import load_grayscale
-from .ood import (GATE_JSON, GATE_TENSORS, QUANTILES, GateError, OODGate, feature_name, features, fit_gate,
-                  grey_at, image_quantiles)
+from .ood import (GATE_JSON, GATE_TENSORS, QUANTILES, GateError, OODGate, conformal_rank, feature_name, features,
+                  fit_gate, grey_at, image_quantiles)
 
 MAX_TRAIN, MAX_VAL = 4000, 10000
 
@@ -56,6 +56,9 @@ def calibrate(model, manifest, image_size: int, frr: float = 0.01, max_train: in
     model.eval()
     train = _sample(manifest.split("train"), max_train, seed)
     val = _sample(manifest.split("val"), max_val, seed + 1)
+    if len(train) < 20 or len(val) < 20:  # checked before any image is read (fit_gate checks it again)
+        raise GateError(f"{len(train)} training and {len(val)} validation images: the gate needs at least 20 of each")
+    conformal_rank(len(val), frr)
     total = np.zeros(len(QUANTILES))
     for i in range(0, len(train), 512):
         images = _images(manifest, train.iloc[i:i + 512])

@@ -11,9 +11,9 @@ is inverted by the reader before it gets here. The model's own input is not norm
 the gate runs its own backbone pass rather than sharing the prediction's.
 
 Features. `CheXFusion.image_features`: the average-pooled output of every backbone stage, stem to last,
-concatenated, one vector per image (through the image's own branch of a view-specific backbone). Early stages see grey-level
-texture and edges, late ones anatomy; on the demo the last stage alone let half of the synthetic knee
-radiographs through, all stages none (bench/bench_gate.py).
+concatenated, one vector per image (through the image's own branch of a view-specific backbone). Early stages
+see grey-level texture and edges, late ones anatomy; on the demo the last stage alone let about half of the
+synthetic knee radiographs through, all stages none (bench/bench_gate.py).
 
 Score. A Mahalanobis distance (Lee et al., NeurIPS 2018, with the views as classes): features standardised by
 the training images' mean and standard deviation (floored at a hundredth of the median, so a unit that barely
