@@ -99,7 +99,7 @@ async def load(url: str, studies, n_requests: int, clients: int, token: str | No
     import httpx
 
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    latencies, statuses, retry_after = [], Counter(), Counter()
+    latencies, statuses, retry_after, timing = [], Counter(), Counter(), {}
     queue = asyncio.Queue()
     for i in range(n_requests):
         queue.put_nowait(studies[i % len(studies)])
@@ -117,6 +117,10 @@ async def load(url: str, studies, n_requests: int, clients: int, token: str | No
                 try:
                     r = await client.post("/predict", files=files, data=data)
                     statuses[r.status_code] += 1
+                    for part in r.headers.get("server-timing", "").split(","):  # queue/read/decode/model
+                        name, _, dur = part.strip().partition(";dur=")
+                        if dur:
+                            timing.setdefault(name, []).append(float(dur))
                     if r.status_code == 503:
                         retry_after[r.headers.get("retry-after", "none")] += 1
                 except httpx.HTTPError as e:
@@ -126,7 +130,7 @@ async def load(url: str, studies, n_requests: int, clients: int, token: str | No
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(clients)))
         wall = time.perf_counter() - t0
-    return np.asarray(latencies) * 1e3, statuses, retry_after, wall
+    return np.asarray(latencies) * 1e3, statuses, retry_after, wall, timing
 
 
 class Service:
@@ -165,7 +169,7 @@ class Service:
             time.sleep(0.5)
         raise SystemExit(f"the service was not ready within {limit_s:.0f} s; see {self.tmp / 'service.log'}")
 
-    def stop(self) -> None:
+    def stop(self, keep: bool = False) -> None:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
@@ -173,20 +177,24 @@ class Service:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
         self.log.close()
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        if keep:
+            print(f"service log and prediction log kept in {self.tmp}")
+        else:
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def run_phase(url, pid, studies, n_requests, clients, token, timeout) -> dict:
     rss0 = tree_rss_mb(pid) if pid else float("nan")
-    lat, statuses, retry_after, wall = asyncio.run(load(url, studies, n_requests, clients, token, timeout))
+    lat, statuses, retry_after, wall, timing = asyncio.run(load(url, studies, n_requests, clients, token, timeout))
     rss1 = tree_rss_mb(pid) if pid else float("nan")
-    ok = lat[: len(lat)]
+    ok = lat
     return {"clients": clients, "requests": n_requests, "wall_s": round(wall, 2),
             "throughput_rps": round(statuses.get(200, 0) / wall, 2),
             "p50_ms": round(float(np.percentile(ok, 50)), 1), "p95_ms": round(float(np.percentile(ok, 95)), 1),
             "p99_ms": round(float(np.percentile(ok, 99)), 1),
             "status": {str(k): v for k, v in sorted(statuses.items(), key=str)},
-            "retry_after": dict(retry_after), "rss_mb_before": round(rss0, 1), "rss_mb_after": round(rss1, 1)}
+            "retry_after": dict(retry_after), "rss_mb_before": round(rss0, 1), "rss_mb_after": round(rss1, 1),
+            "server_ms_p50": {k: round(float(np.median(v)), 1) for k, v in timing.items()}}
 
 
 def main(argv=None) -> int:
@@ -204,6 +212,7 @@ def main(argv=None) -> int:
     ap.add_argument("--port", type=int, default=3917)
     ap.add_argument("--timeout", type=float, default=120, help="per-request client timeout in seconds")
     ap.add_argument("--json", type=Path, help="also write the figures here")
+    ap.add_argument("--keep", action="store_true", help="keep the service's folder (its log) afterwards")
     a = ap.parse_args(argv)
     token = os.environ.get("CXRLT_API_TOKEN")
 
@@ -226,7 +235,7 @@ def main(argv=None) -> int:
                 print(json.dumps(r), flush=True)
     finally:
         if svc:
-            svc.stop()
+            svc.stop(keep=a.keep)
     by = {(r["size"], r["clients"]): r for r in results["phases"]}
     lo, hi = min(a.clients), max(a.clients)
     print("\nsummary")

@@ -2,46 +2,58 @@
 
 Two services, one process each (BentoML's model-composition pattern):
 
-* `CXRService`, the entry point on the HTTP port: reads and checks uploads (service/uploads.py), answers
-  bad input with a 4xx JSON `{"error": ...}`, logs every prediction (cxrlt.monitoring), and calls
-* `CXRModel`, which holds the model and exposes ONE batchable API: concurrent studies are grouped by
-  BentoML's adaptive batching (see `bentoml_service_adaptive_batch_size` in /metrics) and scored with
-  `cxrlt.inference.Predictor` in a single forward pass.
+* `CXRService`, the entry point on the HTTP port (service/api.py): admission control (503 + Retry-After
+  when full, service/admission.py), reads and checks uploads, decodes and resizes them to the model's input
+  size and runs the input gate's rules (service/uploads.py), answers bad input with a 4xx JSON
+  `{"error": ...}`, logs every prediction (cxrlt.monitoring), and calls
+* `CXRModel`, which holds the model and exposes ONE API that scores a batch of studies with
+  `cxrlt.inference.Predictor` in a single forward pass, with the gate's out-of-distribution score. The
+  entry service groups concurrent studies into those batches (service/batching.py; sizes in /status).
 
 Routes on the entry port: POST /predict (multipart: `images` files, optional `views`), GET /model
-(POST /info gives the same),
-plus BentoML's /readyz, /livez, /metrics and /docs.
+(POST /info gives the same), GET /status (admission and batching counters), plus BentoML's /readyz, /livez, /metrics
+and /docs (where /predict is documented with its fields and answers). With CXRLT_API_TOKEN set, every
+route but /readyz, /livez and /healthz needs `Authorization: Bearer <token>` (service/auth.py).
 
 The model is the one marked for serving in the registry (`cxrlt registry promote`), unless the
 environment variable CXRLT_MODEL_TAG names another. Other settings (environment): CXRLT_PREDICTION_LOG,
-CXRLT_DEVICE (default cuda when available), CXRLT_MAX_BATCH_SIZE (8), CXRLT_MAX_LATENCY_MS (500),
-CXRLT_SERVICE_TIMEOUT_S (60).
+CXRLT_DEVICE (default cuda when available), CXRLT_MAX_BATCH_SIZE (8 on CPU, 32 on a GPU),
+CXRLT_SERVICE_TIMEOUT_S (60), and the admission limits of service/admission.py.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import time
 
-import anyio
 import bentoml
 import numpy as np
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.routing import Route
 
-from service.uploads import MAX_IMAGE_BYTES, MAX_PIXELS, UploadError, decode_study, read_form
+from service.admission import Admission
+from service.api import app, call_model
+from service.batching import Batcher
+from service.decoding import DecodePool
+from service.auth import TokenAuth
 
 logger = logging.getLogger("cxrlt.service")
 
 MAX_IMAGES_SINGLE_VIEW = 4  # a single-image model averages over a study of up to this many images
-MAX_BATCH_SIZE = int(os.environ.get("CXRLT_MAX_BATCH_SIZE", "8"))
-# BentoML cancels (503) a request that has waited longer than this for a batch: keep it above the time
-# one full batch takes on the serving hardware.
-MAX_LATENCY_MS = int(os.environ.get("CXRLT_MAX_LATENCY_MS", "500"))
+
+
+def _use_gpu() -> bool:
+    device = os.environ.get("CXRLT_DEVICE", "")
+    if device:
+        return device.startswith("cuda")
+    import torch
+
+    return torch.cuda.is_available()
+
+
+GPU = _use_gpu()
+# studies per model call (service/batching.py): a GPU scores 32 small studies in about the time of one
+MAX_BATCH_SIZE = int(os.environ.get("CXRLT_MAX_BATCH_SIZE") or (32 if GPU else 8))
 TIMEOUT_S = int(os.environ.get("CXRLT_SERVICE_TIMEOUT_S", "60"))
+MODEL_RESOURCES = {"gpu": 1} if GPU else {"cpu": str(os.cpu_count() or 1)}
 
 
 def served_model_tag() -> str:
@@ -63,7 +75,10 @@ def served_model_tag() -> str:
 MODEL_TAG = served_model_tag()
 
 
-@bentoml.service(name="cxrlt_model", workers=1, threads=1, traffic={"timeout": TIMEOUT_S})
+# one worker holding the model on its device (the GPU, when there is one); it takes one batch at a time,
+# so its concurrency is 1 request (of up to MAX_BATCH_SIZE studies)
+@bentoml.service(name="cxrlt_model", workers=1, threads=1, resources=MODEL_RESOURCES,
+                 traffic={"timeout": TIMEOUT_S, "concurrency": 1})
 class CXRModel:
     """The model behind the entry service; only reachable from it."""
 
@@ -79,53 +94,26 @@ class CXRModel:
         self.predictor = Predictor.from_path(stored.path, tag=str(stored.tag), device=device)
         logger.info("serving %s (%d labels) on %s", stored.tag, len(self.predictor.label_names), device)
 
-    @bentoml.api(batchable=True, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=MAX_LATENCY_MS)
+    @bentoml.api
     def predict_studies(self, studies: list[dict]) -> list[dict]:
-        """Studies {"images": [uint8 HxW arrays], "views": [...]} -> one describe() body each."""
-        import torch
+        """A batch of studies {"images": [uint8 SxS arrays at the model's size], "views": [...]} (grouped by
+        the entry service's continuous batcher) -> one describe() body each, with "ood": the gate's
+        out-of-distribution verdict per image. One forward pass for the batch."""
         from PIL import Image
 
-        with torch.inference_mode():
-            probs = self.predictor.predict(
-                [[Image.fromarray(np.asarray(a, dtype=np.uint8), mode="L") for a in s["images"]] for s in studies],
-                [s["views"] for s in studies])
-        return [self.predictor.describe(p) for p in probs]
-
-
-async def predict(request: Request) -> JSONResponse:
-    svc = bentoml.get_current_service()
-    try:
-        blobs, views = await read_form(request, svc.max_images)
-        study = await anyio.to_thread.run_sync(decode_study, blobs, views, svc.max_images)
-    except UploadError as e:
-        return JSONResponse({"error": e.message}, status_code=e.status)
-    t0 = time.perf_counter()
-    try:
-        [body] = await svc.model.to_async.predict_studies([{"images": study.images, "views": study.views}])
-    except Exception as e:  # not the client's fault: 503 when the batcher sheds load, else 500
-        busy = int(getattr(e, "error_code", 500)) == 503
-        logger.log(logging.WARNING if busy else logging.ERROR, "model call failed: %s", e, exc_info=not busy)
-        return JSONResponse({"error": "the model is busy: retry shortly" if busy else
-                             "the model failed to score the study; see the service log"},
-                            status_code=503 if busy else 500)
-    body = {**body, "n_images": len(study.images), "views": study.views,
-            "latency_ms": round(1000 * (time.perf_counter() - t0), 1)}
-    await anyio.to_thread.run_sync(svc.log, body, study)
-    return JSONResponse(body)
-
-
-async def model_info(request: Request) -> JSONResponse:
-    return JSONResponse(bentoml.get_current_service().info)
-
-
-routes = Starlette(routes=[Route("/predict", predict, methods=["POST"]),
-                          Route("/model", model_info, methods=["GET"])])
+        images = [[Image.fromarray(np.asarray(a, dtype=np.uint8), mode="L") for a in s["images"]] for s in studies]
+        views = [s["views"] for s in studies]
+        probs = self.predictor.predict(images, views)
+        # the gate's OOD check, image by image (a score never depends on the batch-mates)
+        checks = iter(self.predictor.gate_images([i for s in images for i in s], [v for vs in views for v in vs]))
+        return [{**self.predictor.describe(p), "ood": [next(checks).as_dict() for _ in imgs]}
+                for p, imgs in zip(probs, images)]
 
 
 @bentoml.service(name="cxrlt", workers=1, traffic={"timeout": TIMEOUT_S})
-@bentoml.asgi_app(routes, path="/")
+@bentoml.asgi_app(app, path="/")
 class CXRService:
-    """Entry service: upload checks, the prediction log, and the model service behind it."""
+    """Entry service: admission, upload checks and the gate's rules, the prediction log, the model behind."""
 
     model = bentoml.depends(CXRModel)
     model_ref = bentoml.models.BentoModel(MODEL_TAG)
@@ -133,19 +121,37 @@ class CXRService:
     def __init__(self) -> None:
         from cxrlt.checkpoint import Artefact, read_meta
 
+        from service.uploads import MAX_IMAGE_BYTES, MAX_PIXELS
+
         stored = self.model_ref
         meta = read_meta(stored.path)
         artefact = Artefact(stored.path, None, meta)  # metadata only: the weights live in CXRModel
         max_views = int(meta["model_config"]["max_views"])
         self.max_images = max_views if max_views > 1 else MAX_IMAGES_SINGLE_VIEW
+        self.image_size = int(meta["data"]["image_size"])
         self.tag, self.synthetic = str(stored.tag), bool(meta.get("synthetic"))
+        self.admission = Admission.from_env(MAX_BATCH_SIZE)
+        self.decoders = DecodePool()
+        self.decoders.warm()
+        self.batcher = Batcher(lambda studies: call_model(self.model, studies), MAX_BATCH_SIZE)
         names = artefact.label_space.names
         self.info = {"model_tag": self.tag, "synthetic_model": self.synthetic, "model": meta["model"],
                      "variant": meta.get("variant"), "labels": list(names),
                      "thresholds": {n: float(t) for n, t in zip(names, artefact.thresholds)},
-                     "max_images": self.max_images, "image_size": int(meta["data"]["image_size"]),
+                     "max_images": self.max_images, "image_size": self.image_size,
                      "max_image_bytes": MAX_IMAGE_BYTES, "max_pixels": MAX_PIXELS,
-                     "views": ["frontal", "lateral", "unknown"], "metrics": meta.get("metrics", {})}
+                     "formats": ["PNG", "JPEG", "DICOM"], "views": ["frontal", "lateral", "unknown"],
+                     "gate": meta.get("gate"), "metrics": meta.get("metrics", {})}
+
+    async def __is_ready__(self) -> bool:
+        """/readyz: ready only while the model service answers its own readiness probe (after a crash,
+        until it has restarted and loaded the model again, the entry service says not ready)."""
+        import asyncio
+
+        try:  # a restarting worker's socket still accepts connections (the supervisor holds it): time out
+            return bool(await asyncio.wait_for(self.model.is_ready(2), 3))
+        except Exception:  # refused, reset, timed out: the model process is down or restarting
+            return False
 
     def log(self, body: dict, study) -> None:
         from cxrlt.monitoring import log_prediction, prediction_record
@@ -154,10 +160,13 @@ class CXRService:
             log_prediction(prediction_record(model_tag=body["model_tag"], probabilities=body["probabilities"],
                                              views=study.views, image_stats=study.stats,
                                              synthetic_model=body["synthetic_model"]))
-        except Exception:  # the answer is still right; the monitoring gap is in the service log
-            logger.exception("could not write the prediction log")
+        except Exception as e:  # the answer is still right; the monitoring gap is in the service log
+            logger.error("could not write the prediction log: %s: %s", e.__class__.__name__, e)
 
     @bentoml.api(route="/info")
     def model_details(self) -> dict:
         """The served model: tag, labels, thresholds, limits (same as GET /model)."""
         return self.info
+
+
+CXRService.add_asgi_middleware(TokenAuth)

@@ -27,6 +27,8 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+SERVICE_TOKEN = "test-token-7d1f"  # the session's service requires it (CXRLT_API_TOKEN), as a deployment would
+AUTH = {"Authorization": f"Bearer {SERVICE_TOKEN}"}
 TINY_LABELS = {"Atelectasis": 400, "Cardiomegaly": 300, "Edema": 120, "Pneumothorax": 40, "Hernia": 8,
                "Tuberculosis": 3}
 
@@ -137,17 +139,21 @@ def service_url(served_tag, session_tmp, prediction_log):
     from cxrlt import registry
 
     registry.set_serving(served_tag, reason="tests: service fixture")  # the service reads the mark at start
-    with running_service(session_tmp / "service.log", prediction_log) as url:
+    with running_service(session_tmp / "service.log", prediction_log, token=SERVICE_TOKEN) as url:
         yield url
 
 
 @contextlib.contextmanager
-def running_service(log: Path, prediction_log: Path):
-    """Start `bentoml serve` (the model marked for serving) on a free port; yield its URL; stop it by PID."""
+def running_service(log: Path, prediction_log: Path, token: str | None = None, env: dict | None = None):
+    """Start `bentoml serve` (the model marked for serving) on a free port; yield its URL; stop it by PID.
+    `token`: the service requires it (CXRLT_API_TOKEN); `env`: more settings."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "CXRLT_PREDICTION_LOG": str(prediction_log), "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "CXRLT_PREDICTION_LOG": str(prediction_log), "PYTHONPATH": str(ROOT), **(env or {})}
     env.pop("CXRLT_MODEL_TAG", None)
+    env.pop("CXRLT_API_TOKEN", None)
+    if token:
+        env["CXRLT_API_TOKEN"] = token
     with open(log, "wb") as fh:
         proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "service.service:CXRService",
                                  "--host", "127.0.0.1", "--port", str(port)],
@@ -164,8 +170,8 @@ def running_service(log: Path, prediction_log: Path):
             proc.wait(timeout=10)
 
 
-def image_bytes(fmt: str = "PNG", size=(64, 48), seed: int = 0, mode: str = "L") -> bytes:
-    """A small synthetic radiograph-like image encoded as PNG or JPEG."""
+def image_bytes(fmt: str = "PNG", size=(96, 120), seed: int = 0, mode: str = "L") -> bytes:
+    """A small synthetic radiograph-like image (portrait, over the input gate's minimum side) as PNG or JPEG."""
     import io
 
     from PIL import Image

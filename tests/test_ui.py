@@ -9,14 +9,15 @@ import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from conftest import free_port, image_bytes
+from conftest import SERVICE_TOKEN, free_port, image_bytes
 
 APP = str(Path(__file__).resolve().parents[1] / "ui" / "app.py")
 pytestmark = pytest.mark.slow
 
 
-def app(monkeypatch, url, reports=None) -> AppTest:
+def app(monkeypatch, url, reports=None, token=SERVICE_TOKEN) -> AppTest:
     monkeypatch.setenv("CXRLT_SERVICE_URL", url)
+    monkeypatch.setenv("CXRLT_API_TOKEN", token)  # the session's service requires it
     if reports is not None:
         monkeypatch.setenv("CXRLT_REPORTS_DIR", str(reports))
     return AppTest.from_file(APP, default_timeout=60).run()
@@ -49,7 +50,17 @@ def test_upload_scores_the_study(monkeypatch, service_url, served_tag):
 def test_service_refusal_is_shown(monkeypatch, service_url):
     at = upload_and_predict(app(monkeypatch, service_url), [("x.png", b"not an image", "image/png")])
     assert not at.exception
-    assert "refused the study (HTTP 400)" in texts(at, "error") and "not a readable image" in texts(at, "error")
+    assert "refused the study (HTTP 415)" in texts(at, "error") and "not a PNG, JPEG or DICOM" in texts(at, "error")
+
+
+def test_gate_refusal_is_shown(monkeypatch, service_url):
+    from PIL import Image
+    import io
+
+    buf = io.BytesIO()
+    Image.new("L", (10, 400), 90).save(buf, format="PNG")
+    at = upload_and_predict(app(monkeypatch, service_url), [("sliver.png", buf.getvalue(), "image/png")])
+    assert not at.exception and "refused an image (input gate)" in texts(at, "error")
 
 
 def test_service_down_is_a_clear_message(monkeypatch):
@@ -81,3 +92,18 @@ def test_drift_page_with_report(monkeypatch, tmp_path):
     assert metrics["Drifted columns"].endswith("/ 2") and "p_Edema" in texts(at, "markdown")
     assert "SYNTHETIC" in texts(at, "warning") and "cxrlt:abc" in texts(at, "caption")
     assert at.get("iframe"), "the HTML report is not embedded"
+
+
+def test_dicom_upload_is_previewed_and_scored(monkeypatch, service_url):
+    from dicom_factory import chest_pixels, make_dicom
+
+    at = app(monkeypatch, service_url)
+    dcm = make_dicom(chest_pixels(160, 128), size=(160, 128), view="LL")
+    at = upload_and_predict(at, [("study.dcm", dcm, "application/dicom")])
+    assert not at.exception and not at.error, texts(at, "error")
+    assert "Findings" in " ".join(str(s.value) for s in at.subheader)
+
+
+def test_missing_token_is_a_clear_message(monkeypatch, service_url):
+    at = app(monkeypatch, service_url, token="")
+    assert not at.exception and "CXRLT_API_TOKEN" in texts(at, "error")

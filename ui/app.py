@@ -3,7 +3,9 @@
     streamlit run ui/app.py --server.address 127.0.0.1
 
 It never loads a model: it talks to the BentoML service over HTTP (CXRLT_SERVICE_URL, default
-http://127.0.0.1:3000) and reads drift reports from CXRLT_REPORTS_DIR (default reports/drift).
+http://127.0.0.1:3000, with the token in CXRLT_API_TOKEN when the service needs one) and reads drift
+reports from CXRLT_REPORTS_DIR (default reports/drift). DICOM files are previewed with cxrlt's image
+reader (no torch), as the service will see them.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import requests
 import streamlit as st
 
 VIEWS = ["unknown", "frontal", "lateral"]
-MIME = {"png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg"}
+MIME = {"png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg", "dcm": "application/dicom"}
 SYNTHETIC = ("This model was trained on SYNTHETIC demo data: its findings are meaningless for real "
              "radiographs. Research software, not for clinical use.")
 
@@ -31,13 +33,26 @@ def reports_dir() -> Path:
     return Path(os.environ.get("CXRLT_REPORTS_DIR", "reports/drift"))
 
 
+def auth_headers() -> dict:
+    token = os.environ.get("CXRLT_API_TOKEN", "").strip()
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def preview(data: bytes):
+    """What to show for an upload: PNG/JPEG bytes as they are; a DICOM as the 8-bit picture the service
+    reads (window, polarity), never its header."""
+    from cxrlt.data.images import is_dicom, read_image
+
+    return read_image(data)[0] if is_dicom(data[:132]) else data
+
+
 def call_service(files: list, views: list[str]) -> tuple[dict | None, str | None]:
     """POST the study -> (response body, None) or (None, a message for the user)."""
     url = service_url()
     parts = [("images", (f.name, f.getvalue(), MIME.get(f.name.rsplit(".", 1)[-1].lower(), f.type)))
              for f in files]
     try:
-        r = requests.post(f"{url}/predict", files=parts, data={"views": views}, timeout=60)
+        r = requests.post(f"{url}/predict", files=parts, data={"views": views}, timeout=60, headers=auth_headers())
     except requests.RequestException as e:
         return None, (f"The prediction service at {url} is not reachable ({e.__class__.__name__}). "
                       "Start it with `make up` (or `bentoml serve service.service:CXRService`) "
@@ -50,7 +65,8 @@ def call_service(files: list, views: list[str]) -> tuple[dict | None, str | None
         body = body[0]
     if r.status_code >= 400:
         msg = body.get("error") if isinstance(body, dict) else None
-        kind = "refused the study" if r.status_code < 500 else "failed"
+        kind = {401: "needs an access token (set CXRLT_API_TOKEN)", 422: "refused an image (input gate)",
+                503: "is busy"}.get(r.status_code, "refused the study" if r.status_code < 500 else "failed")
         return None, f"The service {kind} (HTTP {r.status_code}): {msg or r.text[:300]}"
     return body, None
 
@@ -73,7 +89,8 @@ def findings_chart(body: dict) -> alt.Chart:
 
 def predict_page() -> None:
     st.header("Score a study")
-    st.caption("Upload 1 to 4 PNG or JPEG images of one study, set each image's view, and press Predict. "
+    st.caption("Upload 1 to 4 PNG, JPEG or DICOM images of one study, set each image's view (a DICOM left at "
+               "'unknown' takes its view from the header), and press Predict. "
                "Black ticks mark each label's decision threshold.")
     files = st.file_uploader("Study images", type=list(MIME), accept_multiple_files=True, key="upload") or []
     if not files:
@@ -83,7 +100,7 @@ def predict_page() -> None:
     for i, (col, f) in enumerate(zip(st.columns(len(files)), files)):
         with col:
             try:
-                st.image(f.getvalue(), caption=f"image {i + 1}", width="stretch")
+                st.image(preview(f.getvalue()), caption=f"image {i + 1}", width="stretch")
             except Exception:  # the service says what is wrong with it
                 st.warning(f"image {i + 1} ({f.name}) cannot be displayed")
             views.append(st.selectbox("view", VIEWS, key=f"view_{i}"))
@@ -136,7 +153,11 @@ def drift_page() -> None:
 def sidebar() -> str:
     page = st.sidebar.radio("Page", ["Predict", "Drift"], key="page")
     try:
-        info = requests.get(f"{service_url()}/model", timeout=3).json()
+        r = requests.get(f"{service_url()}/model", timeout=3, headers=auth_headers())
+        if r.status_code == 401:
+            st.sidebar.error("The service needs an access token: set CXRLT_API_TOKEN")
+            return page
+        info = r.json()
         st.sidebar.success(f"Service up · model {info.get('model_tag')}")
     except (requests.RequestException, ValueError):
         st.sidebar.error(f"Service not reachable at {service_url()}")

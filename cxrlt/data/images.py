@@ -35,8 +35,10 @@ Source = str | Path | bytes | bytearray | memoryview | BinaryIO
 class ImageDecodeError(ValueError):
     """The input is not an image this project can read; the message says what is wrong and what to do."""
 
-    def __init__(self, problem: str, todo: str = _SEND):
-        self.problem, self.todo = problem, todo
+    def __init__(self, problem: str, todo: str = _SEND, kind: str = "unreadable"):
+        # kind: "unreadable" | "unsupported" (a format or encoding this reader refuses) | "too_large";
+        # the service maps it to 400 / 415 / 413
+        self.problem, self.todo, self.kind = problem, todo, kind
         super().__init__(f"{problem}. What to do: {todo}.")
 
 
@@ -112,7 +114,7 @@ def to_grayscale(img: Image.Image) -> Image.Image:
 def too_many_pixels(width: int, height: int, limit: int) -> ImageDecodeError:
     return ImageDecodeError(f"the image is too large: {width} x {height} = {width * height} pixels, over the "
                             f"limit of {limit} pixels", "send a smaller image (a downscaled export of the "
-                            "radiograph is enough: the model reads it at a few hundred pixels)")
+                            "radiograph is enough: the model reads it at a few hundred pixels)", kind="too_large")
 
 
 # ------------------------------------------------------------------ sources
@@ -165,7 +167,7 @@ def _open_pil(fp, head: bytes, max_pixels: int | None) -> Image.Image:
         fmt = im.format
         im.close()
         raise ImageDecodeError(f"{fmt} images are not supported: only PNG, JPEG or DICOM",
-                               f"convert the image to PNG, or {_SEND}")
+                               f"convert the image to PNG, or {_SEND}", kind="unsupported")
     w, h = im.size
     for limit in (max_pixels, Image.MAX_IMAGE_PIXELS):       # PIL only warns between 1x and 2x its limit
         if limit is not None and w * h > limit:
@@ -176,7 +178,7 @@ def _open_pil(fp, head: bytes, max_pixels: int | None) -> Image.Image:
 
 def _bomb() -> ImageDecodeError:
     return ImageDecodeError(f"the image is too large: over twice the limit of {Image.MAX_IMAGE_PIXELS} pixels "
-                            "(a decompression bomb)", "send a smaller image")
+                            "(a decompression bomb)", "send a smaller image", kind="too_large")
 
 
 def _unidentified(head: bytes) -> ImageDecodeError:
@@ -188,7 +190,8 @@ def _unidentified(head: bytes) -> ImageDecodeError:
         return ImageDecodeError("this looks like a DICOM data set without the Part 10 header (no 128-byte "
                                 "preamble followed by 'DICM')", "export the image as a DICOM Part 10 file "
                                 "(the usual .dcm file from a PACS or viewer), or as PNG / JPEG")
-    return ImageDecodeError("not a PNG, JPEG or DICOM Part 10 image (the first bytes match none of them)")
+    return ImageDecodeError("not a PNG, JPEG or DICOM Part 10 image (the first bytes match none of them)",
+                            kind="unsupported")
 
 
 def _read_pil(opener, head: bytes, size: int | None, max_pixels: int | None) -> tuple[Image.Image, ImageInfo]:
