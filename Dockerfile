@@ -1,6 +1,9 @@
 # The prediction service, built from the project source (no BentoML bento needed):
 #   docker build -t cxrlt-service .
-#   docker run -p 3000:3000 -v "$HOME/bentoml:/home/app/bentoml" -v "$PWD/var:/home/app/var" cxrlt-service
+#   docker run -p 127.0.0.1:3000:3000 -e CXRLT_API_TOKEN -v "$HOME/bentoml:/home/app/bentoml" \
+#     -v "$PWD/var:/home/app/var" cxrlt-service
+# Inside the container the service listens on all interfaces (docker forwards to it); publish the port on
+# 127.0.0.1 as above, or set CXRLT_API_TOKEN before publishing it anywhere else.
 # The model store (BENTOML_HOME, with the registry's serving mark) is mounted, so promoting or rolling
 # back a model needs a restart, not a rebuild. `bentoml build && bentoml containerize` is the other
 # route: an image with the model baked in.

@@ -121,17 +121,25 @@ def cmd_predict(a):
     from .data.images import ImageDecodeError, read_image
     from .inference import Predictor
 
+    from .gate import check_image
+
     p = Predictor.from_path(a.artefact) if a.artefact else Predictor.from_registry(a.tag)
-    imgs, header_views = [], []
+    imgs, infos = [], []
     for f in a.images:
-        try:
-            img, info = read_image(f)
+        try:  # read at the model's input size exactly as the training cache and the service read it
+            img, info = read_image(f, size=p.image_size)
         except ImageDecodeError as e:
             raise ImageDecodeError(f"{f}: {e.problem}", e.todo) from None
         imgs.append(img)
-        header_views.append(info.view)     # DICOM ViewPosition; None (unknown) for PNG / JPEG
-    views = a.views if a.views else header_views
+        infos.append(info)
+    views = a.views if a.views else [i.view for i in infos]  # DICOM ViewPosition; None (unknown) otherwise
     res = p.describe(p.predict([imgs], [views])[0])
+    # the input gate's verdict per image, as the service gives it (the CLI reports; it does not refuse)
+    res["gate"] = [(check_image(i, img) + [ood]).as_dict()
+                   for i, img, ood in zip(infos, imgs, p.gate_images(imgs, views))]
+    for f, g in zip(a.images, res["gate"]):
+        if not g["passed"]:
+            print(f"warning: the service would refuse {f}: {g['reason']}", file=sys.stderr)
     if a.finding:
         res["zero_shot"] = p.score_findings(imgs, a.finding, views, ensemble=a.ensemble)
     print(json.dumps(res, indent=2))

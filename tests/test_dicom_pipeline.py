@@ -105,7 +105,10 @@ def test_predict_reads_dicom_and_takes_the_view_from_the_header(tiny_artefact, t
     assert predict(frontal, lateral, no_view, "--views", "lateral", "frontal", "unknown") != from_header
     png = tmp_path / "x.png"
     read_image(no_view.read_bytes())[0].save(png)
-    assert predict(png) == predict(no_view)                        # a PNG has no view: unknown, like no header view
+    a, b = predict(png), predict(no_view)
+    assert a["probabilities"] == b["probabilities"]                 # a PNG has no view: unknown, like no header view
+    assert set(b["gate"][0]["ran"]) - set(a["gate"][0]["ran"]) == {"modality", "body_part"}  # DICOM-only checks
+    assert a["gate"][0]["passed"] and b["gate"][0]["passed"]
 
 
 def test_predict_refuses_a_bad_dicom_with_the_reason(tiny_artefact, tmp_path, capsys):

@@ -44,11 +44,13 @@ def test_demo_data_to_flow_to_service_to_drift_report(tmp_path, monkeypatch, pre
         out = post_study(url, [m.image_root / p for p in rows["path"]], list(rows["view"]))
         assert out["model_tag"] == served and out["synthetic_model"] is True
         # the served answer is the registered model's prediction for this study (not just 40 numbers in [0, 1])
-        from cxrlt.data.transforms import load_grayscale
+        # (images read at the model's size as the training cache reads them: JPEG downscaled in the decoder)
+        from cxrlt.data.images import read_image
         from cxrlt.inference import Predictor
 
         pred = Predictor.from_registry(served)
-        ref = pred.predict([[load_grayscale(m.image_root / p) for p in rows["path"]]], [list(rows["view"])])[0]
+        imgs = [read_image(m.image_root / p, size=pred.image_size)[0] for p in rows["path"]]
+        ref = pred.predict([imgs], [list(rows["view"])])[0]
         assert list(out["probabilities"]) == list(pred.label_names) and len(ref) == 40
         assert [out["probabilities"][n] for n in pred.label_names] == pytest.approx(ref.tolist(), abs=2e-6)
         sent = send_studies(url, "prepared/manifest", split="test", n=12)
