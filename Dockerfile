@@ -15,6 +15,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HF_HUB_OFFLINE=1 \
     BENTOML_DO_NOT_TRACK=true \
+    OMP_WAIT_POLICY=PASSIVE \
     BENTOML_HOME=/home/app/bentoml \
     CXRLT_PREDICTION_LOG=/home/app/var/predictions/predictions.jsonl
 

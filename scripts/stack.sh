@@ -64,7 +64,7 @@ case "${1:-}" in
       "$BIN/prefect" deployment inspect 'train-eval/demo' >/dev/null 2>&1 && break; sleep 1
     done ;;
   serve)
-    start service "$BIN/bentoml" serve service.service:CXRService --host 127.0.0.1 --port "$SERVICE_PORT"
+    OMP_WAIT_POLICY=PASSIVE start service "$BIN/bentoml" serve service.service:CXRService --host 127.0.0.1 --port "$SERVICE_PORT"
     wait_http service "http://127.0.0.1:$SERVICE_PORT/readyz" 180
     start ui "$BIN/streamlit" run ui/app.py --server.headless true --server.address 127.0.0.1 \
       --server.port "$UI_PORT" --browser.gatherUsageStats false

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 
 import anyio
@@ -23,10 +22,9 @@ from pydantic import BaseModel, Field
 from cxrlt.gate import GateCheck
 
 from service.admission import Overloaded
-from service.uploads import UploadError, decode_study, keep_uploads_in_memory, read_form
+from service.uploads import UploadError, build_study, check_request, keep_uploads_in_memory, read_form
 
 logger = logging.getLogger("cxrlt.service")
-_DECODE = anyio.CapacityLimiter(max(1, os.cpu_count() or 1))  # studies decoding at once (CPU-bound)
 
 
 class GateCheckBody(BaseModel):
@@ -159,8 +157,9 @@ async def predict(request: Request):
             times.append(time.perf_counter())
             blobs, views = await read_form(request, svc.max_images)
             times.append(time.perf_counter())
-            study = await anyio.to_thread.run_sync(decode_study, blobs, views, svc.max_images, svc.image_size,
-                                                   svc.decoders.map, limiter=_DECODE)
+            check_request(blobs, views, svc.max_images)
+            decoded = await svc.decoders.decode(blobs, svc.image_size)
+            study = await anyio.to_thread.run_sync(build_study, decoded, views)  # gate rules: numpy at model size
             del blobs  # the uploads are not needed past decoding: keep memory bounded under load
             times.append(time.perf_counter())
             body = await svc.batcher.submit({"images": study.images, "views": study.views})

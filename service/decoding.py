@@ -53,7 +53,8 @@ def decode_image(blob: bytes, i: int, size: int) -> tuple[np.ndarray, ImageInfo]
 
 
 class DecodePool:
-    """`map(decode_image, blobs, indices, sizes)` over worker processes, rebuilt when a worker dies."""
+    """`await decode(blobs, size)`: a study's images decoded side by side in worker processes; the pool is
+    rebuilt when a worker dies."""
 
     def __init__(self, workers: int | None = None):
         self.workers = workers or max(1, os.cpu_count() or 1)
@@ -64,16 +65,24 @@ class DecodePool:
         # spawn, not fork: the service process runs threads and an event loop, which fork does not copy safely
         return ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
 
-    def map(self, fn, *iterables):
-        pool = self._pool
-        try:
-            return list(pool.map(fn, *iterables))
-        except BrokenProcessPool:
-            with self._lock:
-                if self._pool is pool:
-                    self._pool = self._new()
-            raise UploadError(400, "an image crashed the decoder: the file is corrupt or hostile; "
-                                   "send the original PNG, JPEG or DICOM file") from None
+    async def decode(self, blobs: list[bytes], size: int) -> list[tuple[np.ndarray, ImageInfo]]:
+        """Every image of a study at once, awaited from the event loop (no thread blocks on the pool);
+        the first bad image in upload order is the error raised."""
+        import asyncio
+
+        loop, pool = asyncio.get_running_loop(), self._pool
+        jobs = [loop.run_in_executor(pool, decode_image, b, i, size) for i, b in enumerate(blobs, 1)]
+        results = await asyncio.gather(*jobs, return_exceptions=True)
+        for r in results:
+            if isinstance(r, BrokenProcessPool):
+                with self._lock:
+                    if self._pool is pool:
+                        self._pool = self._new()
+                raise UploadError(400, "an image crashed the decoder: the file is corrupt or hostile; "
+                                       "send the original PNG, JPEG or DICOM file")
+            if isinstance(r, BaseException):
+                raise r
+        return results
 
     def warm(self) -> None:
         """Start every worker now (each imports the image reader), not on the first upload."""

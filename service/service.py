@@ -26,7 +26,11 @@ from __future__ import annotations
 import logging
 import os
 
-import bentoml
+# Before torch loads OpenMP: its threads otherwise spin for ~100 ms after every forward pass, on the cores
+# the entry service decodes uploads on (full-size studies decoded in 91 ms instead of 58 ms)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import bentoml  # noqa: E402
 import numpy as np
 
 from service.admission import Admission

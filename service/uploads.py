@@ -137,11 +137,8 @@ def study_views(given: list[str] | None, infos: list[ImageInfo]) -> tuple[list[s
     return views, sources
 
 
-def decode_study(blobs: list[bytes], views: list[str] | None, max_images: int, size: int, pmap=map) -> Study:
-    """Check counts and views, decode every image to the model's input size, run the input gate's rules
-    (refusals raise UploadError 422 with the reason), take identifier-free stats. `pmap`: a map that
-    decodes the images in parallel (service/decoding.py's process pool); the first bad image in upload
-    order is the one reported."""
+def check_request(blobs: list[bytes], views: list[str] | None, max_images: int) -> None:
+    """Counts and views, before any decoding."""
     if not blobs:
         raise UploadError(400, f"no images: a study needs 1 to {max_images} images")
     if len(blobs) > max_images:
@@ -153,8 +150,12 @@ def decode_study(blobs: list[bytes], views: list[str] | None, max_images: int, s
         [view_code(v) for v in views or []]
     except StudyInputError as e:
         raise UploadError(400, str(e)) from None
+
+
+def build_study(decoded: list[tuple[np.ndarray, ImageInfo]], views: list[str] | None) -> Study:
+    """Decoded images (in upload order) -> a Study: the input gate's rules on each (a refusal raises
+    UploadError 422 with the reason), the views, identifier-free stats."""
     study = Study()
-    decoded = pmap(decode_image, blobs, range(1, len(blobs) + 1), [size] * len(blobs))
     for i, (pixels, info) in enumerate(decoded, 1):
         gate = check_image(info, pixels)
         study.images.append(pixels)
@@ -165,6 +166,13 @@ def decode_study(blobs: list[bytes], views: list[str] | None, max_images: int, s
         study.stats.append(image_stats(pixels, info))
     study.views, study.view_sources = study_views(views, study.infos)
     return study
+
+
+def decode_study(blobs: list[bytes], views: list[str] | None, max_images: int, size: int) -> Study:
+    """check_request + decode every image to the model's input size in this thread + build_study (the
+    service decodes in its process pool instead: DecodePool.decode)."""
+    check_request(blobs, views, max_images)
+    return build_study([decode_image(b, i, size) for i, b in enumerate(blobs, 1)], views)
 
 
 def image_stats(pixels: np.ndarray, info: ImageInfo) -> dict[str, float]:
