@@ -94,13 +94,17 @@ class CXRDataset(Dataset):
     """Studies (or images) of one or more manifest splits, as fixed-size padded tensors."""
 
     def __init__(self, frame: pd.DataFrame, image_root: str | Path, label_names: Sequence[str],
-                 image_size: int, max_views: int = 4, unit: str = "study", train: bool = False, seed: int = 0):
+                 image_size: int, max_views: int = 4, unit: str = "study", train: bool = False, seed: int = 0,
+                 augment: bool | None = None):
         if frame.empty:
             raise ValueError("no images in the requested split(s): check the manifest's `split` column")
         self.image_root = Path(image_root)
         self.label_names = tuple(label_names)
         self.image_size, self.max_views = int(image_size), (1 if unit == "image" else int(max_views))
         self.unit, self.train, self.seed, self.epoch = unit, train, seed, 0
+        # per-image augmentation here (the default when training), or none: training at scale augments the
+        # whole batch on the GPU instead (`transforms.augment_batch`); random view draws stay with `train`
+        self.augment = train if augment is None else bool(augment)
         self.items = build_items(frame, self.label_names, unit)
 
     def set_epoch(self, epoch: int) -> None:
@@ -129,7 +133,7 @@ class CXRDataset(Dataset):
         tensors = []
         for j in picked:
             x = image_to_tensor(load_grayscale(self.image_root / item.paths[j]), self.image_size)
-            tensors.append(augment(x, gen) if self.train else x)
+            tensors.append(augment(x, gen) if self.augment else x)
         images, mask, types = pad_study(tensors, [item.views[j] for j in picked], self.max_views)
         target = torch.from_numpy(item.target.astype(np.float32))
         return {"images": images, "view_mask": mask, "view_types": types,

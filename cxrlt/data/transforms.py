@@ -14,7 +14,8 @@ from PIL import Image
 # The one reader lives in images.py (PNG / JPEG / DICOM); these names stay importable from here.
 from .images import ImageDecodeError, load_grayscale, read_image, to_grayscale
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ImageDecodeError", "augment", "image_stats", "image_to_tensor",
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ImageDecodeError", "augment", "augment_batch", "image_stats",
+           "image_to_tensor",
            "load_grayscale", "read_image", "to_grayscale"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -47,6 +48,37 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         x = x.flip(-1)
     contrast, brightness = 0.8 + 0.4 * r(), (r() - 0.5) * 0.4
     return x * contrast + brightness
+
+
+def augment_batch(images: torch.Tensor, view_mask: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """`augment` for a whole batch at once, on the batch's device (the GPU while training at scale):
+    images [B, V, C, H, W] normalised, view_mask [B, V]. Each real image gets its own draw of the same
+    augmentation as `augment` (random resized crop of 0.9-1 of the side, horizontal flip, contrast and
+    brightness), done as one affine resampling (`grid_sample`, bilinear) instead of a crop and an
+    interpolation per image on the CPU. Empty slots stay zero. `gen` lives on the batch's device."""
+    b, v, c, h, w = images.shape
+    u = torch.rand(b * v, 6, generator=gen, device=gen.device).to(images.device)
+    out = affine_augment(images.reshape(b * v, c, h, w), u).reshape(b, v, c, h, w)
+    return out * view_mask.reshape(b, v, 1, 1, 1).to(out.dtype)
+
+
+def affine_augment(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """x [N, C, H, W], u [N, 6] uniform draws in [0, 1): crop scale, crop centre x / y, flip, contrast,
+    brightness (the order and ranges of `augment`)."""
+    n, c, h, w = x.shape
+    dev, dt = x.device, x.dtype
+    scale = 0.9 + 0.1 * u[:, 0]                                   # crop side / image side
+    # the crop's centre in normalised coordinates: anywhere the crop still fits inside the image
+    cx, cy = (2 * u[:, 1] - 1) * (1 - scale), (2 * u[:, 2] - 1) * (1 - scale)
+    flip = torch.where(u[:, 3] < 0.5, -1.0, 1.0).to(dev)
+    theta = torch.zeros(n, 2, 3, device=dev, dtype=torch.float32)
+    theta[:, 0, 0], theta[:, 0, 2] = scale * flip, cx
+    theta[:, 1, 1], theta[:, 1, 2] = scale, cy
+    grid = torch.nn.functional.affine_grid(theta, (n, c, h, w), align_corners=False)
+    out = torch.nn.functional.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border",
+                                          align_corners=False)
+    contrast, brightness = 0.8 + 0.4 * u[:, 4], (u[:, 5] - 0.5) * 0.4
+    return (out * contrast.view(n, 1, 1, 1) + brightness.view(n, 1, 1, 1)).to(dt)
 
 
 def image_stats(img: Image.Image) -> dict[str, float]:
