@@ -27,6 +27,12 @@ def draw_resamples(groups_ids, n_boot: int = 200, seed: int = 0) -> list[np.ndar
     would freeze each rare label's positive count, which is itself random in a new test set. Same ids,
     n_boot and seed: same resamples.
     """
+    counts, group = _group_counts(groups_ids, n_boot, seed)
+    return [np.repeat(np.arange(len(group)), c[group]) for c in counts]
+
+
+def _group_counts(groups_ids, n_boot: int, seed) -> tuple[np.ndarray, np.ndarray]:
+    """([n_boot, n_groups] times each group is drawn, the group of each row): the draws of `draw_resamples`."""
     gid = np.asarray(groups_ids)
     if gid.ndim != 1 or gid.size == 0:
         raise ValueError(f"groups_ids must be one id per row (1-D, non-empty), got shape {gid.shape}")
@@ -37,7 +43,7 @@ def draw_resamples(groups_ids, n_boot: int = 200, seed: int = 0) -> list[np.ndar
     draws = np.random.default_rng(seed).integers(0, n_group, size=(n_boot, n_group))
     counts = np.bincount((draws + n_group * np.arange(n_boot)[:, None]).ravel(),
                          minlength=n_boot * n_group).reshape(n_boot, n_group)
-    return [np.repeat(np.arange(len(group)), c[group]) for c in counts]
+    return counts, group
 
 
 INTERVAL_METHODS = ("basic", "percentile")
@@ -100,29 +106,37 @@ def bootstrap_ci(probs, targets, label_space, groups_ids, n_boot: int = 200, see
     unknown = [m for m in metrics if m not in available]
     if unknown:
         raise ValueError(f"cannot bootstrap {unknown}; available: {sorted(available)}")
+    n = p.shape[0]
     if resamples is None:
         gid = np.asarray(groups_ids) if groups_ids is not None else None
-        if gid is None or gid.shape != (p.shape[0],):
-            raise ValueError(f"groups_ids must give one patient id per row ({p.shape[0]}), got "
+        if gid is None or gid.shape != (n,):
+            raise ValueError(f"groups_ids must give one patient id per row ({n}), got "
                              f"{None if gid is None else gid.shape}")
-        resamples = draw_resamples(gid, n_boot, seed)
-    index_sets = [np.asarray(s) for s in resamples]
-    if not index_sets or any(s.ndim != 1 or s.size == 0 or s.dtype.kind not in "iu" or s.min() < 0
-                             or s.max() >= p.shape[0] for s in index_sets):
-        raise ValueError(f"resamples must be non-empty 1-D arrays of row indices in [0, {p.shape[0]})")
-    # Row multiplicities: duplicated rows weigh as duplicated rows do (see the module docstring).
-    weights = np.stack([np.bincount(s, minlength=p.shape[0]) for s in index_sets]).astype(np.float64)
+        counts, group = _group_counts(gid, n_boot, seed)
+        n_sets = len(counts)
+
+        def row_weights(lo, hi):              # a row weighs as often as its patient is drawn
+            return counts[lo:hi, group].astype(np.float64)
+    else:
+        index_sets = [np.asarray(s) for s in resamples]
+        if not index_sets or any(s.ndim != 1 or s.size == 0 or s.dtype.kind not in "iu" or s.min() < 0
+                                 or s.max() >= n for s in index_sets):
+            raise ValueError(f"resamples must be non-empty 1-D arrays of row indices in [0, {n})")
+        n_sets = len(index_sets)
+
+        def row_weights(lo, hi):              # duplicated rows weigh as duplicated rows (module docstring)
+            return np.stack([np.bincount(s, minlength=n) for s in index_sets[lo:hi]]).astype(np.float64)
 
     ranked = _Ranked(p, y, valid)
     base, base_f1s = ranked.scores(None, thr_sets)
     agg = _aggregate(base, base_f1s, sets)
     point = {m: float(agg[m][0]) for m in metrics}
     point.update(ap=base["ap"][0], auroc=base["auroc"][0])
-    # Chunks of replicates keep the [B, N] working arrays to a few tens of MB.
-    chunk = max(1, int(2_000_000 // max(p.shape[0], 1)))
+    # Chunks of replicates keep the [B, N] weights and working arrays to a few tens of MB.
+    chunk = max(1, int(2_000_000 // max(n, 1)))
     parts = {m: [] for m in (*metrics, "ap", "auroc")}
-    for lo in range(0, len(weights), chunk):
-        scores, f1s = ranked.scores(weights[lo:lo + chunk], thr_sets)
+    for lo in range(0, n_sets, chunk):
+        scores, f1s = ranked.scores(row_weights(lo, lo + chunk), thr_sets)
         # A macro replicate is the point estimate plus the mean, over the labels the resample can score,
         # of each label's change from its point value. A resample that misses a rare label's positives
         # leaves that label out (it has no AP there), but without comparing a mean over fewer labels with

@@ -54,7 +54,13 @@ def _prepare(probs, targets, mask=None, n_labels=None):
 
 
 class _Ranked:
-    """Per-label descending sort shared by AP, AUROC, F1 and every bootstrap replicate."""
+    """Per-label descending sort shared by AP, AUROC, F1 and every bootstrap replicate.
+
+    A replicate's cost is linear in N: per label, one weighted count of the rows into the stretches of the
+    order that end where a quantity is read (a positive's tie group, the row before it, a threshold's
+    cut), and then only the positives' own columns. Counts of integer weights are exact in any order, so
+    n_pos, n_neg, AUROC and F1 do not depend on it; AP sums its (non-integer) terms over the positives.
+    """
 
     def __init__(self, p, y, valid):
         n = p.shape[0]
@@ -70,6 +76,37 @@ class _Ranked:
         is_start[1:] = self.s[1:] != self.s[:-1]
         self.end = np.minimum.accumulate(np.where(is_end, idx, n)[::-1], axis=0)[::-1]
         self.start = np.maximum.accumulate(np.where(is_start, idx, -1), axis=0)
+        self._plans: dict = {}
+
+    def _plan(self, c: int, thresholds) -> dict:
+        """Where label c reads its cumulative weights: built once per label and threshold values."""
+        key = tuple(float(t[c]) for t in thresholds)
+        if c in self._plans and self._plans[c][0] == key:
+            return self._plans[c][1]
+        n = self.s.shape[0]
+        pos = np.flatnonzero(self.y[:, c] > 0)          # sorted positions of the (valid) positives
+        end, start = self.end[pos, c], self.start[pos, c]
+        k = np.array([int((self.s[:, c] >= t).sum()) for t in key], dtype=np.intp)  # called: a prefix
+        # Cut after each position a quantity is read at; the cumulative weight at cut i is then the sum
+        # of the weighted counts of stretches 0..i.
+        cuts = np.unique(np.concatenate([end, start - 1, k - 1, [n - 1]]))
+        cuts = cuts[cuts >= 0]
+        stretch = np.searchsorted(cuts, np.arange(n))
+        stretch[self.v[:, c] == 0] = len(cuts)           # unknown targets weigh nothing: a stretch never read
+        rows = np.empty(n, np.intp)
+        rows[self.order[:, c]] = stretch                 # by original row, as the weights come
+
+        def at_cut(positions):                           # index into [0, W at cut 0, W at cut 1, ...]
+            return np.where(positions >= 0, np.searchsorted(cuts, positions) + 1, 0)
+
+        def at_pos(positions):                           # index into [0, tp after positive 0, ...]
+            return np.searchsorted(pos, positions, side="right")
+
+        plan = {"stretch": rows, "n_cuts": len(cuts), "pos_rows": self.order[pos, c],
+                "w_end": at_cut(end), "tp_end": at_pos(end), "w_before": at_cut(start - 1),
+                "tp_before": at_pos(start - 1), "w_called": at_cut(k - 1), "tp_called": at_pos(k - 1)}
+        self._plans[c] = (key, plan)
+        return plan
 
     def scores(self, row_weights=None, thresholds=()):
         """Per-label AP, AUROC, F1 at each threshold vector, n_pos, n_neg; each [B, L].
@@ -83,26 +120,30 @@ class _Ranked:
         f1s = [np.full((b, n_labels), np.nan) for _ in thresholds]
         with np.errstate(invalid="ignore", divide="ignore"):
             for c in range(n_labels):
-                ws = w[:, self.order[:, c]] * self.v[:, c]
-                tpw = ws * self.y[:, c]
-                fpw = ws - tpw
-                tp = np.cumsum(tpw, axis=1)
-                fp = np.cumsum(fpw, axis=1)
-                n_pos, n_neg = tp[:, -1], fp[:, -1]
-                tp_end, fp_end = tp[:, self.end[:, c]], fp[:, self.end[:, c]]
-                # Precision at the end of each element's tie group: the operating point it belongs to.
+                pl = self._plan(c, thresholds)
+                m = pl["n_cuts"]
+                cum = np.zeros((b, m + 1))               # 0, then the weight ranked up to each cut
+                for i in range(b):
+                    cum[i, 1:] = np.bincount(pl["stretch"], weights=w[i], minlength=m + 1)[:m]
+                np.cumsum(cum[:, 1:], axis=1, out=cum[:, 1:])
+                tpw = w[:, pl["pos_rows"]]               # the positives' weights, in ranked order
+                tp = np.zeros((b, tpw.shape[1] + 1))     # 0, then the positive weight up to each positive
+                np.cumsum(tpw, axis=1, out=tp[:, 1:])
+                n_pos = tp[:, -1]
+                n_neg = cum[:, -1] - n_pos
+                # At the end of each positive's tie group: the operating point it belongs to.
+                tp_end = tp[:, pl["tp_end"]]
+                fp_end = cum[:, pl["w_end"]] - tp_end
                 prec = np.where(tp_end + fp_end > 0, tp_end / (tp_end + fp_end), 0.0)
                 out["ap"][:, c] = np.where(n_pos > 0, (tpw * prec).sum(1) / n_pos, np.nan)
-                start = self.start[:, c]
-                tp_before = np.where(start > 0, tp[:, np.maximum(start - 1, 0)], 0.0)
-                # Each negative beats the positives ranked above its tie group and half of those tied.
-                auc = (fpw * (tp_before + tp_end)).sum(1) / (2.0 * n_pos * n_neg)
+                # Each positive beats the negatives ranked below its tie group and half of those tied.
+                fp_before = cum[:, pl["w_before"]] - tp[:, pl["tp_before"]]
+                auc = (tpw * (2 * n_neg[:, None] - fp_end - fp_before)).sum(1) / (2.0 * n_pos * n_neg)
                 out["auroc"][:, c] = np.where((n_pos > 0) & (n_neg > 0), auc, np.nan)
                 out["n_pos"][:, c], out["n_neg"][:, c] = n_pos, n_neg
-                for f1, thr in zip(f1s, thresholds):
-                    pred = self.s[:, c] >= thr[c]
-                    tp_t = (tpw * pred).sum(1)
-                    called = (ws * pred).sum(1)
+                for j, f1 in enumerate(f1s):
+                    tp_t = tp[:, pl["tp_called"][j]]
+                    called = cum[:, pl["w_called"][j]]
                     f1[:, c] = np.where(n_pos > 0, 2 * tp_t / (called + n_pos), np.nan)
         return out, f1s
 

@@ -65,6 +65,36 @@ def test_weighted_scores_equal_a_materialised_resample():
             np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-14)
 
 
+def test_weighted_scores_equal_their_pairwise_definitions():
+    """Weighted counts read at cuts of the ranking against the definitions over all pairs of rows: counts,
+    AUROC and F1 exactly (integer weights sum exactly in any order), AP to rounding; unknown targets
+    tied with known ones weigh nothing; new thresholds on the same ranking are honoured."""
+    probs, y = random_data(n=200, seed=4, decimals=1)
+    mask = np.random.default_rng(1).random(y.shape) > 0.1
+    ranked = _Ranked(*_prepare(probs, y, mask))
+    w = np.random.default_rng(2).integers(0, 4, size=(5, len(probs))).astype(float)
+    for thr in (np.full(len(NAMES), 0.5), np.linspace(0.05, 0.95, len(NAMES))):
+        scores, (f1,) = ranked.scores(w, [thr])
+        for c in range(len(NAMES)):
+            s, known = probs[:, c], (y[:, c] >= 0) & mask[:, c]
+            pos = known & (y[:, c] == 1)
+            beats = 2.0 * (s[:, None] > s[None, :]) + (s[:, None] == s[None, :])   # pair (i, j): 2, 1 or 0
+            at_least = s[None, :] >= s[:, None]                                     # row j ranked with or above i
+            called = s >= thr[c]
+            for b in range(len(w)):
+                wk, wp = w[b] * known, w[b] * pos
+                wn = wk - wp
+                n_pos, n_neg = wp.sum(), wn.sum()
+                assert (scores["n_pos"][b, c], scores["n_neg"][b, c]) == (n_pos, n_neg)
+                auc = wp @ beats @ wn / (2.0 * n_pos * n_neg) if n_pos and n_neg else np.nan
+                np.testing.assert_array_equal(scores["auroc"][b, c], auc)
+                want_f1 = 2 * wp[called].sum() / (wk[called].sum() + n_pos) if n_pos else np.nan
+                np.testing.assert_array_equal(f1[b, c], want_f1)
+                prec = np.divide(at_least @ wp, at_least @ wk, out=np.zeros(len(s)), where=wp > 0)
+                ap = (wp * prec).sum() / n_pos if n_pos else np.nan
+                np.testing.assert_allclose(scores["ap"][b, c], ap, rtol=1e-13, atol=0)
+
+
 def test_macro_means_groups_zero_shot_and_exclusions():
     probs, y = random_data()
     m = compute_metrics(probs, y, LS)
