@@ -28,6 +28,9 @@ class DataConfig:
     zero_shot: tuple[str, ...] = ()  # labels held out of training (scored from text only)
 
 
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 3
@@ -39,12 +42,42 @@ class TrainConfig:
     balanced_sampling: bool = False  # class-aware sampling (CheXFusion)
     augment: bool = True
     device: str = "auto"           # auto -> cuda when available
-    amp: bool = False              # mixed precision on cuda
+    amp: str = "auto"              # auto (bf16 on GPUs with it, else fp16 + GradScaler; off on CPU) | bf16 | fp16 | off
     max_steps_per_epoch: int = 0   # 0 = whole epoch; >0 caps steps (smoke runs)
     threads: int = 0               # torch CPU threads; 0 = torch's default
     checkpoint_every_steps: int = 0  # resumable state every N steps too (0 = only at each epoch's end)
     deterministic: bool = False    # torch deterministic algorithms (bit-exact resume on GPU; slower)
     seeds: tuple[int, ...] = ()    # >1 seed: one variant per seed, named <variant>-seed<k>
+    # speed (cxrlt.engine.performance): "auto" = on when training on CUDA, off on CPU
+    channels_last: bool | str = "auto"     # NHWC model weights and image batches
+    fused_adamw: bool | str = "auto"       # torch.optim.AdamW(fused=True)
+    cudnn_benchmark: bool | str = "auto"   # cuDNN picks the fastest kernels (never with `deterministic`)
+    pin_memory: bool | str = "auto"        # page-locked batches, copied to the GPU with non_blocking=True
+    compile: bool | str = False    # torch.compile the model (true: inductor; or a backend name, e.g. eager)
+    grad_accum_steps: int = 1      # micro-batches per optimizer step; batch_size stays the step's global batch
+    activation_checkpointing: bool = False  # recompute backbone stages / fusion layers / head in backward
+    persistent_workers: bool = True  # keep loader workers between epochs (num_workers > 0)
+    prefetch_factor: int = 2       # batches each loader worker prepares ahead (num_workers > 0)
+    gpu_augment: bool = False      # augment whole batches on the device (data.transforms.augment_batch)
+    # several processes (torchrun; cxrlt.engine.distributed)
+    sync_batchnorm: bool = True    # BatchNorm statistics over the global batch (CUDA; not view-specific models)
+    dist_timeout_s: int = 600      # a collective waiting this long ends the run instead of hanging
+
+    def __post_init__(self):
+        amp = {True: "auto", False: "off"}.get(self.amp, self.amp)  # amp: true/false of older parameter files
+        if amp not in AMP_MODES:
+            raise ValueError(f"train.amp is {self.amp!r}: use one of {', '.join(AMP_MODES)} (or true = auto, "
+                             "false = off)")
+        object.__setattr__(self, "amp", amp)
+        for name in ("channels_last", "fused_adamw", "cudnn_benchmark", "pin_memory"):
+            if getattr(self, name) not in (True, False, "auto"):
+                raise ValueError(f"train.{name} is {getattr(self, name)!r}: use auto, true or false")
+        if not isinstance(self.compile, (bool, str)) or self.compile == "":
+            raise ValueError(f"train.compile is {self.compile!r}: use false, true (inductor) or a torch.compile "
+                             "backend name")
+        for name, low in (("grad_accum_steps", 1), ("prefetch_factor", 1), ("batch_size", 1), ("dist_timeout_s", 1)):
+            if int(getattr(self, name)) < low:
+                raise ValueError(f"train.{name} is {getattr(self, name)}: it must be at least {low}")
 
 
 @dataclass(frozen=True)

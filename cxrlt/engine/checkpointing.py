@@ -9,8 +9,11 @@ weights, the history). It is written atomically: a temp file in the same folder,
 
 Batch order needs no saved generator: each epoch's order is drawn from a generator seeded by
 (seed, epoch), as DistributedSampler does, so a resumed run draws the epoch's order again and skips the
-batches already done. Augmentation is seeded per (seed, epoch, item) in the dataset, so the skipped and
-replayed batches are the very ones an uninterrupted run sees.
+batches already done. Augmentation is seeded per (seed, epoch, item) in the dataset (`EpochDataset`
+hands each item its epoch), so the skipped and replayed batches are the very ones an uninterrupted run
+sees. Steps are optimizer steps over global batches, so a checkpoint's step count means the same with
+any `grad_accum_steps` or number of processes; with several processes, every process's generators are
+saved (`rng_ranks`) and rank 0 writes the file.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import Dataset, Sampler
 
 from ..checkpoint import WEIGHTS
 from ..config import DataConfig, VariantConfig, to_dict
@@ -29,14 +32,17 @@ from ..provenance import file_md5
 
 TRAIN_STATE = "train_state.pt"
 FORMAT = 1
-# settings that change how fast a run goes, not what it computes: a run may resume with others
-_NOT_FINGERPRINTED = ("device", "threads", "num_workers", "checkpoint_every_steps")
+# settings that change how fast a run goes or how a step is split, not what it computes (up to float
+# rounding, and the BatchNorm statistics of smaller micro-batches): a run may resume with others
+_NOT_FINGERPRINTED = ("device", "threads", "num_workers", "checkpoint_every_steps", "channels_last", "fused_adamw",
+                      "cudnn_benchmark", "pin_memory", "compile", "grad_accum_steps", "activation_checkpointing",
+                      "persistent_workers", "prefetch_factor", "dist_timeout_s")
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    """A well-mixed seed per (run seed, epoch): seed+epoch would give seed 1's epoch 0 the order of seed
-    0's epoch 1."""
-    return int(np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint64)[0])
+def epoch_seed(seed: int, epoch: int, *more: int) -> int:
+    """A well-mixed seed per (run seed, epoch[, step, ...]): seed+epoch would give seed 1's epoch 0 the
+    order of seed 0's epoch 1."""
+    return int(np.random.SeedSequence([seed, epoch, *more]).generate_state(1, np.uint64)[0])
 
 
 class EpochSampler(Sampler[int]):
@@ -50,16 +56,36 @@ class EpochSampler(Sampler[int]):
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         self.epoch, self.skip = epoch, skip
 
-    def __iter__(self):
+    def order(self) -> torch.Tensor:
+        """The whole epoch's stream of item indices."""
         g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
         if self.weights is None:
-            order = torch.randperm(self.n, generator=g)
-        else:
-            order = torch.multinomial(self.weights, self.n, replacement=True, generator=g)
-        return iter(order[self.skip:].tolist())
+            return torch.randperm(self.n, generator=g)
+        return torch.multinomial(self.weights, self.n, replacement=True, generator=g)
+
+    def __iter__(self):
+        return iter(self.order()[self.skip:].tolist())
 
     def __len__(self) -> int:
         return self.n  # a whole epoch: the loader's length is the epoch's number of steps
+
+
+class EpochDataset(Dataset):
+    """A dataset indexed by (epoch, item) pairs, which it passes on through `set_epoch`: the epoch reaches
+    the item even in loader workers that outlive an epoch (`persistent_workers`), where a `set_epoch`
+    call in the main process would not."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, i = key
+        if self.dataset.epoch != epoch:
+            self.dataset.set_epoch(epoch)
+        return self.dataset[i]
 
 
 def rng_state() -> dict:

@@ -36,14 +36,15 @@ def unit_of(model) -> str:
 
 
 def make_dataset(manifest: Manifest, splits: str | list[str], model, image_size: int, train: bool,
-                 seed: int = 0) -> CXRDataset:
+                 seed: int = 0, augment: bool | None = None) -> CXRDataset:
+    """`augment=False` with `train`: random view draws but no per-image augmentation (done on the batch)."""
     splits = [splits] if isinstance(splits, str) else list(splits)
     frame = manifest.frame[manifest.frame["split"].isin(splits)]
     if frame.empty:
         have = sorted(manifest.frame["split"].unique())
         raise ValueError(f"manifest has no images in split(s) {splits}; it has {have}")
     return CXRDataset(frame, manifest.image_root, manifest.label_space.names, image_size,
-                      model.config.max_views, unit_of(model), train=train, seed=seed)
+                      model.config.max_views, unit_of(model), train=train, seed=seed, augment=augment)
 
 
 def to_device(batch: dict, device) -> dict:

@@ -19,6 +19,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -26,16 +27,20 @@ from .. import metrics as M
 from ..checkpoint import save_artefact
 from ..config import DataConfig, TrainConfig, VariantConfig, to_dict
 from ..data.manifest import Manifest
+from ..data.transforms import augment_batch
 from ..losses import class_aware_sampler_weights, create_loss
 from ..provenance import data_version, git_commit
 from . import checkpointing as ck
+from . import distributed as dist
+from . import performance as perf
 from .build import build_model
-from .evaluation import make_dataset, per_image, predict, resolve_device, targets_of, to_device, unit_of
+from .evaluation import make_dataset, per_image, resolve_device, targets_of, unit_of
 
 
 @contextlib.contextmanager
 def _run_settings(tc: TrainConfig):
-    """Seeds, threads and (with `deterministic`) deterministic kernels; process-wide flags are put back."""
+    """Seeds, threads, cuDNN autotuning and (with `deterministic`) deterministic kernels; process-wide flags
+    are put back."""
     before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
               torch.backends.cudnn.benchmark)
     torch.manual_seed(tc.seed)
@@ -43,16 +48,16 @@ def _run_settings(tc: TrainConfig):
     random.seed(tc.seed)
     if tc.threads:
         torch.set_num_threads(tc.threads)
+    torch.backends.cudnn.benchmark = perf.cudnn_benchmark(tc, resolve_device(tc.device).type == "cuda")
     if tc.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS refuses determinism without it
         torch.use_deterministic_algorithms(True, warn_only=True)  # ops with no deterministic kernel warn
-        torch.backends.cudnn.benchmark = False
     try:
         yield
     finally:
+        torch.backends.cudnn.benchmark = before[2]
         if tc.deterministic:  # only then: the call imports torch's compiler stack (seconds)
             torch.use_deterministic_algorithms(before[0], warn_only=before[1])
-            torch.backends.cudnn.benchmark = before[2]
 
 
 def _check_selectable(tc: TrainConfig, val_targets: np.ndarray, label_space, n_images: int) -> None:
@@ -73,6 +78,70 @@ def _fresh_run() -> dict:
             "best_epoch": 0, "best_state": None, "history": [], "resumes": []}
 
 
+class TrainForward(nn.Module):
+    """What one training step runs: the model's logits and, for view-specific models, the view
+    classifier's loss. One module, so DistributedDataParallel and torch.compile see the whole step."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images, view_mask, view_types):
+        logits = self.model(images, view_mask, view_types)
+        aux = getattr(self.model, "auxiliary_loss", None)
+        return logits, (aux(images, view_mask, view_types) if aux is not None else None)
+
+
+def summed_loss(variant: VariantConfig, label_space, device) -> tuple[nn.Module, bool]:
+    """(the variant's loss with sum reduction, whether the variant's own reduction is a mean).
+
+    A mean-reduced loss is taken over the labelled elements of the whole global batch: the sum over each
+    micro-batch of each process, divided by the global count, so that a step's gradient does not depend
+    on how the batch is split (`accumulate`)."""
+    make = lambda **kw: create_loss(variant.loss, class_counts=label_space.counts,  # noqa: E731
+                                    n_train=label_space.n_train, **{**dict(variant.loss_args), **kw}).to(device)
+    loss_fn = make()
+    if getattr(loss_fn, "reduction", None) != "mean":
+        return loss_fn, False
+    return make(reduction="sum"), True
+
+
+def accumulate(net, loss_fn, batches: list[dict], mean: bool, ctx: dist.Dist, speed: perf.Speed, device,
+               scaler=None, no_sync=contextlib.nullcontext) -> torch.Tensor:
+    """Forward and backward of one optimizer step: this process's micro-batches of the global batch.
+
+    The gradients left in the parameters are those of the global batch's loss, however the batch is split
+    over micro-batches and processes: a mean-reduced loss is the summed loss divided by the labelled
+    count of the whole global batch, and since DistributedDataParallel averages gradients over the
+    processes, each process's part is multiplied by the world size. The view classifier's loss
+    (view-specific models) is the mean over micro-batches and processes. Returns the global batch's
+    loss, the same on every process.
+    """
+    k = len(batches)
+    norm = torch.ones((), device=device)
+    if mean:
+        count = sum(((b["target"] >= 0) & b["label_mask"].bool()).sum() for b in batches)
+        norm = ctx.sum(count.to(device=device, dtype=torch.float32)).clamp_min(1)
+    total = torch.zeros(2, device=device)
+    for i, b in enumerate(batches):
+        with no_sync() if i < k - 1 else contextlib.nullcontext():  # gradients are reduced after the last
+            with speed.autocast(device):
+                logits, aux = net(b["images"], b["view_mask"], b["view_types"])
+            part = loss_fn(logits.float(), b["target"], b["label_mask"]) / norm
+            aux = part.new_zeros(()) if aux is None else aux.float() / k
+            loss = part * ctx.world + aux
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        total += torch.stack([part.detach(), aux.detach()])
+    total = ctx.sum(total)
+    return total[0] + total[1] / ctx.world
+
+
+def _grouped(iterator, k: int):
+    """Consecutive groups of k items (the micro-batches of one optimizer step)."""
+    while group := list(itertools.islice(iterator, k)):
+        yield group
+
+
 def train(variant: VariantConfig, data: DataConfig, manifest: Manifest, out_dir: str | Path,
           progress: bool = True, log: Callable[[str], None] = print, resume: bool = False,
           on_checkpoint: Callable[[Path, dict], None] | None = None) -> Path:
@@ -82,38 +151,36 @@ def train(variant: VariantConfig, data: DataConfig, manifest: Manifest, out_dir:
     `out_dir`, and keeps it frozen (weights and batch-norm statistics) unless `freeze_backbone` is off.
     With `resume`, a checkpoint left in `out_dir` by an interrupted run of the same variant, settings and
     data is continued; without it (or when there is none) training starts afresh. `on_checkpoint(path,
-    state)` is called after each checkpoint is on disk.
+    state)` is called after each checkpoint is on disk. Started by torchrun, every process calls this
+    and they train together (`distributed`); only rank 0 logs and writes.
     """
-    with _run_settings(variant.train):
-        return _train(variant, data, manifest, Path(out_dir), progress, log, resume, on_checkpoint)
+    with _run_settings(variant.train), dist.session(variant.train) as ctx:
+        return _train(variant, data, manifest, Path(out_dir), progress and ctx.is_main,
+                      log if ctx.is_main else (lambda _: None), resume, on_checkpoint, ctx)
 
 
-def _train(variant, data, manifest, out_dir, progress, log, resume, on_checkpoint) -> Path:
+def _train(variant, data, manifest, out_dir, progress, log, resume, on_checkpoint, ctx: dist.Dist) -> Path:
     tc, ls = variant.train, manifest.label_space
-    device = resolve_device(tc.device)
+    device = dist.device_for(ctx, tc)
+    speed = perf.resolve(tc, device)
     val_frame = manifest.split("val")  # model selection scores per image, like the final evaluation
     val_targets = targets_of(val_frame, ls)
     _check_selectable(tc, val_targets, ls, len(val_frame))
     model, init_dir, text_record = build_model(variant, ls, device, out_dir.parent)
-    loss_fn = create_loss(variant.loss, class_counts=ls.counts, n_train=ls.n_train,
-                          **dict(variant.loss_args)).to(device)
-    train_ds = make_dataset(manifest, "train", model, data.image_size, train=tc.augment, seed=tc.seed)
+    loss_fn, mean_loss = summed_loss(variant, ls, device)
+    train_ds = make_dataset(manifest, "train", model, data.image_size, train=tc.augment, seed=tc.seed,
+                            augment=False if speed.gpu_augment else None)
     val_ds = make_dataset(manifest, "val", model, data.image_size, train=False)
+    k = speed.grad_accum_steps
+    micro = dist.micro_batch(tc.batch_size, ctx.world, k, len(train_ds))
     weights = None
     if tc.balanced_sampling:
         weights = torch.as_tensor(class_aware_sampler_weights(train_ds.targets.clip(min=0)), dtype=torch.double)
-    sampler = ck.EpochSampler(len(train_ds), tc.seed, weights)
+    sampler = dist.ShardedEpochSampler(len(train_ds), tc.seed, weights, tc.batch_size, ctx.rank, ctx.world)
     # a private generator: each epoch's iterator draws its worker seed from it, not from the global RNG
-    loader = DataLoader(train_ds, batch_size=tc.batch_size, sampler=sampler, num_workers=tc.num_workers,
-                        drop_last=len(train_ds) > tc.batch_size, generator=torch.Generator().manual_seed(tc.seed))
-    steps = len(loader) if not tc.max_steps_per_epoch else min(len(loader), tc.max_steps_per_epoch)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tc.lr, weight_decay=tc.weight_decay)
-    total = max(1, steps * tc.epochs)
-    warm = max(1, total // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
-    use_amp = tc.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    loader = DataLoader(ck.EpochDataset(train_ds), batch_size=micro, sampler=sampler, num_workers=tc.num_workers,
+                        generator=torch.Generator().manual_seed(tc.seed), **perf.loader_kwargs(tc, speed))
+    steps = sampler.steps if not tc.max_steps_per_epoch else min(sampler.steps, tc.max_steps_per_epoch)
 
     version = data_version(manifest.dir)
     fingerprint = ck.fingerprint(variant, data, version["manifest_md5"], init_dir)
@@ -122,75 +189,98 @@ def _train(variant, data, manifest, out_dir, progress, log, resume, on_checkpoin
     saved = ck.load_training_state(state_path) if resume else None
     if saved is not None:
         ck.check_fingerprint(saved["fingerprint"], fingerprint, state_path)
-        model.load_state_dict(saved["model"])
+        model.load_state_dict(perf.plain_state_dict(saved["model"]))
+    synced_bn = dist.sync_batchnorm(model, ctx, tc, device)
+    perf.prepare_model(model, speed)
+    opt = perf.optimizer([p for p in model.parameters() if p.requires_grad], tc, speed)
+    total = max(1, steps * tc.epochs)
+    warm = max(1, total // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
+    scaler = torch.amp.GradScaler("cuda", enabled=speed.grad_scaler)
+    if saved is not None:
         opt.load_state_dict(saved["optimizer"])
         sched.load_state_dict(saved["scheduler"])
         scaler.load_state_dict(saved["scaler"])
-        run, rng = {k: saved[k] for k in _fresh_run()}, saved["rng"]
+        run = {k: saved[k] for k in _fresh_run()}
+        ranks = saved.get("rng_ranks") or []  # every process's generators, when the same number resumes
+        rng = ranks[ctx.rank] if len(ranks) == ctx.world else saved["rng"]
         run["resumes"].append({"epoch": run["epoch"] + 1, "step": run["step"]})
         log(f"[{variant.name}] resumed from {state_path}: epoch {run['epoch'] + 1}, step {run['step']}/{steps}")
     else:
         if resume:
             log(f"[{variant.name}] no checkpoint at {state_path}: starting from the beginning")
-        state_path.unlink(missing_ok=True)  # an older run's state must not be resumed into this one later
+        if ctx.is_main:
+            state_path.unlink(missing_ok=True)  # an older run's state must not be resumed into this one later
+    # what the loop calls: the step's module, in DDP (several processes), compiled; `model` stays the
+    # plain module whose state dicts are saved (no `module.` / `_orig_mod.` prefixes)
+    ddp = dist.wrap(TrainForward(model), ctx, device, find_unused=hasattr(model, "predict_views"))
+    net = torch.compile(ddp, backend=speed.compile) if speed.compile else ddp
+    no_sync = ddp.no_sync if ctx.active else contextlib.nullcontext
+    runtime = {**speed.as_dict(), "device": str(device), "world_size": ctx.world, "backend": ctx.backend or None,
+               "micro_batch": micro, "sync_batchnorm": synced_bn}
 
     def checkpoint() -> None:
+        rngs = ctx.gather(ck.rng_state())  # a collective: every process checkpoints at the same step
+        if not ctx.is_main:
+            return
         state = {"format": ck.FORMAT, "fingerprint": fingerprint, "model": model.state_dict(),
                  "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
-                 "rng": ck.rng_state(), **run}
+                 "rng": rngs[0], "rng_ranks": rngs if ctx.active else [], **run}
         out_dir.mkdir(parents=True, exist_ok=True)
         ck.save_training_state(state_path, state)
         if on_checkpoint is not None:
             on_checkpoint(state_path, state)
 
     log(f"[{variant.name}] {variant.model} + {variant.loss}: {len(train_ds)} train / {len(val_ds)} val "
-        f"{unit_of(model)} items, {tc.epochs} epochs on {device}")
+        f"{unit_of(model)} items, {tc.epochs} epochs on {device}" + (f" x {ctx.world} processes" if ctx.active else "")
+        + f"; batch {tc.batch_size} = {ctx.world} x {k} x {micro}, amp {speed.amp}")
     if rng is not None:
         ck.restore_rng(rng)  # last, since building the model and data above draws random numbers
     for epoch in range(run["epoch"], tc.epochs):
-        model.train()
+        net.train()
         if variant.init_from and variant.freeze_backbone:
             model.backbone.eval()  # frozen means batch-norm statistics too
-        train_ds.set_epoch(epoch)
         start = run["step"]  # > 0 only when resuming inside this epoch: its first batches are done
         sampler.set_epoch(epoch, skip=start * tc.batch_size)
         t0 = time.perf_counter() - run["seconds"]
-        bar = tqdm(itertools.islice(loader, steps - start), total=steps, initial=start, disable=not progress,
+        groups = _grouped(itertools.islice(loader, (steps - start) * k), k)
+        bar = tqdm(groups, total=steps, initial=start, disable=not progress,
                    desc=f"{variant.name} epoch {epoch + 1}/{tc.epochs}")
-        for step, b in enumerate(bar, start=start):
-            b = to_device(b, device)
-            with torch.autocast(device.type, enabled=use_amp):
-                logits = model(b["images"], b["view_mask"], b["view_types"])
-            loss = loss_fn(logits.float(), b["target"], b["label_mask"])
-            aux = getattr(model, "auxiliary_loss", None)  # view-specific models: their view classifier
-            if aux is not None:
-                loss = loss + aux(b["images"], b["view_mask"], b["view_types"])
-            if not torch.isfinite(loss):  # a NaN step poisons every later epoch's validation mAP
+        for step, group in enumerate(bar, start=start):
+            batches = [perf.batch_to_device(b, device, speed) for b in group]
+            if speed.gpu_augment:
+                for i, b in enumerate(batches):  # a draw per (seed, epoch, step, micro-batch, process)
+                    g = torch.Generator(device=device).manual_seed(ck.epoch_seed(tc.seed, epoch, step, i, ctx.rank) >> 1)
+                    b["images"] = augment_batch(b["images"], b["view_mask"], g)
+            opt.zero_grad(set_to_none=True)
+            loss = float(accumulate(net, loss_fn, batches, mean_loss, ctx, speed, device,
+                                    scaler if speed.grad_scaler else None, no_sync))
+            if not math.isfinite(loss):  # a NaN step poisons every later epoch's validation mAP
                 raise FloatingPointError(
-                    f"[{variant.name}] the training loss is {float(loss.detach())} at epoch {epoch + 1}, "
+                    f"[{variant.name}] the training loss is {loss} at epoch {epoch + 1}, "
                     f"step {step + 1}: training diverged, and no later epoch could be selected by validation mAP. Lower train.lr "
                     f"(now {tc.lr}) or check this batch's images and labels, then train again (a resume keeps "
                     "the settings, so it would diverge again)")
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
             sched.step()
-            run["running"] += float(loss.detach()) * len(b["index"])
-            run["seen"] += len(b["index"])
+            items = sum(len(b["index"]) for b in batches) * ctx.world
+            run["running"] += loss * items
+            run["seen"] += items
             bar.set_postfix(loss=f"{run['running'] / run['seen']:.4f}")
             every = tc.checkpoint_every_steps
             if every and (step + 1) % every == 0 and step + 1 < steps:  # the epoch's end checkpoints below
                 run.update(step=step + 1, seconds=time.perf_counter() - t0)
                 checkpoint()
-        img = per_image(val_ds, predict(model, val_ds, device=device, progress=False), val_frame)
+        img = per_image(val_ds, dist.predict_sharded(ctx, model, val_ds, device), val_frame)
         m = M.compute_metrics(img[list(ls.names)].to_numpy(), val_targets, ls)
         train_loss = run["running"] / max(run["seen"], 1)
         run["history"].append({"epoch": epoch + 1, "train_loss": train_loss, "val_mAP": m["mAP"],
                                "val_mAUC": m["mAUC"], "seconds": time.perf_counter() - t0})
         log(f"[{variant.name}] epoch {epoch + 1}: loss {train_loss:.4f}  val mAP {m['mAP']:.4f}  "
             f"mAUC {m['mAUC']:.4f}  ({run['history'][-1]['seconds']:.0f}s)")
-        if m["mAP"] > run["best"]:
+        if m["mAP"] > run["best"]:  # every process scores the same gathered predictions: the same choice
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
             run.update(best=m["mAP"], best_epoch=epoch + 1, best_state=best_state)
         run.update(epoch=epoch + 1, step=0, running=0.0, seen=0, seconds=0.0)
@@ -199,6 +289,9 @@ def _train(variant, data, manifest, out_dir, progress, log, resume, on_checkpoin
         maps = [h["val_mAP"] for h in run["history"]]
         raise RuntimeError(f"[{variant.name}] no epoch had a finite validation mAP ({maps}): the validation split "
                            "gives no scorable label. Raise data.val_fraction or check the manifest's `val` labels")
+    if not ctx.is_main:
+        ctx.barrier()  # returns once rank 0 has written the artefact
+        return out_dir
     model.load_state_dict(run["best_state"])
     out = save_artefact(out_dir, model, model_name=variant.model, label_space=ls, variant=variant.name,
                         seed=tc.seed, seed_group=variant.group,
@@ -206,7 +299,8 @@ def _train(variant, data, manifest, out_dir, progress, log, resume, on_checkpoin
                         data_version=version, git_commit=git_commit(), synthetic=bool(ls.synthetic),
                         text_encoder=text_record, init_from=str(init_dir) if init_dir else None,
                         freeze_backbone=bool(variant.init_from and variant.freeze_backbone),
-                        best_epoch=run["best_epoch"], resumes=run["resumes"])
+                        best_epoch=run["best_epoch"], resumes=run["resumes"], runtime=runtime)
     pd.DataFrame(run["history"]).to_csv(Path(out) / "history.csv", index=False)
     state_path.unlink(missing_ok=True)  # the run is complete: the artefact replaces its resumable state
+    ctx.barrier()
     return out
