@@ -62,12 +62,20 @@ def cmd_prepare(a):
 def cmd_train(a):
     from .config import load_config
     from .data.manifest import load_manifest
-    from .engine import train
+    from .engine import distributed, train
 
+    if a.gpus < 1:
+        raise ValueError(f"--gpus is {a.gpus}: give the number of GPUs to train on (1 or more)")
+    if a.gpus > 1 and distributed.world_size() == 1:  # this process starts torchrun, which starts the trainers
+        again = ["--variant", a.variant, "--manifest", a.manifest, "--params", a.params,
+                 *(["--out", a.out] * bool(a.out)), *(["--resume"] * a.resume), *(["--quiet"] * a.quiet),
+                 *[x for pair in a.set or [] for x in ("--set", pair)]]
+        return distributed.launch(a.gpus, [str(x) for x in again])
     cfg = load_config(a.params, _overrides(a.set))
     out = train(cfg.variant(a.variant), cfg.data, load_manifest(a.manifest), a.out or Path("models") / a.variant,
                 progress=not a.quiet, resume=a.resume)
-    print(f"artefact: {out}")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"artefact: {out}")
 
 
 def cmd_evaluate(a):
@@ -250,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the interrupted run whose checkpoint "
                    "(train_state.pt) is in the artefact folder; starts afresh when there is none")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--gpus", type=int, default=1, help="train on N GPUs of this machine with DistributedDataParallel "
+                   "(starts torchrun; train.batch_size stays the global batch). Several machines: torchrun "
+                   "--nnodes ... -m cxrlt train ...")
     params(p)
 
     p = add("evaluate", cmd_evaluate, "score an artefact per image on val/dev/test at the image size it was "

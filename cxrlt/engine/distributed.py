@@ -161,14 +161,19 @@ def predict_sharded(ctx: Dist, model, dataset, device) -> np.ndarray:
     return out
 
 
-def wrap(net: torch.nn.Module, ctx: Dist, device: torch.device, find_unused: bool):
-    """DistributedDataParallel around `net` (the module the loop calls), or `net` as it is."""
+def wrap(net: torch.nn.Module, ctx: Dist, device: torch.device):
+    """DistributedDataParallel around `net` (the module the loop calls), or `net` as it is.
+
+    Some parameters never get a gradient (the backbone's classifier norm that `forward_features` skips),
+    others not in every step (a view-specific branch without images in this process's batch): DDP looks
+    for them in each step's graph (`find_unused_parameters`); those unused in every process keep no
+    gradient, as with one process."""
     if not ctx.active:
         return net
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ids = [device.index] if device.type == "cuda" else None
-    return DDP(net, device_ids=ids, output_device=device.index if ids else None, find_unused_parameters=find_unused)
+    return DDP(net, device_ids=ids, output_device=device.index if ids else None, find_unused_parameters=True)
 
 
 def sync_batchnorm(model: torch.nn.Module, ctx: Dist, tc: TrainConfig, device: torch.device) -> bool:

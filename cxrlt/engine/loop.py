@@ -214,7 +214,7 @@ def _train(variant, data, manifest, out_dir, progress, log, resume, on_checkpoin
             state_path.unlink(missing_ok=True)  # an older run's state must not be resumed into this one later
     # what the loop calls: the step's module, in DDP (several processes), compiled; `model` stays the
     # plain module whose state dicts are saved (no `module.` / `_orig_mod.` prefixes)
-    ddp = dist.wrap(TrainForward(model), ctx, device, find_unused=hasattr(model, "predict_views"))
+    ddp = dist.wrap(TrainForward(model), ctx, device)
     net = torch.compile(ddp, backend=speed.compile) if speed.compile else ddp
     no_sync = ddp.no_sync if ctx.active else contextlib.nullcontext
     runtime = {**speed.as_dict(), "device": str(device), "world_size": ctx.world, "backend": ctx.backend or None,
@@ -251,7 +251,8 @@ def _train(variant, data, manifest, out_dir, progress, log, resume, on_checkpoin
             batches = [perf.batch_to_device(b, device, speed) for b in group]
             if speed.gpu_augment:
                 for i, b in enumerate(batches):  # a draw per (seed, epoch, step, micro-batch, process)
-                    g = torch.Generator(device=device).manual_seed(ck.epoch_seed(tc.seed, epoch, step, i, ctx.rank) >> 1)
+                    seed = ck.epoch_seed(tc.seed, epoch, step, i, ctx.rank) >> 1
+                    g = torch.Generator(device=device).manual_seed(seed)
                     b["images"] = augment_batch(b["images"], b["view_mask"], g)
             opt.zero_grad(set_to_none=True)
             loss = float(accumulate(net, loss_fn, batches, mean_loss, ctx, speed, device,

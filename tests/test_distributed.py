@@ -1,0 +1,293 @@
+"""Training in several processes (DistributedDataParallel, gloo on the CPU) computes what one process does.
+
+Two processes started by torchrun (`python -m torch.distributed.run --nproc-per-node 2 -m cxrlt train`)
+train a tiny fusion model with class-aware sampling and gradient accumulation (global batch 8 = 2
+processes x 2 micro-batches x 2 studies), one process trains it with whole batches of 8; their loss
+trajectories, validation scores and saved models agree. The model is BatchNorm-free and has no dropout
+(`test_convnext` backbone: LayerNorm only; dropout 0): BatchNorm normalises over each process's share
+of the batch (SyncBatchNorm, which would make it global, runs on CUDA only), and dropout draws its masks
+per process. What remains is float32 rounding: the processes sum the batch's gradients in another order
+(all-reduce of two halves instead of one sum), which moves losses by ~1e-8 relative per step here; the
+tolerances (1e-5 relative on losses, 1e-5 on probabilities) leave room for a few steps of that and fail
+on any real difference (one study more or less in a batch changes the loss by >1e-3).
+
+Also: the sampler's split of the one-process stream, a process that fails ends the whole run (no
+hang), and `cxrlt train --gpus N` starts torchrun (refused without the GPUs).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from cxrlt import metrics as M
+from cxrlt.checkpoint import load_artefact
+from cxrlt.cli import main
+from cxrlt.config import load_config
+from cxrlt.data.demo import generate_demo
+from cxrlt.data.manifest import build_manifest, load_manifest
+from cxrlt.engine import make_dataset, per_image, predict, train
+from cxrlt.engine import distributed
+from cxrlt.engine.checkpointing import EpochSampler
+from cxrlt.engine.distributed import ShardedEpochSampler, micro_batch
+
+SIZE = 32
+PARAMS = {
+    "data": {"image_size": SIZE, "val_fraction": 0.2, "seed": 0, "task": "task1"},
+    "train": {"epochs": 2, "batch_size": 8, "lr": 0.003, "threads": 1, "device": "cpu", "max_steps_per_epoch": 3,
+              "balanced_sampling": True, "dist_timeout_s": 60},
+    "variants": {"v": {"model": "chexfusion_test", "loss": "bce",
+                       "model_args": {"backbone": "test_convnext", "dropout": 0.0}}},
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cli(*argv) -> int:
+    return main([str(a) for a in argv])
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distributed")
+    generate_demo(root / "demo", n_studies=60, seed=3, progress=False)
+    build_manifest(root / "demo/cxr-lt-2024", root / "demo/mimic-cxr-jpg", root / "manifest", val_fraction=0.2)
+    (root / "params.yaml").write_text(yaml.safe_dump(PARAMS))
+    return root
+
+
+@pytest.fixture(scope="module")
+def runs(project):
+    """The same variant trained by two processes under torchrun and by one process."""
+    p = project
+    common = ["--variant", "v", "--manifest", p / "manifest", "--params", p / "params.yaml", "--quiet"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+                "--master-port", str(free_port()), "-m", "cxrlt", "train", *map(str, common), "--out", str(p / "two"),
+                "--set", "train.grad_accum_steps=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    two = subprocess.Popen(torchrun, cwd=p, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert cli("train", *common, "--out", p / "one") == 0  # while the other processes start
+        log, _ = two.communicate(timeout=300)
+    finally:
+        if two.poll() is None:
+            two.kill()
+    assert two.returncode == 0, log
+    return {"one": p / "one", "two": p / "two", "log": log}
+
+
+def _stream_batches(order, batch, steps):
+    return [sorted(order[s * batch:(s + 1) * batch]) for s in range(steps)]
+
+
+@pytest.mark.parametrize("balanced", [False, True])
+@pytest.mark.parametrize("world", [2, 4])
+def test_processes_split_each_one_process_batch(balanced, world):
+    n, batch, seed = 37, 8, 5
+    weights = torch.rand(n, generator=torch.Generator().manual_seed(0)).double() if balanced else None
+    legacy = EpochSampler(n, seed, weights)  # the one-process stream the loop has always drawn
+    for epoch, skip_steps in ((0, 0), (3, 0), (3, 2)):
+        legacy.set_epoch(epoch)
+        full = list(legacy)
+        want = _stream_batches(full, batch, n // batch)[skip_steps:]
+        shards = []
+        for rank in range(world):
+            s = ShardedEpochSampler(n, seed, weights, batch, rank, world)
+            s.set_epoch(epoch, skip=skip_steps * batch)
+            items = list(s)
+            assert {e for e, _ in items} == {epoch}
+            assert len(s) == (n // batch) * batch // world  # every process has the same number of steps
+            shards.append([i for _, i in items])
+        per = batch // world
+        got = [sorted(i for sh in shards for i in sh[t * per:(t + 1) * per]) for t in range(len(want))]
+        assert got == want  # step t of all processes together = step t of one process
+        assert sum(len(sh) for sh in shards) == len(want) * batch
+
+
+def test_indivisible_batches_are_refused():
+    assert micro_batch(16, 4, 2, 100) == 2
+    with pytest.raises(ValueError, match="must be divisible by 6"):
+        micro_batch(16, 3, 2, 100)
+    with pytest.raises(ValueError, match="fewer than one global batch of 16"):
+        micro_batch(16, 2, 1, 10)
+    assert micro_batch(16, 1, 1, 10) == 16  # one process may still train on a single partial batch
+
+
+def test_two_processes_train_like_one(runs, project):
+    log = runs["log"]
+    assert "x 2 processes; batch 8 = 2 x 2 x 2" in log
+    assert log.count("artefact:") == 1 and log.count("epoch 2: loss") == 1  # only rank 0 logs
+    h1, h2 = (pd.read_csv(runs[k] / "history.csv") for k in ("one", "two"))
+    np.testing.assert_allclose(h2["train_loss"], h1["train_loss"], rtol=1e-5)
+    np.testing.assert_allclose(h2[["val_mAP", "val_mAUC"]], h1[["val_mAP", "val_mAUC"]], rtol=0, atol=1e-6)
+    one, two = load_artefact(runs["one"]), load_artefact(runs["two"])
+    assert two.meta["best_epoch"] == one.meta["best_epoch"]
+    rt = two.meta["runtime"]
+    assert (rt["world_size"], rt["backend"], rt["micro_batch"], rt["grad_accum_steps"]) == (2, "gloo", 2, 2)
+    assert sorted(p.name for p in runs["two"].iterdir()) == sorted(p.name for p in runs["one"].iterdir())
+    manifest = load_manifest(project / "manifest")
+    names = list(manifest.label_space.names)
+    for split in ("val", "test"):
+        probs = []
+        for art in (one, two):
+            ds = make_dataset(manifest, split, art.model, SIZE, train=False)
+            probs.append(per_image(ds, predict(art.model, ds, progress=False), manifest.split(split))[names].to_numpy())
+        np.testing.assert_allclose(probs[1], probs[0], rtol=0, atol=1e-5)
+        targets = manifest.split(split)[names].to_numpy().astype(int)
+        m1, m2 = (M.compute_metrics(p, targets, manifest.label_space) for p in probs)
+        assert abs(m1["mAP"] - m2["mAP"]) < 1e-6, split
+
+
+def _batch(manifest, model, n=8):
+    from torch.utils.data import default_collate
+
+    ds = make_dataset(manifest, "train", model, SIZE, train=True, seed=0)
+    b = default_collate([ds[i] for i in range(n)])
+    b["label_mask"][:3, :25] = False  # unknown labels, unevenly spread over the processes' shares
+    return b
+
+
+def _model(manifest):
+    from cxrlt.models import create_model
+
+    torch.manual_seed(0)
+    return create_model("chexfusion_test", num_labels=len(manifest.label_space), backbone="test_convnext", dropout=0.0)
+
+
+def _gradient_worker(rank, port, project, loss, results):
+    from cxrlt.config import TrainConfig, config_from_dict
+    from cxrlt.engine import performance as perf
+    from cxrlt.engine.loop import TrainForward, accumulate, summed_loss
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    tc = TrainConfig(device="cpu", dist_timeout_s=30)
+    manifest = load_manifest(project / "manifest")
+    v = config_from_dict({**PARAMS, "variants": {"v": {**PARAMS["variants"]["v"], "loss": loss}}}).variant("v")
+    with distributed.session(tc) as ctx:
+        model = _model(manifest)
+        net = distributed.wrap(TrainForward(model), ctx, torch.device("cpu"))
+        loss_fn, mean = summed_loss(v, manifest.label_space, torch.device("cpu"))
+        b = _batch(manifest, model)
+        mine = {k: t[rank::2] for k, t in b.items()}  # positions rank, rank + 2, ... as the sampler deals them
+        micro = [{k: t[i * 2:(i + 1) * 2] for k, t in mine.items()} for i in range(2)]
+        total = accumulate(net, loss_fn, micro, mean, ctx, perf.resolve(tc, torch.device("cpu")), torch.device("cpu"),
+                           no_sync=net.no_sync)
+        grads = {n: p.grad.numpy().copy() for n, p in model.named_parameters() if p.grad is not None}
+        results.put((rank, float(total), grads))  # numpy: torch tensors would travel as handles to freed memory
+
+
+@pytest.mark.parametrize("loss", ["bce", "asl"])  # mean and sum reduction
+def test_the_processes_gradient_is_the_whole_batchs(project, loss):
+    """Two processes x two micro-batches of 2 studies leave in every process the gradient one process
+    computes on the batch of 8 with the variant's own loss (mean over labelled elements, or sum)."""
+    from cxrlt.losses import create_loss
+
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_gradient_worker, args=(r, port, project, loss, results)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = dict((r, (t, g)) for r, t, g in (results.get(timeout=120) for _ in procs))
+    for p in procs:
+        p.join(timeout=30)
+    assert [p.exitcode for p in procs] == [0, 0]
+    manifest = load_manifest(project / "manifest")
+    model = _model(manifest)
+    b = _batch(manifest, model)
+    ls = manifest.label_space
+    want = create_loss(loss, class_counts=ls.counts, n_train=ls.n_train)(
+        model(b["images"], b["view_mask"], b["view_types"]), b["target"], b["label_mask"])
+    want.backward()
+    for rank, (total, grads) in got.items():
+        assert total == pytest.approx(float(want.detach()), rel=1e-5)
+        ref = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        assert grads.keys() == ref.keys()
+        for n in ref:
+            torch.testing.assert_close(torch.from_numpy(grads[n]), ref[n], rtol=1e-4, atol=1e-6, msg=f"rank {rank} {n}")
+
+
+def _worker(rank, port, project, out, kill_rank0_after_epoch_1, results):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    cfg = load_config(project / "params.yaml", {"train.dist_timeout_s": 30})
+
+    def die(path, state):  # called on rank 0 only, after its checkpoint is on disk
+        if kill_rank0_after_epoch_1 and state["epoch"] == 1:
+            os.kill(os.getpid(), signal.SIGKILL)  # no exception, no clean-up: the process is gone
+
+    try:
+        train(cfg.variant("v"), cfg.data, load_manifest(project / "manifest"), out, progress=False, on_checkpoint=die)
+        results.put((rank, "finished"))
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        results.put((rank, f"{type(e).__name__}: {e}"))
+        raise SystemExit(1) from None
+
+
+@pytest.mark.parametrize("failure", ["unwritable-folder", "killed-mid-run"])
+def test_a_failing_process_ends_the_run_without_hanging(project, tmp_path, failure):
+    """Rank 0 cannot write its folder (a file stands in the way), or is killed (SIGKILL) after the first
+    epoch while rank 1 goes on into the next; rank 1, waiting for it in a collective, ends too instead of
+    waiting forever. No supervisor kills it here: the processes are joined as they are."""
+    (tmp_path / "file").write_text("not a folder")
+    out = tmp_path / "file" / "run" if failure == "unwritable-folder" else tmp_path / "run"
+    ctx = multiprocessing.get_context("fork")  # the test's imports are inherited: no second start-up
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(r, port, project, out, failure == "killed-mid-run", results))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join(timeout=120)
+        assert not any(p.is_alive() for p in procs), "a process still waits for the failed one"
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+    outcome = dict(results.get(timeout=5) for _ in range(2 if failure == "unwritable-folder" else 1))
+    assert outcome.get(1, "finished") != "finished" and procs[1].exitcode == 1, outcome
+    if failure == "unwritable-folder":
+        assert procs[0].exitcode == 1 and "Not a directory" in outcome[0], outcome
+    else:
+        assert procs[0].exitcode == -signal.SIGKILL and 0 not in outcome
+        assert (out / "train_state.pt").exists() and not (out / "weights.safetensors").exists()
+
+
+def test_gpus_starts_torchrun_with_the_same_arguments(project, monkeypatch):
+    started = {}
+    monkeypatch.setattr(distributed, "launch", lambda gpus, args: started.update(gpus=gpus, args=args))
+    assert cli("train", "--gpus", "4", "--variant", "v", "--manifest", project / "manifest", "--params",
+               project / "params.yaml", "--set", "train.epochs=1", "--set", "train.lr=0.01", "--resume") == 0
+    assert started == {"gpus": 4, "args": ["--variant", "v", "--manifest", str(project / "manifest"), "--params",
+                                           str(project / "params.yaml"), "--resume", "--set", "train.epochs=1",
+                                           "--set", "train.lr=0.01"]}
+    cmd = distributed.torchrun_command(4, ["--variant", "v"])
+    assert cmd[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4", "-m", "cxrlt", "train",
+                       "--variant", "v"]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="this machine has the GPUs: --gpus 2 would train")
+def test_gpus_without_the_gpus_is_refused(project, capsys):
+    assert cli("train", "--gpus", "2", "--variant", "v", "--manifest", project / "manifest") == 2
+    err = capsys.readouterr().err
+    assert "--gpus 2 asks for 2 CUDA GPUs, this machine has" in err and "torch.distributed.run" in err
+    assert cli("train", "--gpus", "0", "--variant", "v", "--manifest", project / "manifest") == 2
+    assert "--gpus is 0" in capsys.readouterr().err
