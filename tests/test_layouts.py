@@ -18,7 +18,7 @@ from cxrlt.data.layouts import build_layout_manifest, detect_layout
 from cxrlt.data.manifest import MANIFEST_COLUMNS, ManifestError, build_manifest, load_manifest
 from cxrlt.data.nih import build_nih_manifest
 from cxrlt.data.padchest import build_padchest_manifest, parse_findings
-from cxrlt.data.splits import hold_out, split_validation
+from cxrlt.data.splits import hold_out, shared_patients, split_validation, studies_with_several_patients
 from cxrlt.label_sets import (NIH_COUNTS, NIH_LABELS, NIH_N_IMAGES, NIH_N_PATIENTS, PADCHEST_N_FINDINGS,
                               PADCHEST_N_IMAGES, PADCHEST_N_PATIENTS, PADCHEST_NOT_FINDINGS, PADCHEST_TOP,
                               canonical_finding)
@@ -355,3 +355,15 @@ def test_real_padchest_label_file(tmp_path):
           f"tail by share of all images {shares}; manifest: {len(f)} images, {f['subject_id'].nunique()} patients, "
           f"{len(ls)} labels in the training split, of its {ls.n_train} images {_groups(ls.counts, ls.n_train)}; "
           f"splits {m.meta['splits']}; notes {m.meta['warnings']}")
+
+
+def test_studies_under_several_patients_and_shared_patients_as_pandas_and_sets_find_them():
+    frame = pd.DataFrame({"study_id": ["s2", "s1", "s1", "s3", "s3", "s2", None, "s4", "s4", "s5"],
+                          "subject_id": [1, 1, 2, 3, 3, 5, 7, np.nan, 4, 9],
+                          "split": ["train", "val", "test", "train", "dev", "train", "test", "val", "val", "dev"]})
+    n = frame.groupby("study_id")["subject_id"].nunique()          # missing ids count for nothing
+    assert studies_with_several_patients(frame) == list(n.index[n > 1]) == ["s1", "s2"]
+    assert studies_with_several_patients(frame[frame["study_id"] != "s2"].iloc[3:]) == []
+    fit = set(frame.loc[frame["split"].isin(["train", "val"]), "subject_id"].dropna())
+    held = set(frame.loc[frame["split"].isin(["dev", "test"]), "subject_id"].dropna())
+    assert shared_patients(frame.dropna()) == sorted(fit & held) == [3]

@@ -19,7 +19,7 @@ import pandas as pd
 from ..labels import LABELS_2023, TASK1_LABELS, TASK2_LABELS, TASK3_LABELS
 from .manifest_io import (MANIFEST_COLUMNS, SPLITS, SYNTHETIC_MARKER, Manifest, ManifestError, check_images_exist,
                           examples, file_md5, load_manifest, write_manifest)
-from .splits import check_fraction, overlap_notes, split_validation
+from .splits import check_fraction, overlap_notes, split_validation, studies_with_several_patients
 
 __all__ = ["MANIFEST_COLUMNS", "SPLITS", "SYNTHETIC_MARKER", "VIEW_CODES", "Manifest", "ManifestError",
            "build_manifest", "load_manifest", "view_type"]
@@ -216,10 +216,10 @@ def build_manifest(labels_dir, image_root, out_dir, task: str = "task1", year: i
         df["split"] = src.split
         parts.append(df)
     frame = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=MANIFEST_COLUMNS)
-    conflict = frame.groupby("study_id")["subject_id"].nunique()
-    if (conflict > 1).any():
-        problems.append((f"{int((conflict > 1).sum())} study_id(s) belong to more than one subject_id, e.g. "
-                         f"{examples(conflict.index[conflict > 1])}", int((conflict > 1).sum())))
+    conflict = studies_with_several_patients(frame)
+    if conflict:
+        problems.append((f"{len(conflict)} study_id(s) belong to more than one subject_id, e.g. "
+                         f"{examples(conflict)}", len(conflict)))
     if check_images and len(frame):
         ok = frame["path"].notna() & ~frame["path"].str.startswith("/")
         check_images_exist(image_root, frame.loc[ok, "path"], problems)
