@@ -282,6 +282,9 @@ def create_loss(name: str, class_counts: Sequence[int] | None = None, n_train: i
     return factory(freq, **params)
 
 
+_ROWS = 4096
+
+
 def class_aware_sampler_weights(targets: np.ndarray) -> np.ndarray:
     """Per-sample weights for class-aware balanced sampling (for torch's WeightedRandomSampler).
 
@@ -299,7 +302,11 @@ def class_aware_sampler_weights(targets: np.ndarray) -> np.ndarray:
     pos = t > 0.5
     counts = pos.sum(axis=0)
     inv = np.divide(1.0, counts, out=np.zeros(counts.shape, dtype=np.float64), where=counts > 0)
-    w = pos.astype(np.float64) @ inv
+    # By blocks of rows: a float64 copy of the whole [N, L] (75 MB for CXR-LT's training set) would leave
+    # the cache, and each row's sum is the same dot product either way.
+    w = np.empty(len(pos))
+    for lo in range(0, len(pos), _ROWS):
+        np.matmul(pos[lo:lo + _ROWS].astype(np.float64), inv, out=w[lo:lo + _ROWS])
     empty = ~pos.any(axis=1)
     if empty.any():
         w[empty] = 1.0 / empty.sum()

@@ -230,3 +230,14 @@ def test_half_precision_logits_are_computed_in_float32(name):
     assert out.item() == pytest.approx(loss(x.detach().double(), Y).item(), abs=1e-6)
     out.backward()
     assert x.grad.dtype == torch.bfloat16 and torch.isfinite(x.grad.float()).all()
+
+
+def test_class_aware_sampler_weights_by_blocks_equal_one_product():
+    rng = np.random.default_rng(1)
+    t = (rng.random((3 * 4096 + 17, 6)) < [0.4, 0.2, 0.05, 0.01, 0.001, 0.0]).astype(np.int8)
+    t[rng.random(t.shape) < 0.05] = -1
+    pos = t > 0.5
+    counts = pos.sum(0)
+    w = pos.astype(np.float64) @ np.divide(1.0, counts, out=np.zeros(6), where=counts > 0)
+    w[~pos.any(1)] = 1.0 / (~pos.any(1)).sum()
+    np.testing.assert_array_equal(class_aware_sampler_weights(t), w / w.sum())
