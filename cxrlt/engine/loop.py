@@ -232,6 +232,10 @@ def _train(variant, data, manifest, out_dir, progress, log, resume, on_checkpoin
         if on_checkpoint is not None:
             on_checkpoint(state_path, state)
 
+    if len(set(ctx.gather((run["epoch"], run["step"])))) > 1:  # e.g. nodes that do not share the folder
+        raise RuntimeError(f"the processes of this run start at different places ({state_path} is not the same "
+                           "file for all of them): put the artefact folder on storage every node reads, or start "
+                           "without --resume")
     log(f"[{variant.name}] {variant.model} + {variant.loss}: {len(train_ds)} train / {len(val_ds)} val "
         f"{unit_of(model)} items, {tc.epochs} epochs on {device}" + (f" x {ctx.world} processes" if ctx.active else "")
         + f"; batch {tc.batch_size} = {ctx.world} x {k} x {micro}, amp {speed.amp}")
