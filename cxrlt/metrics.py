@@ -53,6 +53,20 @@ def _prepare(probs, targets, mask=None, n_labels=None):
     return p, (t == 1).astype(np.float64) * valid, valid
 
 
+def _stable_argsort(x: np.ndarray) -> np.ndarray:
+    """np.argsort(x, kind="stable") of a finite float64 vector, in time linear in its length: a least
+    significant digit first radix sort, four stable sorts by 16 bits of an order-preserving integer key
+    (numpy sorts 16-bit integers by radix), where a comparison sort grows as N log N."""
+    u = (x + 0.0).view(np.uint64)                        # + 0.0: -0.0 and 0.0 tie, as they compare
+    key = np.where(u >> np.uint64(63) == 1, ~u, u | np.uint64(1 << 63))     # unsigned order = float order
+    order = np.arange(len(x))
+    for shift in (0, 16, 32, 48):
+        digit = (key >> np.uint64(shift)).astype(np.uint16)[order]
+        if len(digit) and (digit != digit[0]).any():     # a digit of one value leaves the order as it is
+            order = order[np.argsort(digit, kind="stable")]
+    return order
+
+
 class _Ranked:
     """Per-label descending sort shared by AP, AUROC, F1 and every bootstrap replicate.
 
@@ -63,19 +77,14 @@ class _Ranked:
     """
 
     def __init__(self, p, y, valid):
-        n = p.shape[0]
-        self.order = np.argsort(-p, axis=0, kind="stable")
-        self.s = np.take_along_axis(p, self.order, 0)
-        self.y = np.take_along_axis(y, self.order, 0)
-        self.v = np.take_along_axis(valid, self.order, 0).astype(np.float64)
-        idx = np.arange(n)[:, None]
-        # Tie groups: for each sorted position, the first and last index of its run of equal scores.
-        is_end = np.ones(p.shape, bool)
-        is_end[:-1] = self.s[:-1] != self.s[1:]
-        is_start = np.ones(p.shape, bool)
-        is_start[1:] = self.s[1:] != self.s[:-1]
-        self.end = np.minimum.accumulate(np.where(is_end, idx, n)[::-1], axis=0)[::-1]
-        self.start = np.maximum.accumulate(np.where(is_start, idx, -1), axis=0)
+        # Label-major [L, N]: each label's ranking is one contiguous row, so the work on one label stays
+        # in the cache however many labels there are (a column of [N, L] strides across all of them).
+        p, y, valid = (np.ascontiguousarray(a.T) for a in (p, y, valid))
+        self.order = np.empty(p.shape, np.intp)
+        self.s, self.y, self.v = np.empty_like(p), np.empty(p.shape, bool), np.empty(p.shape, bool)
+        for c in range(p.shape[0]):
+            o = self.order[c] = _stable_argsort(-p[c])
+            self.s[c], self.y[c], self.v[c] = p[c, o], y[c, o] > 0, valid[c, o]   # y: the valid positives
         self._plans: dict = {}
 
     def _plan(self, c: int, thresholds) -> dict:
@@ -83,28 +92,38 @@ class _Ranked:
         key = tuple(float(t[c]) for t in thresholds)
         if c in self._plans and self._plans[c][0] == key:
             return self._plans[c][1]
-        n = self.s.shape[0]
-        pos = np.flatnonzero(self.y[:, c] > 0)          # sorted positions of the (valid) positives
-        end, start = self.end[pos, c], self.start[pos, c]
-        k = np.array([int((self.s[:, c] >= t).sum()) for t in key], dtype=np.intp)  # called: a prefix
-        # Cut after each position a quantity is read at; the cumulative weight at cut i is then the sum
-        # of the weighted counts of stretches 0..i.
-        cuts = np.unique(np.concatenate([end, start - 1, k - 1, [n - 1]]))
-        cuts = cuts[cuts >= 0]
-        stretch = np.searchsorted(cuts, np.arange(n))
-        stretch[self.v[:, c] == 0] = len(cuts)           # unknown targets weigh nothing: a stretch never read
-        rows = np.empty(n, np.intp)
-        rows[self.order[:, c]] = stretch                 # by original row, as the weights come
+        s, n = self.s[c], self.s.shape[1]
+        idx = np.arange(n)
+        pos = np.flatnonzero(self.y[c])                 # ranked positions of the positives
+        # Tie groups: the first and the last position of each positive's run of equal scores.
+        is_end = np.append(s[:-1] != s[1:], True)
+        end = np.minimum.accumulate(np.where(is_end, idx, n)[::-1])[::-1][pos]
+        is_start = np.insert(s[1:] != s[:-1], 0, True)
+        start = np.maximum.accumulate(np.where(is_start, idx, -1))[pos]
+        k = np.array([int((s >= t).sum()) for t in key], dtype=np.intp)   # called: a prefix of the ranking
+        # Cut after each position a quantity is read at; the weight ranked up to cut i is then the sum of the
+        # weighted counts of stretches 0..i, stretch i being the positions after cut i-1 up to cut i.
+        cut = np.zeros(n, bool)
+        for q in (end, start - 1, k - 1, [n - 1]):
+            q = np.asarray(q, np.intp)
+            cut[q[q >= 0]] = True
+        stretch = np.zeros(n, np.intp)
+        np.cumsum(cut[:-1], out=stretch[1:])            # cuts before each position = its stretch
+        n_cuts = int(stretch[-1]) + 1
+        n_pos_to = np.cumsum(self.y[c])                 # positives ranked at or above each position
 
-        def at_cut(positions):                           # index into [0, W at cut 0, W at cut 1, ...]
-            return np.where(positions >= 0, np.searchsorted(cuts, positions) + 1, 0)
+        def at_cut(q):                                  # index into [0, weight up to cut 0, up to cut 1, ...]
+            return np.where(q >= 0, stretch[np.maximum(q, 0)] + 1, 0)
 
-        def at_pos(positions):                           # index into [0, tp after positive 0, ...]
-            return np.searchsorted(pos, positions, side="right")
+        def at_pos(q):                                  # index into [0, positive weight up to positive 0, ...]
+            return np.where(q >= 0, n_pos_to[np.maximum(q, 0)], 0)
 
-        plan = {"stretch": rows, "n_cuts": len(cuts), "pos_rows": self.order[pos, c],
-                "w_end": at_cut(end), "tp_end": at_pos(end), "w_before": at_cut(start - 1),
-                "tp_before": at_pos(start - 1), "w_called": at_cut(k - 1), "tp_called": at_pos(k - 1)}
+        plan = {"n_cuts": n_cuts, "pos_rows": self.order[c, pos], "w_end": at_cut(end), "tp_end": at_pos(end),
+                "w_before": at_cut(start - 1), "tp_before": at_pos(start - 1), "w_called": at_cut(k - 1),
+                "tp_called": at_pos(k - 1)}
+        stretch[~self.v[c]] = n_cuts                    # unknown targets weigh nothing: a stretch never read
+        plan["stretch"] = np.empty(n, np.intp)
+        plan["stretch"][self.order[c]] = stretch        # by original row, as the weights come
         self._plans[c] = (key, plan)
         return plan
 
@@ -113,7 +132,7 @@ class _Ranked:
 
         row_weights: [B, N] non-negative weights (bootstrap multiplicities), or None for one plain pass.
         """
-        n, n_labels = self.s.shape
+        n_labels, n = self.s.shape
         w = np.ones((1, n)) if row_weights is None else np.asarray(row_weights, dtype=np.float64)
         b = w.shape[0]
         out = {k: np.full((b, n_labels), np.nan) for k in ("ap", "auroc", "n_pos", "n_neg")}

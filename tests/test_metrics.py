@@ -8,8 +8,9 @@ import pytest
 from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
 from cxrlt.labels import LabelSpace
-from cxrlt.metrics import (_prepare, _Ranked, bootstrap_ci, bootstrap_interval, compute_metrics, draw_resamples,
-                           expand_to_images, expected_calibration_error, summary, tune_thresholds, write_submission)
+from cxrlt.metrics import (_prepare, _Ranked, _stable_argsort, bootstrap_ci, bootstrap_interval, compute_metrics,
+                           draw_resamples, expand_to_images, expected_calibration_error, summary, tune_thresholds,
+                           write_submission)
 
 # 8 trained labels spanning the share groups (N = 1000: head >= 100, tail < 10) plus one zero-shot label.
 NAMES = ("A", "B", "C", "D", "E", "F", "G", "H", "Z")
@@ -403,3 +404,12 @@ def test_write_submission_roundtrip(tmp_path):
         write_submission(tmp_path / "x.csv", ["d1", "d2"], probs * 5, names)
     with pytest.raises(ValueError, match=r"\[2 dicom_ids, 2 labels\]"):
         write_submission(tmp_path / "x.csv", ["d1", "d2"], probs, names[:2])
+
+
+def test_radix_argsort_is_numpys_stable_argsort():
+    rng = np.random.default_rng(0)
+    cases = [rng.normal(size=2000) * 10.0 ** rng.integers(-300, 300, 2000), np.round(rng.random(5000), 2),
+             -np.round(rng.random(3000), 6), np.array([0.0, -0.0, 1.0, -0.0, 0.0, -1e-300, 1e-300, 5e-324, -5e-324]),
+             np.array([1.0, 1.0 + 2.0 ** -52, 1.0 - 2.0 ** -53, 1.0]), np.array([]), np.array([3.0]), np.full(10, 0.5)]
+    for x in cases:
+        np.testing.assert_array_equal(_stable_argsort(x), np.argsort(x, kind="stable"))
