@@ -11,6 +11,14 @@
   selects the same best epoch; only rank 0 writes checkpoints, artefacts and logs.
 - backend nccl on CUDA, gloo on CPU; a collective that waits `train.dist_timeout_s` fails instead of
   hanging, and torchrun stops the other processes when one fails.
+
+    cxrlt train --gpus 4 --variant V --manifest M               # = the torchrun line below
+    torchrun --standalone --nproc-per-node 4 -m cxrlt train --variant V --manifest M
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29400 \
+        --rdzv-id RUN -m cxrlt train --variant V --manifest M --out SHARED/models/V   # on every node
+
+Several nodes need the manifest, images, stage-1 artefact and the artefact folder (for --resume) at the
+same paths on every node (shared storage).
 """
 
 from __future__ import annotations
