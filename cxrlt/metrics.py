@@ -32,12 +32,14 @@ DEFAULT_BOOT_METRICS = ("mAP", "mAUC", "mF1", "mAP_head", "mAP_medium", "mAP_tai
 def _prepare(probs, targets, mask=None, n_labels=None):
     """Validate and return (scores float64, positives float64, valid bool), all [N, L]."""
     p = np.asarray(probs, dtype=np.float64)
-    t = np.asarray(targets, dtype=np.float64)
+    t = np.asarray(targets)
+    if t.dtype.kind not in "biu":          # integer targets are compared as they come: no float64 copy
+        t = t.astype(np.float64)
     if p.ndim != 2 or p.shape != t.shape:
         raise ValueError(f"probs {p.shape} and targets {t.shape} must both be [N, L] of one shape")
     if n_labels is not None and p.shape[1] != n_labels:
         raise ValueError(f"probs have {p.shape[1]} columns but the label space has {n_labels} labels")
-    valid = np.isfinite(t) & (t >= 0)
+    valid = (np.isfinite(t) & (t >= 0)) if t.dtype.kind == "f" else (t >= 0)
     if mask is not None:
         m = np.asarray(mask)
         if m.shape != p.shape:
@@ -45,7 +47,8 @@ def _prepare(probs, targets, mask=None, n_labels=None):
         valid &= m.astype(bool)
     bad = valid & ~np.isin(t, (0.0, 1.0))
     if bad.any():
-        raise ValueError(f"known targets must be 0 or 1 (-1 for unknown); found {np.unique(t[bad])[:5]}")
+        raise ValueError(f"known targets must be 0 or 1 (-1 for unknown); found "
+                         f"{np.unique(t[bad].astype(np.float64))[:5]}")
     if not np.isfinite(p[valid]).all():
         raise ValueError("probs contain NaN or inf where the target is known")
     # Unknown elements get a harmless finite score: they carry zero weight everywhere below.
@@ -79,12 +82,12 @@ class _Ranked:
     def __init__(self, p, y, valid):
         # Label-major [L, N]: each label's ranking is one contiguous row, so the work on one label stays
         # in the cache however many labels there are (a column of [N, L] strides across all of them).
-        p, y, valid = (np.ascontiguousarray(a.T) for a in (p, y, valid))
+        p, y, valid = (np.ascontiguousarray(a.T) for a in (p, y > 0, valid))       # y: the valid positives
         self.order = np.empty(p.shape, np.intp)
         self.s, self.y, self.v = np.empty_like(p), np.empty(p.shape, bool), np.empty(p.shape, bool)
         for c in range(p.shape[0]):
             o = self.order[c] = _stable_argsort(-p[c])
-            self.s[c], self.y[c], self.v[c] = p[c, o], y[c, o] > 0, valid[c, o]   # y: the valid positives
+            self.s[c], self.y[c], self.v[c] = p[c, o], y[c, o], valid[c, o]
         self._plans: dict = {}
 
     def _plan(self, c: int, thresholds) -> dict:
@@ -232,7 +235,7 @@ def compute_metrics(probs, targets, label_space, thresholds=None, mask=None) -> 
 
     n_pos, n_neg = scores["n_pos"][0], scores["n_neg"][0]
     trained = sets["trained"]
-    out["ece"] = expected_calibration_error(p[:, trained], y[:, trained], mask=valid[:, trained])
+    out["ece"] = _ece(p, y, valid & trained, 15)
     out["n_images"] = int(p.shape[0])
     out["n_labels_scored"] = int(((n_pos > 0) & trained).sum())
     out["excluded"] = [n for n, a, b in zip(names, n_pos, n_neg) if a == 0 or b == 0]
@@ -319,7 +322,11 @@ def expected_calibration_error(probs, targets, n_bins: int = 15, mask=None) -> f
     """ECE over all labelled (sample, label) elements, with `n_bins` equal-width probability bins."""
     if n_bins < 1:
         raise ValueError(f"n_bins must be >= 1, got {n_bins}")
-    p, y, valid = _prepare(probs, targets, mask)
+    return _ece(*_prepare(probs, targets, mask), n_bins)
+
+
+def _ece(p, y, valid, n_bins: int) -> float:
+    """ECE of prepared arrays (`_prepare`) over the elements where `valid`."""
     p, y = p[valid], y[valid]
     if p.size == 0:
         return float("nan")
