@@ -27,7 +27,7 @@ step "3/6 local Prefect server + deployments"
 scripts/stack.sh prefect
 
 step "4/6 prefect deployment run 'train-eval/demo' (train, evaluate, register every variant)"
-prefect deployment run 'train-eval/demo' --watch --watch-timeout 1800
+prefect deployment run 'train-eval/demo' --watch --watch-timeout 3600  # ~10 min on 2 idle cores
 cxrlt registry list
 
 step "5/6 BentoML service (best model) + Streamlit UI"
