@@ -11,6 +11,7 @@ served model's validation predictions (`eval/predictions_val.csv`, written by ev
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
 import time
@@ -143,9 +144,9 @@ def _parse_line(line: str) -> dict | None:
             row.update({k: float(np.mean([float(s[k]) for s in stats])) for k in STATS})
     except (ValueError, KeyError, TypeError, AttributeError):
         return None
-    if not probs or not all(np.isfinite(v) and 0.0 <= v <= 1.0 for v in probs.values()):
+    if not probs or not all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in probs.values()):
         return None
-    if not all(np.isfinite(row[k]) for k in STATS if k in row):
+    if not all(math.isfinite(row[k]) for k in STATS if k in row):
         return None
     return {**row, **probs}
 
