@@ -6,7 +6,8 @@ files only, no pixels) is planned with the demo's study/patient structure and lo
 times --base-fraction, 1/4 by default, so 4x is the full release) it times, with peak memory:
 
   manifest   build_manifest on the written label CSVs (read, validate, split, write, load back; no images)
-  split      the patient splits of cxrlt.data.splits (val, test, overlap check, linked patients)
+  split      the patient splits of cxrlt.data.splits (linked patients, test, val, overlap check) on a
+             copy of the manifest frame (the copy untimed; its memory counts)
   sampler    class_aware_sampler_weights + one epoch of EpochSampler's class-aware draws
   metrics    compute_metrics on (test size) x 40 predictions
   bootstrap  bootstrap_ci with 200 patient resamples on the same predictions
@@ -20,7 +21,9 @@ counted; native allocations such as torch's are; the parent's freed heap is trim
 CPU time grows faster than linearly, cpu(4x)/cpu(1x) > 4.5, fails the run (CPU time, because on a shared
 machine the wall time also measures the neighbours; both are printed).
 
-    python bench/bench_scale.py [--base-fraction 0.25] [--json OUT] [--keep DIR]
+    python bench/bench_scale.py [--base-fraction 0.25] [--only split,metrics] [--json OUT] [--keep DIR]
+
+The full run (0.25) takes about 3-4 minutes on 2 cores; --base-fraction 0.02 about a minute.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ from cxrlt.data.splits import merge_linked_patients, overlap_notes, split_test, 
 from cxrlt.labels import TASK1_LABELS
 from cxrlt.losses import class_aware_sampler_weights
 from cxrlt.metrics import compute_metrics
-from cxrlt.monitoring import prediction_record, read_log, drift_report
+from cxrlt.monitoring import drift_report, prediction_record, read_log
 
 FULL = {"train": 258_871, "dev": 39_293, "test": 78_946}      # CXR-LT 2024 images per split
 FULL_LOG = 50_000                                            # logged studies for the drift report at 4x
