@@ -106,6 +106,20 @@ def serving(served_tag) -> str:
     return registry.set_serving(served_tag, reason="tests")
 
 
+def tiny_demo_project(root: Path, params: dict) -> Path:
+    """A 60-study demo, its manifest (val 20%) and a params.yaml in `root`: the small training projects of
+    the resume and distributed tests."""
+    import yaml
+
+    from cxrlt.data.demo import generate_demo
+    from cxrlt.data.manifest import build_manifest
+
+    generate_demo(root / "demo", n_studies=60, seed=3, progress=False)
+    build_manifest(root / "demo/cxr-lt-2024", root / "demo/mimic-cxr-jpg", root / "manifest", val_fraction=0.2)
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    return root
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

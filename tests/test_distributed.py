@@ -20,7 +20,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
-import socket
 import subprocess
 import sys
 
@@ -28,18 +27,18 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import yaml
 
 from cxrlt import metrics as M
 from cxrlt.checkpoint import load_artefact
 from cxrlt.cli import main
 from cxrlt.config import load_config
-from cxrlt.data.demo import generate_demo
-from cxrlt.data.manifest import build_manifest, load_manifest
+from cxrlt.data.manifest import load_manifest
 from cxrlt.engine import make_dataset, per_image, predict, train
 from cxrlt.engine import distributed
 from cxrlt.engine.checkpointing import EpochSampler
 from cxrlt.engine.distributed import ShardedEpochSampler, micro_batch
+
+from conftest import free_port, tiny_demo_project
 
 SIZE = 32
 PARAMS = {
@@ -51,11 +50,6 @@ PARAMS = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def cli(*argv) -> int:
     return main([str(a) for a in argv])
@@ -63,11 +57,7 @@ def cli(*argv) -> int:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    root = tmp_path_factory.mktemp("distributed")
-    generate_demo(root / "demo", n_studies=60, seed=3, progress=False)
-    build_manifest(root / "demo/cxr-lt-2024", root / "demo/mimic-cxr-jpg", root / "manifest", val_fraction=0.2)
-    (root / "params.yaml").write_text(yaml.safe_dump(PARAMS))
-    return root
+    return tiny_demo_project(tmp_path_factory.mktemp("distributed"), PARAMS)
 
 
 @pytest.fixture(scope="module")

@@ -26,10 +26,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from conftest import tiny_demo_project
+
 from cxrlt.cli import main
 from cxrlt.config import EvalConfig, config_from_dict, load_config
-from cxrlt.data.demo import generate_demo
-from cxrlt.data.manifest import build_manifest, load_manifest
+from cxrlt.data.manifest import load_manifest
 from cxrlt.engine import TRAIN_STATE, evaluate, make_dataset, per_image, predict, train
 from cxrlt.engine.checkpointing import load_training_state, restore_rng, rng_state, save_training_state
 
@@ -69,11 +70,7 @@ def cli(*argv) -> int:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    root = tmp_path_factory.mktemp("resume")
-    generate_demo(root / "demo", n_studies=60, seed=3, progress=False)
-    build_manifest(root / "demo/cxr-lt-2024", root / "demo/mimic-cxr-jpg", root / "manifest", val_fraction=0.2)
-    (root / "params.yaml").write_text(yaml.safe_dump(PARAMS))
-    return root
+    return tiny_demo_project(tmp_path_factory.mktemp("resume"), PARAMS)
 
 
 @pytest.fixture(scope="module")
