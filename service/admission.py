@@ -2,9 +2,9 @@
 
 A request holds one of `max_active` slots while it is read, decoded and scored; up to `max_waiting` more
 wait for a slot in arrival order. Anything beyond that is refused at once, before its body is read, with
-a Retry-After from the measured service time. Bounding what is in flight keeps the model service's
-batcher fed with at most two batches (so it never sheds or times out work we already accepted) and
-bounds memory: at most `max_active` uploads are held or decoded at any time.
+a Retry-After from the measured service time. Bounding what is in flight keeps at most two batches'
+worth of studies between the upload and the model (service/batching.py: one scoring, one filling), so no
+accepted study times out, and bounds memory: at most `max_active` uploads are held or decoded at once.
 
 Sizing (see `from_env`): `max_active` = 2 x the model's batch size (one batch scoring while the next
 fills); `max_waiting` = what the hardware can serve within the latency budget at the measured rate, so a

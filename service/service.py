@@ -125,7 +125,7 @@ class CXRService:
     def __init__(self) -> None:
         from cxrlt.checkpoint import Artefact, read_meta
 
-        from service.uploads import MAX_IMAGE_BYTES, MAX_PIXELS
+        from service.decoding import MAX_IMAGE_BYTES, MAX_PIXELS
 
         stored = self.model_ref
         meta = read_meta(stored.path)

@@ -1,10 +1,11 @@
-"""Reading and checking an uploaded study (no BentoML here: plain Starlette requests, cxrlt's image reader).
+"""Reading and checking an uploaded study (no BentoML here: plain Starlette requests).
 
 Every problem with the input raises `UploadError(status, message)`: the service answers it as a 4xx
-JSON body `{"error": message}`, never as a 500. Images are decoded AND resized to the model's input size
-here, in the entry service (`cxrlt.data.images.read_image`, the function the training cache uses), so
-only model-size pixels cross to the model process. The input gate's rules that need no model (format,
-size, aspect, colour, DICOM modality and body part) run here too; a refusal is a 422 with the reason.
+JSON body `{"error": message}`, never as a 500. The entry service decodes and resizes images to the
+model's input size (service/decoding.py, with `cxrlt.data.images.read_image`, the function the training
+cache uses), so only model-size pixels cross to the model process; `build_study` then runs the input
+gate's rules that need no model (format, size, aspect, colour, DICOM modality and body part): a refusal
+is a 422 with the reason.
 Nothing read from a DICOM header beyond `ImageInfo`'s technical fields is kept, so no identifier can
 reach an answer, a log line or the prediction log.
 """
@@ -21,7 +22,7 @@ from cxrlt.data.images import ImageInfo
 from cxrlt.gate import GateResult, check_image
 from cxrlt.inference import StudyInputError, view_code
 
-from service.decoding import MAX_IMAGE_BYTES, MAX_PIXELS, UploadError, decode_image  # noqa: F401 (re-exported)
+from service.decoding import MAX_IMAGE_BYTES, UploadError
 
 VIEW_NAMES = {code: name for name, code in VIEW_CODES.items()}  # 0 frontal, 1 lateral, 2 unknown
 FIELDS = ("images", "views")
@@ -166,13 +167,6 @@ def build_study(decoded: list[tuple[np.ndarray, ImageInfo]], views: list[str] | 
         study.stats.append(image_stats(pixels, info))
     study.views, study.view_sources = study_views(views, study.infos)
     return study
-
-
-def decode_study(blobs: list[bytes], views: list[str] | None, max_images: int, size: int) -> Study:
-    """check_request + decode every image to the model's input size in this thread + build_study (the
-    service decodes in its process pool instead: DecodePool.decode)."""
-    check_request(blobs, views, max_images)
-    return build_study([decode_image(b, i, size) for i, b in enumerate(blobs, 1)], views)
 
 
 def image_stats(pixels: np.ndarray, info: ImageInfo) -> dict[str, float]:
