@@ -35,7 +35,7 @@ from cxrlt.config import load_config
 from cxrlt.data.manifest import load_manifest
 from cxrlt.engine import make_dataset, per_image, predict, train
 from cxrlt.engine import distributed
-from cxrlt.engine.checkpointing import EpochSampler
+from cxrlt.engine.checkpointing import EpochSampler, class_aware_draws
 from cxrlt.engine.distributed import ShardedEpochSampler, micro_batch
 
 from conftest import free_port, tiny_demo_project
@@ -106,6 +106,26 @@ def test_processes_split_each_one_process_batch(balanced, world):
         got = [sorted(i for sh in shards for i in sh[t * per:(t + 1) * per]) for t in range(len(want))]
         assert got == want  # step t of all processes together = step t of one process
         assert sum(len(sh) for sh in shards) == len(want) * batch
+
+
+def test_class_aware_draws_follow_the_weights():
+    """The linear-time draws are i.i.d. draws with replacement: each item's count is Binomial(n, p_i), the
+    epoch order is a function of the seed only, and different seeds give different orders."""
+    w = np.array([1.0, 2.0, 4.0, 8.0, 0.0, 1.0])
+    n = 200_000
+    order = class_aware_draws(w, n, seed=11).numpy()
+    assert len(order) == n and not (order == 4).any()  # a zero weight is never drawn
+    p = w / w.sum()
+    counts = np.bincount(order, minlength=len(w))
+    sd = np.sqrt(n * p * (1 - p))
+    assert (np.abs(counts - n * p) <= 5 * sd + 1e-9).all(), (counts, n * p)
+    # no clumping: the draws are in random order, so the first and second halves have the same mix
+    half = np.bincount(order[: n // 2], minlength=len(w))
+    assert (np.abs(half - n / 2 * p) <= 5 * np.sqrt(n / 2 * p * (1 - p)) + 1e-9).all()
+    assert np.array_equal(order, class_aware_draws(w, n, seed=11).numpy())
+    assert not np.array_equal(order[:100], class_aware_draws(w, n, seed=12).numpy()[:100])
+    with pytest.raises(ValueError, match="not all zero"):
+        class_aware_draws(np.zeros(3), 5, seed=0)
 
 
 def test_indivisible_batches_are_refused():

@@ -32,7 +32,7 @@ from cxrlt.cli import main
 from cxrlt.config import EvalConfig, config_from_dict, load_config
 from cxrlt.data.manifest import load_manifest
 from cxrlt.engine import TRAIN_STATE, evaluate, make_dataset, per_image, predict, train
-from cxrlt.engine.checkpointing import load_training_state, restore_rng, rng_state, save_training_state
+from cxrlt.engine.checkpointing import FORMAT, load_training_state, restore_rng, rng_state, save_training_state
 
 SIZE = 32
 # deterministic on CPU: one thread, deterministic kernels, no loader workers; 7 steps per epoch
@@ -126,7 +126,7 @@ def test_resume_refuses_a_checkpoint_of_other_settings(project, tmp_path, capsys
 
     other = load_config(project / "params.yaml", {"train.lr": 0.5})
     md5 = data_version(project / "manifest")["manifest_md5"]
-    state = {"format": 1, "fingerprint": fingerprint(other.variant("tiny"), other.data, md5)}
+    state = {"format": FORMAT, "fingerprint": fingerprint(other.variant("tiny"), other.data, md5)}
     (tmp_path / "run").mkdir()
     save_training_state(tmp_path / "run" / TRAIN_STATE, state)
     assert cli("train", "--variant", "tiny", "--manifest", project / "manifest", "--params", project / "params.yaml",
@@ -144,16 +144,16 @@ class _FailsHalfway:
 
 def test_checkpoint_writes_are_atomic(tmp_path):
     path = tmp_path / TRAIN_STATE
-    good = {"format": 1, "w": torch.arange(1000.0)}
+    good = {"format": FORMAT, "w": torch.arange(1000.0)}
     save_training_state(path, good)
     with pytest.raises(RuntimeError, match="disk full"):
-        save_training_state(path, {"format": 1, "w": torch.zeros(1_000_000), "bad": _FailsHalfway()})
+        save_training_state(path, {"format": FORMAT, "w": torch.zeros(1_000_000), "bad": _FailsHalfway()})
     assert torch.equal(load_training_state(path)["w"], good["w"])   # the good checkpoint is untouched
     assert sorted(os.listdir(tmp_path)) == [TRAIN_STATE]            # and the failed write left nothing
     # a temp file truncated by a kill in the middle of a write is never read, and the next write replaces it
     (tmp_path / (TRAIN_STATE + ".tmp")).write_bytes(b"PK\x03\x04 truncated")
     assert torch.equal(load_training_state(path)["w"], good["w"])
-    save_training_state(path, {"format": 1, "w": torch.ones(3)})
+    save_training_state(path, {"format": FORMAT, "w": torch.ones(3)})
     assert torch.equal(load_training_state(path)["w"], torch.ones(3))
     assert sorted(os.listdir(tmp_path)) == [TRAIN_STATE]
 
