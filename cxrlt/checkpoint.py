@@ -3,7 +3,8 @@
   weights.safetensors   the state dict (safe to load: no pickle)            } written by training
   artefact.json         model name + config, label space, loss, training    }
                         config, data version, git commit, pretrained source }
-  history.csv           loss and validation mAP per epoch                   }
+  dvclive/              loss and validation mAP per epoch (DVCLive files;   }
+                        cxrlt.engine.read_history reads them)               }
   metrics.json          summary metrics per split                           } written by evaluation
   eval/                 thresholds.json, per_label_<split>.csv,             } (a separate DVC stage,
                         predictions_<split>.csv,                            }  so separate files)

@@ -20,6 +20,10 @@ from .data.dataset import VIEW_CODES, choose_views, pad_study
 from .data.transforms import image_to_tensor
 
 
+FINDINGS = "findings"  # in `explain`: the labels at or over their threshold
+MAX_EXPLAIN = 5        # findings per `explain` call (each costs one forward and backward pass)
+
+
 class StudyInputError(ValueError):
     """An uploaded study that cannot be scored; the message says what to fix."""
 
@@ -130,9 +134,11 @@ class Predictor:
                 out.append(GateCheck("ood", True, False, "ood", msg, s, thr))
         return out
 
-    def encode_study(self, images: Sequence[Image.Image], views: Sequence[str | None] | None = None):
+    def encode_study(self, images: Sequence[Image.Image], views: Sequence[str | None] | None = None,
+                     with_order: bool = False):
         """-> (images [V,3,S,S], view_mask [V], view_types [V]) for one study; single-view models get
-        the study's images as separate items (see predict)."""
+        the study's images as separate items (see predict). `with_order`: -> (that, the upload index of
+        each filled slot)."""
         if not images:
             raise StudyInputError("a study needs at least one image")
         views = list(views) if views is not None else [None] * len(images)
@@ -140,8 +146,9 @@ class Predictor:
             raise StudyInputError(f"{len(images)} images but {len(views)} views: give one view per image or none")
         codes = [view_code(v) for v in views]
         keep = choose_views(codes, [f"{i:04d}" for i in range(len(images))], self.max_views)
-        return pad_study([image_to_tensor(images[j], self.image_size) for j in keep], [codes[j] for j in keep],
-                         self.max_views)
+        encoded = pad_study([image_to_tensor(images[j], self.image_size) for j in keep], [codes[j] for j in keep],
+                            self.max_views)
+        return (encoded, list(keep)) if with_order else encoded
 
     @torch.inference_mode()
     def predict(self, studies: Sequence[Sequence[Image.Image]],
@@ -204,6 +211,57 @@ class Predictor:
         emb = torch.stack([fresh[f] if f in fresh else stored[own[name]] for f, (name, _) in zip(findings, parsed)])
         probs = self._forward_studies([images], [views], emb)[0]
         return {f: round(float(p), 6) for f, p in zip(findings, probs)}
+
+    def explain(self, images: Sequence[Image.Image], views: Sequence[str | None] | None,
+                findings: Sequence[str], probs: np.ndarray | None = None) -> list[dict]:
+        """Heatmaps of where each finding's evidence lies in each image of one study (`cxrlt.explain`:
+        Grad-CAM on the backbone's last feature map; the docstring there says why not attention).
+
+        findings: label names of this model, or the word "findings" for the labels at or over their
+        threshold (most probable first; `probs`, the study's probabilities, saves a forward pass); at most
+        MAX_EXPLAIN in all. Returns one dict per finding and image, findings in order, images in upload
+        order: {"finding", "image" (0-based upload index), "method": "gradcam", "map": float32 [S, S] in
+        [0, 1] at the model's input size, "width", "height"}. The maps of one finding share one scale over
+        the study. Computed for this study alone: other studies never change them."""
+        from .explain import gradcam, normalise
+
+        names = self.explain_targets(images, views, findings, probs)
+        views = list(views) if views is not None else [None] * len(images)
+        index = {n: i for i, n in enumerate(self.label_names)}
+        model, out = self.artefact.model, []
+        for name in names:
+            if self.max_views == 1:  # a single-image model scores each image on its own
+                raw = [gradcam(model, *(t.to(self.device) for t in self.encode_study([img], [v])), index[name],
+                               normalize=False)[0] for img, v in zip(images, views)]
+                maps, order = normalise(torch.stack(raw)), list(range(len(images)))
+            else:
+                encoded, order = self.encode_study(images, views, with_order=True)
+                maps = gradcam(model, *(t.to(self.device) for t in encoded), index[name])
+            for slot, image in enumerate(order):
+                m = maps[slot].numpy().astype(np.float32)
+                out.append({"finding": name, "image": image, "method": "gradcam", "map": m,
+                            "width": int(m.shape[1]), "height": int(m.shape[0])})
+        return sorted(out, key=lambda d: (names.index(d["finding"]), d["image"]))
+
+    def explain_targets(self, images, views, findings: Sequence[str], probs: np.ndarray | None = None) -> list[str]:
+        """The label names `explain` will map: names checked against the model's labels (an unknown one
+        raises StudyInputError listing the valid ones), "findings" expanded, duplicates dropped, <= MAX_EXPLAIN."""
+        wanted = [str(f).strip() for f in findings if str(f).strip()]
+        if not wanted:
+            raise StudyInputError(f"name 1 to {MAX_EXPLAIN} findings to explain, or '{FINDINGS}'")
+        unknown = [f for f in wanted if f != FINDINGS and f not in self.label_names]
+        if unknown:
+            raise StudyInputError(f"unknown finding(s) {unknown} to explain: this model's labels are "
+                                  f"{list(self.label_names)} (or '{FINDINGS}' for those over threshold)")
+        explicit = list(dict.fromkeys(f for f in wanted if f != FINDINGS))
+        if len(explicit) > MAX_EXPLAIN:
+            raise StudyInputError(f"{len(explicit)} findings to explain: at most {MAX_EXPLAIN} per request")
+        if FINDINGS not in wanted:
+            return explicit
+        if probs is None:
+            probs = self.predict([images], [views])[0]
+        over = [self.label_names[i] for i in np.argsort(-probs) if probs[i] >= self.thresholds[i]]
+        return list(dict.fromkeys(explicit + over))[:MAX_EXPLAIN]
 
     def describe(self, probs: np.ndarray) -> dict:
         """One study's probabilities -> the service's response body."""

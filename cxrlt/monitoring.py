@@ -4,8 +4,11 @@ evidently is imported inside the functions that use it, never at module level.
 
 The service appends one JSON line per scored study (UTC time, model tag, number of images, views, the
 probability of every label, simple image statistics) and nothing that identifies a patient or an image:
-no file names, no identifiers, no pixels. `run_drift` compares the latest logged predictions with the
-served model's validation predictions (`eval/predictions_val.csv`, written by evaluation).
+no file names, no identifiers, no pixels. `run_drift` compares the latest logged studies with the served
+model's validation split: its predictions (`eval/predictions_val.csv`) and its images' statistics
+(`eval/image_stats_val.csv`), both written by evaluation. Prediction columns (`p_<label>`) and input
+columns (the per-study mean of each image statistic) are reported apart. Every run keeps its own report
+and a history line (`cxrlt.monitoring_history`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from typing import Any, Mapping
 
 import numpy as np
 import pandas as pd
+
+from .monitoring_history import drift_history, new_run_dir, publish_run  # noqa: F401  (drift_history: API)
 
 DEFAULT_LOG = Path("var/predictions/predictions.jsonl")
 DEFAULT_REPORTS = Path("reports/drift")
@@ -59,6 +64,50 @@ def prediction_record(*, model_tag: str, probabilities: Mapping[str, float], vie
             "synthetic_model": bool(synthetic_model), "n_images": len(image_stats), "views": list(views),
             "probabilities": {str(k): float(v) for k, v in probabilities.items()},
             "image_stats": [{k: float(s[k]) for k in STATS} for s in image_stats]}
+
+
+def image_statistics(pixels: np.ndarray, info) -> dict[str, float]:
+    """The statistics logged for one image (the one definition; the service and evaluation both use it).
+
+    Stage: `pixels` are the model-input-size 8-bit grayscale that `cxrlt.data.images.read_image(file,
+    size=<the model's data.image_size>)` returns, before normalisation: what the service decodes an upload
+    to, and what the training cache holds. width and height are the SOURCE file's (`info`, an `ImageInfo`),
+    not the resized ones; mean and std are of the pixels / 255 (0..1)."""
+    a = np.asarray(pixels).astype(np.float32) / 255.0
+    return {"width": float(info.width), "height": float(info.height),
+            "mean_intensity": float(a.mean()), "std_intensity": float(a.std())}
+
+
+def _stats_chunk(jobs: list[tuple[str, str, str]], root: str, size: int) -> list[dict]:
+    """(dicom_id, study_id, relative path) -> one row of `image_statistics` per image (worker function)."""
+    from .data.images import read_image
+
+    rows = []
+    for dicom_id, study_id, rel in jobs:
+        img, info = read_image(Path(root) / rel, size=size)
+        rows.append({"dicom_id": dicom_id, "study_id": study_id,
+                     **image_statistics(np.asarray(img, dtype=np.uint8), info)})
+    return rows
+
+
+def image_stats_frame(frame: pd.DataFrame, image_root: str | Path, size: int, source_sizes: bool = True,
+                      progress: bool = False, workers: int | None = None) -> pd.DataFrame:
+    """`image_statistics` of every image of a manifest frame (dicom_id, study_id, path): one row per image,
+    columns dicom_id, study_id, width, height, mean_intensity, std_intensity; each file is read exactly as
+    the service reads an upload (`read_image(file, size)`).
+
+    `source_sizes=False` (a resized cache, whose files are not the sources): width and height are left
+    empty, since the cache's own size would be compared with the sizes of uploaded originals."""
+    from .data.demo import default_workers, run_chunked
+
+    jobs = list(zip(frame["dicom_id"].astype(str), frame["study_id"].astype(str), frame["path"].astype(str)))
+    chunks = run_chunked(_stats_chunk, jobs, Path(image_root), int(size), workers or default_workers(),
+                         progress, "image stats")
+    out = pd.DataFrame([r for c in chunks for r in c], columns=["dicom_id", "study_id", *STATS])
+    if not source_sizes:
+        out[["width", "height"]] = np.nan
+    order = {k: i for i, k in enumerate(frame["dicom_id"].astype(str))}  # workers finish in any order
+    return out.sort_values("dicom_id", key=lambda s: s.map(order), kind="stable").reset_index(drop=True)
 
 
 def rotated_logs(path: str | Path | None = None) -> list[Path]:
@@ -152,22 +201,42 @@ def _parse_line(line: str) -> dict | None:
 
 
 def reference_frame(model_dir: str | Path) -> pd.DataFrame:
-    """Validation predictions of a model as `p_<label>` columns, one row per study (images of a study
-    are averaged, as the service scores whole studies)."""
+    """The model's validation split, one row per study: `p_<label>` columns (its predictions; images of a
+    study are averaged, as the service scores whole studies) and, when evaluation wrote
+    eval/image_stats_val.csv, the per-study mean of each image statistic (as `read_log` gives for logged
+    studies). Statistics evaluation could not know (width and height of a cache) are left out."""
     csv = Path(model_dir) / "eval" / "predictions_val.csv"
     if not csv.exists():
         raise MonitoringError(f"the model at {model_dir} has no eval/predictions_val.csv: "
                               "evaluate it (`cxrlt evaluate`) and register it again")
-    frame = pd.read_csv(csv)
+    frame = pd.read_csv(csv, dtype={"study_id": str, "dicom_id": str})
     meta = Path(model_dir) / "artefact.json"  # the model's own label order, when it is there
     names = json.loads(meta.read_text())["label_space"]["names"] if meta.exists() else None
     labels = ([n for n in names if n in frame.columns] if names else
               [c for c in frame.select_dtypes("number").columns if c not in ("dicom_id", "study_id")])
     if not labels:
         raise MonitoringError(f"{csv} has no label columns")
-    if "study_id" in frame.columns:
-        frame = frame.groupby("study_id", sort=True)[labels].mean()
-    return frame[labels].rename(columns={c: f"p_{c}" for c in labels}).reset_index(drop=True)
+    if "study_id" not in frame.columns:
+        return frame[labels].rename(columns={c: f"p_{c}" for c in labels}).reset_index(drop=True)
+    out = frame.groupby("study_id", sort=True)[labels].mean().rename(columns={c: f"p_{c}" for c in labels})
+    stats = reference_stats(model_dir)
+    if stats is not None:
+        out = out.join(stats, how="left")
+    return out.reset_index(drop=True)
+
+
+def reference_stats(model_dir: str | Path) -> pd.DataFrame | None:
+    """Per-study means of eval/image_stats_val.csv (index study_id; only statistics it has), or None for an
+    artefact evaluated before evaluation wrote it, or an unreadable file."""
+    csv = Path(model_dir) / "eval" / "image_stats_val.csv"
+    if not csv.exists():
+        return None
+    try:
+        frame = pd.read_csv(csv, dtype={"study_id": str, "dicom_id": str})
+        have = [k for k in STATS if k in frame.columns and frame[k].notna().any()]
+        return frame.groupby("study_id", sort=True)[have].mean() if have else None
+    except (ValueError, KeyError, pd.errors.ParserError):
+        return None
 
 
 def drift_columns(current: pd.DataFrame, reference: pd.DataFrame) -> list[str]:
@@ -177,14 +246,40 @@ def drift_columns(current: pd.DataFrame, reference: pd.DataFrame) -> list[str]:
     if missing:
         raise MonitoringError(f"the logged predictions lack {missing[:5]}: were they made by another model? "
                               "pass the model's tag (--tag) or start a fresh log")
-    stats = [c for c in STATS if c in current.columns and c in reference.columns]
-    return probs + stats
+    return probs + input_columns(current, reference)
+
+
+def input_columns(current: pd.DataFrame, reference: pd.DataFrame) -> list[str]:
+    """The image statistics both sides hold values of (per-study means)."""
+    return [c for c in STATS if all(c in f.columns and f[c].notna().any() for f in (current, reference))]
+
+
+def input_notes(current: pd.DataFrame, reference: pd.DataFrame) -> list[str]:
+    """Why input drift is partial or missing, in words for the summary."""
+    def has(f, k):
+        return k in f.columns and f[k].notna().any()
+
+    if not any(has(reference, k) for k in STATS):
+        return ["input drift not measured: the model's evaluation has no image statistics "
+                "(eval/image_stats_val.csv); evaluate it again (`cxrlt evaluate`) and register it"]
+    if not any(has(current, k) for k in STATS):
+        return ["input drift not measured: the logged studies carry no image statistics"]
+    notes = []
+    missing = [k for k in STATS if not has(reference, k) and has(current, k)]
+    if missing:
+        notes.append(f"input columns {missing} not compared: the reference does not know them (e.g. the source "
+                     "size of images evaluated from a resized cache)")
+    return notes
 
 
 def drift_report(current: pd.DataFrame, reference: pd.DataFrame, out_dir: str | Path | None = None,
-                 *, model_tag: str | None = None, synthetic: bool = False, method: str | None = None) -> dict:
-    """Evidently data drift of `current` against `reference`; writes drift.html, drift.json and
-    summary.json into out_dir and returns the summary."""
+                 *, model_tag: str | None = None, synthetic: bool = False, method: str | None = None,
+                 keep_runs: int | None = None) -> dict:
+    """Evidently data drift of `current` against `reference`, prediction and input columns together.
+
+    Writes drift.html, drift.json and summary.json into a new folder out_dir/runs/<UTC time>, copies them
+    to out_dir as the latest report, appends the summary to out_dir/history.jsonl and keeps the newest
+    `keep_runs` run folders (`cxrlt.monitoring_history`). Returns the summary."""
     if len(current) < 2 or len(reference) < 2:
         raise MonitoringError(f"drift needs at least 2 rows on each side (current {len(current)}, "
                               f"reference {len(reference)}): send more studies to the service")
@@ -198,14 +293,28 @@ def drift_report(current: pd.DataFrame, reference: pd.DataFrame, out_dir: str | 
     preset = DataDriftPreset(method=method) if method else DataDriftPreset()
     snapshot = Report([preset], include_tests=True).run(current_data=cur, reference_data=ref)
     out = reports_dir(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    snapshot.save_html(str(out / "drift.html"))
-    snapshot.save_json(str(out / "drift.json"))
-    summary = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "model_tag": model_tag,
+    now = time.time()
+    run = new_run_dir(out, now)
+    snapshot.save_html(str(run / "drift.html"))
+    snapshot.save_json(str(run / "drift.json"))
+    result = _drift_result(json.loads(snapshot.json()), cols)
+    inputs = input_columns(current, reference)
+    parts = {name: _part([c for c in cols if (c in inputs) == (name == "input")], result["drifted_columns"])
+             for name in ("prediction", "input")}
+    summary = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)), "model_tag": model_tag,
                "synthetic": bool(synthetic), "n_current": int(len(current)), "n_reference": int(len(reference)),
-               **_drift_result(json.loads(snapshot.json()), cols)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+               **result, **parts, "notes": input_notes(current, reference),
+               "run": run.relative_to(out).as_posix()}
+    (run / "summary.json").write_text(json.dumps(summary, indent=2))
+    publish_run(out, run, summary, keep_runs)
     return summary
+
+
+def _part(cols: list[str], drifted: list[str]) -> dict:
+    """Counts of one kind of column (prediction or input); share_drifted is None when there are none."""
+    d = [c for c in cols if c in drifted]
+    return {"n_columns": len(cols), "n_drifted": len(d), "share_drifted": len(d) / len(cols) if cols else None,
+            "drifted_columns": d, "columns": cols}
 
 
 def _drift_result(snap: dict, cols: list[str]) -> dict:

@@ -33,7 +33,7 @@ from cxrlt.checkpoint import load_artefact
 from cxrlt.cli import main
 from cxrlt.config import load_config
 from cxrlt.data.manifest import load_manifest
-from cxrlt.engine import make_dataset, per_image, predict, train
+from cxrlt.engine import make_dataset, per_image, predict, read_history, train
 from cxrlt.engine import distributed
 from cxrlt.engine.checkpointing import EpochSampler, class_aware_draws
 from cxrlt.engine.distributed import ShardedEpochSampler, micro_batch
@@ -141,7 +141,7 @@ def test_two_processes_train_like_one(runs, project):
     log = runs["log"]
     assert "x 2 processes; batch 8 = 2 x 2 x 2" in log
     assert log.count("artefact:") == 1 and log.count("epoch 2: loss") == 1  # only rank 0 logs
-    h1, h2 = (pd.read_csv(runs[k] / "history.csv") for k in ("one", "two"))
+    h1, h2 = (read_history(runs[k]) for k in ("one", "two"))
     np.testing.assert_allclose(h2["train_loss"], h1["train_loss"], rtol=1e-5)
     np.testing.assert_allclose(h2[["val_mAP", "val_mAUC"]], h1[["val_mAP", "val_mAUC"]], rtol=0, atol=1e-6)
     one, two = load_artefact(runs["one"]), load_artefact(runs["two"])
@@ -316,10 +316,10 @@ def test_a_killed_two_process_run_resumes_on_two_processes_or_one(project, runs,
     cfg = load_config(project / "params.yaml", every)
     train(cfg.variant("v"), cfg.data, load_manifest(project / "manifest"), tmp_path / "one", progress=False,
           resume=True)
-    want = pd.read_csv(runs["one"] / "history.csv")
+    want = read_history(runs["one"])
     for name in ("two", "one"):
         assert load_artefact(tmp_path / name).meta["resumes"] == [{"epoch": 2, "step": 1}]
-        got = pd.read_csv(tmp_path / name / "history.csv")
+        got = read_history(tmp_path / name)
         np.testing.assert_allclose(got["train_loss"], want["train_loss"], rtol=1e-5, err_msg=name)
         np.testing.assert_allclose(got["val_mAP"], want["val_mAP"], rtol=0, atol=1e-6, err_msg=name)
 

@@ -26,7 +26,7 @@ from cxrlt.checkpoint import load_artefact
 from cxrlt.config import TrainConfig, config_from_dict
 from cxrlt.data.demo import generate_demo
 from cxrlt.data.manifest import build_manifest, load_manifest
-from cxrlt.engine import TRAIN_STATE, make_dataset, per_image, predict, train
+from cxrlt.engine import TRAIN_STATE, make_dataset, per_image, predict, read_history, train
 from cxrlt.engine import performance as perf
 from cxrlt.engine.checkpointing import EpochDataset
 from cxrlt.engine.distributed import Dist, ShardedEpochSampler
@@ -68,7 +68,7 @@ def val_probs(art, manifest):
 
 
 def history(art):
-    return pd.read_csv(art / "history.csv")
+    return read_history(art)
 
 
 def batch_of(manifest, model, n, start=0):

@@ -31,7 +31,7 @@ from conftest import tiny_demo_project
 from cxrlt.cli import main
 from cxrlt.config import EvalConfig, config_from_dict, load_config
 from cxrlt.data.manifest import load_manifest
-from cxrlt.engine import TRAIN_STATE, evaluate, make_dataset, per_image, predict, train
+from cxrlt.engine import TRAIN_STATE, evaluate, make_dataset, per_image, predict, read_history, train
 from cxrlt.engine.checkpointing import FORMAT, load_training_state, restore_rng, rng_state, save_training_state
 
 SIZE = 32
@@ -111,7 +111,7 @@ def test_a_killed_run_resumes_to_identical_weights(runs):
         assert torch.equal(ref[k], res[k]), k
     # the whole trajectory, not only the selected epoch: every epoch's loss and validation scores
     cols = ["epoch", "train_loss", "val_mAP", "val_mAUC"]
-    h_ref, h_res = pd.read_csv(runs["ref"] / "history.csv"), pd.read_csv(runs["resumed"] / "history.csv")
+    h_ref, h_res = read_history(runs["ref"]), read_history(runs["resumed"])
     assert h_ref[cols].equals(h_res[cols])
     m_ref, m_res = (json.loads((runs[k] / "artefact.json").read_text()) for k in ("ref", "resumed"))
     assert m_res["resumes"] == [{"epoch": 2, "step": 3}]

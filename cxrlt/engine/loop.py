@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import pandas as pd
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -35,6 +34,7 @@ from . import distributed as dist
 from . import performance as perf
 from .build import build_model
 from .evaluation import make_dataset, per_image, resolve_device, targets_of, unit_of
+from .live import write_history
 
 
 @contextlib.contextmanager
@@ -285,6 +285,8 @@ def _train(variant, data, manifest, out_dir, progress, log, resume, on_checkpoin
                                "val_mAUC": m["mAUC"], "seconds": time.perf_counter() - t0})
         log(f"[{variant.name}] epoch {epoch + 1}: loss {train_loss:.4f}  val mAP {m['mAP']:.4f}  "
             f"mAUC {m['mAUC']:.4f}  ({run['history'][-1]['seconds']:.0f}s)")
+        if ctx.is_main:
+            write_history(out_dir, run["history"])  # DVCLive: dvc plots / exp show follow the run live
         if m["mAP"] > run["best"]:  # every process scores the same gathered predictions: the same choice
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
             run.update(best=m["mAP"], best_epoch=epoch + 1, best_state=best_state)
@@ -305,7 +307,7 @@ def _train(variant, data, manifest, out_dir, progress, log, resume, on_checkpoin
                         text_encoder=text_record, init_from=str(init_dir) if init_dir else None,
                         freeze_backbone=bool(variant.init_from and variant.freeze_backbone),
                         best_epoch=run["best_epoch"], resumes=run["resumes"], runtime=runtime)
-    pd.DataFrame(run["history"]).to_csv(Path(out) / "history.csv", index=False)
+    write_history(out, run["history"])
     state_path.unlink(missing_ok=True)  # the run is complete: the artefact replaces its resumable state
     ctx.barrier()
     return out
