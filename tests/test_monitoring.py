@@ -131,3 +131,159 @@ def test_run_drift_resolves_a_latest_tag(tmp_path, tiny_artefact, label_space):
                                                  image_stats=[]), log)
     out = mon.run_drift(log_path=log, out_dir=tmp_path, tag="cxrltdrifttest:latest")
     assert out["model_tag"] == tag and out["n_current"] == 5
+
+
+# ---------------------------------------------------------------- drift over time
+def test_every_run_keeps_its_report_and_a_history_line(tmp_path):
+    reference = frame(120, 2, 5, 0)
+    runs = [mon.drift_report(frame(60, a, b, seed), reference, tmp_path, model_tag="m:1", keep_runs=2)
+            for seed, (a, b) in enumerate([(2, 5), (5, 2), (2, 5)], 1)]
+    folders = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert len(folders) == 2 and [f"runs/{f}" for f in folders] == [r["run"] for r in runs[1:]]  # oldest pruned
+    for f in folders:
+        assert {p.name for p in (tmp_path / "runs" / f).iterdir()} == {"drift.html", "drift.json", "summary.json"}
+    latest = json.loads((tmp_path / "summary.json").read_text())
+    assert latest == json.loads((tmp_path / runs[-1]["run"] / "summary.json").read_text())
+    assert (tmp_path / "drift.html").read_bytes() == (tmp_path / runs[-1]["run"] / "drift.html").read_bytes()
+
+    with open(tmp_path / "history.jsonl", "a") as f:  # a run killed while appending, and a foreign line
+        f.write('{"time": "2026-01-01T00:00:00Z", "n_curr\n["not", "a", "run"]\n')
+    h = mon.drift_history(tmp_path)
+    assert len(h) == 3 and list(h["n_drifted"]) == [r["n_drifted"] for r in runs]  # history lines are all kept
+    assert list(h["n_drifted"]) == [0, 3, 0] and h["time"].dt.tz is not None
+    assert list(h["run"]) == [r["run"] for r in runs] and set(h["scores"][1]) == {f"p_{k}" for k in LABELS}
+    assert h["prediction_n_drifted"].tolist() == [0, 3, 0] and h["input_n_columns"].tolist() == [0, 0, 0]
+    scores = pd.DataFrame(list(h["scores"]), index=h["time"])
+    assert scores.shape == (3, 3) and (scores.iloc[1] < 0.05).all()  # K-S p-values of the shifted run
+    empty = mon.drift_history(tmp_path / "none")
+    assert empty.empty and {"time", "share_drifted", "scores"} <= set(empty.columns)
+
+
+def test_keep_runs_from_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("CXRLT_DRIFT_KEEP_RUNS", "1")
+    for seed in (1, 2):
+        mon.drift_report(frame(30, 2, 5, seed), frame(60, 2, 5, 0), tmp_path)
+    assert len(list((tmp_path / "runs").iterdir())) == 1 and len(mon.drift_history(tmp_path)) == 2
+
+
+# ---------------------------------------------------------------- input statistics beside predictions
+def test_image_statistics_are_the_services(tmp_path):
+    """Evaluation's statistics of a file equal the service's for the same upload (same reader, size, stage)."""
+    from conftest import image_bytes
+    from dicom_factory import chest_pixels, make_dicom
+
+    from service.decoding import decode_image
+    from service.uploads import image_stats as service_stats
+
+    files = {"a.png": image_bytes("PNG", (96, 120), 1), "b.jpg": image_bytes("JPEG", (130, 100), 2, mode="RGB"),
+             "c.dcm": make_dicom(chest_pixels(150, 120, 3), phi=False)}
+    for name, blob in files.items():
+        (tmp_path / name).write_bytes(blob)
+    rows = pd.DataFrame({"dicom_id": ["a", "b", "c"], "study_id": ["s1", "s1", "s2"], "path": list(files)})
+    got = mon.image_stats_frame(rows, tmp_path, size=32, workers=1)
+    assert list(got.columns) == ["dicom_id", "study_id", *mon.STATS] and list(got["dicom_id"]) == ["a", "b", "c"]
+    for i, blob in enumerate(files.values()):
+        pixels, info = decode_image(blob, i + 1, 32)
+        assert got.iloc[i][list(mon.STATS)].to_dict() == service_stats(pixels, info) == \
+            mon.image_statistics(pixels, info)
+    assert got.iloc[0]["width"] == 96 and got.iloc[2]["height"] == 150  # the source's size, not 32
+    cache = mon.image_stats_frame(rows, tmp_path, size=32, source_sizes=False, workers=1)
+    assert cache[["width", "height"]].isna().all().all()
+    assert cache["mean_intensity"].tolist() == got["mean_intensity"].tolist()
+
+
+def simulated(tmp_path, label_space, *, brighter: float, pred_shift: bool, n=200, stats=True):
+    """A known answer: a model folder whose validation split is `n` studies (predictions and image statistics,
+    as evaluation writes them), and a prediction log in which the service saw those very studies again,
+    their images `brighter` (mean intensity + brighter) and/or their predictions shifted up (p -> sqrt p);
+    what is not changed is logged exactly as the reference has it. -> (model_dir, log path)."""
+    names = list(label_space.names)
+    rng = np.random.default_rng(7)
+    model = tmp_path / "model"
+    (model / "eval").mkdir(parents=True)
+    preds, stat_rows, log = [], [], tmp_path / "log.jsonl"
+    for s in range(n):
+        p = rng.beta(2, 5, len(names))
+        images = [{"width": float(rng.choice([2048, 2544, 3056])), "height": float(rng.choice([2048, 2500, 3056])),
+                   "mean_intensity": float(rng.normal(0.45, 0.04)), "std_intensity": float(rng.normal(0.22, 0.02))}
+                  for _ in range(1 + s % 2)]
+        for j, st in enumerate(images):
+            preds.append({"dicom_id": f"d{s}_{j}", "study_id": f"s{s}", **dict(zip(names, p))})
+            stat_rows.append({"dicom_id": f"d{s}_{j}", "study_id": f"s{s}", **st})
+        seen = [{**st, "mean_intensity": st["mean_intensity"] + brighter} for st in images]
+        mon.log_prediction(mon.prediction_record(model_tag="m:1", probabilities=dict(zip(names, np.sqrt(p) if
+                                                 pred_shift else p)), views=["frontal"] * len(images),
+                                                 image_stats=seen), log)
+    pd.DataFrame(preds).to_csv(model / "eval" / "predictions_val.csv", index=False)
+    if stats:
+        pd.DataFrame(stat_rows).to_csv(model / "eval" / "image_stats_val.csv", index=False)
+    return model, log
+
+
+def test_brighter_images_drift_the_inputs_not_the_predictions(tmp_path, label_space):
+    model, log = simulated(tmp_path, label_space, brighter=0.12, pred_shift=False)
+    ref = mon.reference_frame(model)
+    assert set(mon.STATS) <= set(ref.columns) and len(ref) == 200
+    s = mon.drift_report(mon.read_log(log), ref, tmp_path / "r")
+    assert s["input"]["drifted_columns"] == ["mean_intensity"] and s["input"]["n_columns"] == 4
+    assert s["prediction"]["n_drifted"] == 0 and s["prediction"]["n_columns"] == len(label_space.names)
+    assert s["drifted_columns"] == ["mean_intensity"] and s["notes"] == []
+    line = mon.drift_history(tmp_path / "r").iloc[0]
+    assert line["input_drifted_columns"] == ["mean_intensity"] and line["prediction_n_drifted"] == 0
+
+
+def test_shifted_predictions_drift_the_predictions_not_the_inputs(tmp_path, label_space):
+    model, log = simulated(tmp_path, label_space, brighter=0.0, pred_shift=True)
+    s = mon.drift_report(mon.read_log(log), mon.reference_frame(model), tmp_path / "r")
+    assert s["prediction"]["n_drifted"] == len(label_space.names) and s["prediction"]["share_drifted"] == 1.0
+    assert s["input"]["n_drifted"] == 0 and s["input"]["n_columns"] == 4
+
+
+def test_old_artefacts_without_image_stats_give_prediction_drift_and_say_so(tmp_path, label_space):
+    model, log = simulated(tmp_path, label_space, brighter=0.12, pred_shift=False, stats=False)
+    s = mon.drift_report(mon.read_log(log), mon.reference_frame(model), tmp_path / "r")
+    assert s["columns"] == [f"p_{n}" for n in label_space.names] and s["input"]["n_columns"] == 0
+    assert s["input"]["share_drifted"] is None and "image_stats_val.csv" in s["notes"][0]
+    # a reference evaluated from a resized cache knows the intensities but not the source size
+    stats = pd.read_csv(model / "eval" / "predictions_val.csv")[["dicom_id", "study_id"]]
+    stats[["width", "height"]], stats["mean_intensity"], stats["std_intensity"] = np.nan, 0.45, 0.2
+    stats.loc[::2, "std_intensity"] = 0.21
+    stats.loc[::3, "mean_intensity"] = 0.44
+    stats.to_csv(model / "eval" / "image_stats_val.csv", index=False)
+    s = mon.drift_report(mon.read_log(log), mon.reference_frame(model), tmp_path / "r")
+    assert s["input"]["columns"] == ["mean_intensity", "std_intensity"] and "width" in s["notes"][0]
+
+
+def test_evaluation_writes_the_reference_image_stats(tmp_path, label_space):
+    """`evaluate` writes eval/image_stats_val.csv: per validation image what the service would log for that
+    file uploaded to this model (width/height of the source; from a resized cache, intensities only)."""
+    from cxrlt.config import DataConfig, EvalConfig, TrainConfig, VariantConfig
+    from cxrlt.data.demo import generate_demo
+    from cxrlt.data.manifest import build_manifest, load_manifest
+    from cxrlt.data.prepare import prepare_cache
+    from cxrlt.engine import evaluate, train
+    from service.decoding import decode_image
+    from service.uploads import image_stats as service_stats
+
+    generate_demo(tmp_path / "demo", n_studies=60, seed=3, workers=1, progress=False)
+    m = build_manifest(tmp_path / "demo/cxr-lt-2024", tmp_path / "demo/mimic-cxr-jpg", tmp_path / "manifest",
+                       val_fraction=0.3)
+    tc = TrainConfig(epochs=1, batch_size=16, threads=1, device="cpu", max_steps_per_epoch=1)
+    art = train(VariantConfig(name="stats", model="single_test", loss="asl", train=tc), DataConfig(image_size=32),
+                m, tmp_path / "model", progress=False, log=lambda s: None)
+    evaluate(art, m, EvalConfig(batch_size=64), progress=False, device="cpu")
+    stats = pd.read_csv(art / "eval" / "image_stats_val.csv", dtype={"study_id": str})
+    val = m.split("val")
+    assert list(stats["dicom_id"]) == list(val["dicom_id"]) and stats[list(mon.STATS)].notna().all().all()
+    for i in (0, len(val) - 1):
+        pixels, info = decode_image((m.image_root / val["path"].iloc[i]).read_bytes(), 1, 32)
+        want = service_stats(pixels, info)
+        assert stats.iloc[i][list(mon.STATS)].to_dict() == pytest.approx(want, abs=1e-6)
+    ref = mon.reference_frame(art)
+    assert len(ref) == val["study_id"].nunique() and set(mon.STATS) <= set(ref.columns)
+
+    evaluate(art, load_manifest(prepare_cache(tmp_path / "manifest", tmp_path / "cache", size=32, workers=1,
+                                              progress=False)), EvalConfig(batch_size=64), progress=False, device="cpu")
+    cached = pd.read_csv(art / "eval" / "image_stats_val.csv")
+    assert cached[["width", "height"]].isna().all().all()
+    assert np.allclose(cached["mean_intensity"], stats["mean_intensity"], atol=0.005)  # JPEG rounding only

@@ -98,8 +98,9 @@ def evaluate(artefact_dir: str | Path, manifest: Manifest, ec: EvalConfig, image
     """Score the artefact on each available split; thresholds are tuned on validation (`ec.split`).
 
     The image size is the artefact's (`image_size`, if given, must equal it). Writes metrics.json and
-    eval/{thresholds.json, per_label_<split>.csv, predictions_<split>.csv} into the artefact folder, and the
-    OOD gate eval/gate.{json,safetensors} (`fit_ood_gate`).
+    eval/{thresholds.json, per_label_<split>.csv, predictions_<split>.csv} into the artefact folder, the
+    validation images' statistics for input drift (eval/image_stats_<ec.split>.csv, `write_image_stats`),
+    and the OOD gate eval/gate.{json,safetensors} (`fit_ood_gate`).
     Returns {split: summary metrics}.
     """
     dev = resolve_device(device)
@@ -131,9 +132,29 @@ def evaluate(artefact_dir: str | Path, manifest: Manifest, ec: EvalConfig, image
         if hasattr(art.model, "predict_views"):  # view-specific: how well unknown views get routed
             from ..models.views import view_classifier_accuracy
             results[split]["view_classifier_accuracy"] = view_classifier_accuracy(art.model, ds)
+    write_image_stats(artefact_dir, manifest, ec.split, size, progress)
     write_evaluation(artefact_dir, results, thresholds, ec.split)
     fit_ood_gate(artefact_dir, art, manifest, ec, dev, progress)
     return results
+
+
+def write_image_stats(artefact_dir, manifest: Manifest, split: str, size: int, progress: bool = True) -> Path:
+    """eval/image_stats_<split>.csv: per image (dicom_id, study_id) the statistics the service logs for each
+    uploaded image (`cxrlt.monitoring.image_statistics`), the reference of input drift.
+
+    Stage: the 8-bit grayscale at the model's input size that `read_image(file, size)` returns, before
+    normalisation, i.e. what the service computes its statistics on. A manifest of a resized cache
+    (`cxrlt prepare`) holds those very pixels, JPEG-encoded (equal up to JPEG rounding when the cache is at
+    the model's size, as the pipeline makes it); its files are not the sources, so width and height (the
+    source's size in the service's log) are left empty there and input drift compares the intensities only.
+    """
+    from ..monitoring import image_stats_frame
+
+    stats = image_stats_frame(manifest.split(split), manifest.image_root, size,
+                              source_sizes="cache" not in manifest.meta, progress=progress)
+    path = Path(artefact_dir) / EVAL_DIR / f"image_stats_{split}.csv"
+    stats.to_csv(path, index=False, float_format="%.6f")
+    return path
 
 
 def fit_ood_gate(artefact_dir, art, manifest: Manifest, ec: EvalConfig, dev, progress: bool = True) -> None:
