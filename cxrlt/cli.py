@@ -14,6 +14,8 @@ from pathlib import Path
 
 import yaml
 
+from .cli_registry import add_registry_parser
+
 EXPECTED = (ValueError, KeyError, FileNotFoundError, RuntimeError)
 
 
@@ -89,40 +91,6 @@ def cmd_evaluate(a):
         print(f"{split:>5}: mAP {m['mAP']:.4f}  mAUC {m['mAUC']:.4f}  mF1 {m['mF1']:.4f}  "
               f"head/medium/tail mAP {m.get('mAP_head', float('nan')):.4f} / {m.get('mAP_medium', float('nan')):.4f}"
               f" / {m.get('mAP_tail', float('nan')):.4f}")
-
-
-def cmd_registry(a):
-    from . import registry
-
-    if a.action == "list":
-        rows = registry.list_registered()
-        if not rows:
-            print("no registered models (train and register some: `make demo`)")
-        for r in rows:
-            mark = "*" if r["serving"] else " "
-            mAP = "   -  " if r["val_mAP"] is None else f"{r['val_mAP']:.4f}"
-            print(f"{mark} {r['tag']:<32} {r['variant']:<22} {r['loss']:<5} val mAP {mAP}  {r['created']}"
-                  + ("  [synthetic]" if r["synthetic"] else ""))
-        print("* = served")
-    elif a.action == "register":
-        if not a.target:
-            raise ValueError("give the artefact folder: cxrlt registry register models/<variant>")
-        print(registry.register(a.target))
-    elif a.action == "promote":
-        if a.target:
-            print(f"serving {registry.set_serving(a.target)}")
-        else:  # the best among models validated on one data set (see registry.promote_best)
-            from .provenance import data_version
-
-            version = data_version(a.manifest)["manifest_md5"] if a.manifest else None
-            if a.manifest and version is None:
-                raise ValueError(f"no manifest.csv in {a.manifest}: pass the manifest folder the models were "
-                                 "validated on (e.g. prepared/cache)")
-            print(f"serving {registry.promote_best(data_version=version)}")
-    elif a.action == "rollback":
-        print(f"serving {registry.rollback()}")
-    elif a.action == "serving":
-        print(registry.serving_tag())
 
 
 def cmd_predict(a):
@@ -270,11 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     params(p)
 
-    p = add("registry", cmd_registry, "the model registry: list, register, promote (best or a tag), rollback, serving")
-    p.add_argument("action", choices=["list", "register", "promote", "rollback", "serving"])
-    p.add_argument("target", nargs="?", help="artefact folder (register) or tag (promote)")
-    p.add_argument("--manifest", help="promote: the best among models validated on this manifest's data "
-                                      "(default: the served model's data, or the only data set registered)")
+    add_registry_parser(sub)  # its own module: one sub-parser per action
 
     p = add("predict", cmd_predict, "score one study (1-4 images) with the served or a given model")
     p.add_argument("images", nargs="+", help="image files of one study: PNG, JPEG or DICOM (.dcm)")
