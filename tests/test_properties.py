@@ -430,7 +430,6 @@ def _registered(tmp_path, name, val_map, data_md5):
 def test_promotion_picks_the_best_validation_map_on_the_same_data(tmp_path, monkeypatch):
     from cxrlt import registry
 
-    monkeypatch.setattr(registry, "_pointer", lambda: tmp_path / "serving.json")  # the session's mark stays
     name = "cxrlt-props-promote"
     tags = {}
     # registration order mixes old/new with good/bad, so neither "newest" nor "first" equals "best"
@@ -445,11 +444,10 @@ def test_promotion_picks_the_best_validation_map_on_the_same_data(tmp_path, monk
     assert registry.promote_best(name, data_version="v1") == tags["v1-best"]
     assert registry.serving_tag() == tags["v1-best"]
     assert registry.promote_best(name, data_version="v2") == tags["v2-top"]
-    assert registry.serving_tag() == tags["v2-top"] and registry.rollback() == tags["v1-best"]
+    assert registry.serving_tag() == tags["v2-top"] and registry.rollback(name=name) == tags["v1-best"]
     # promoting the model already served changes nothing
     assert registry.promote_best(name, data_version="v1") == tags["v1-best"]
-    assert [h["tag"] for h in json.loads((tmp_path / "serving.json").read_text())["history"]] == [
-        tags["v1-best"], tags["v2-top"], tags["v1-best"]]
+    assert [h["tag"] for h in registry.history(name)] == [tags["v1-best"], tags["v2-top"], tags["v1-best"]]
 
 
 def test_best_tag_with_fixed_rows(monkeypatch):
@@ -482,7 +480,7 @@ def test_promote_without_a_data_version_stays_on_one_data_set(monkeypatch):
     served = []
     monkeypatch.setattr(registry, "list_registered", lambda name=registry.MODEL_NAME: [dict(r) for r in rows])
     monkeypatch.setattr(registry, "serving_tag", lambda required=True: next(r["tag"] for r in rows if r["serving"]))
-    monkeypatch.setattr(registry, "set_serving", lambda tag, reason="": served.append(tag) or tag)
+    monkeypatch.setattr(registry, "set_serving", lambda tag, reason="", action="": served.append(tag) or tag)
     assert registry.promote_best("m") == "m:v1-best" and served == ["m:v1-best"]
     assert registry.promote_best("m", data_version="v2") == "m:v2-top"
     rows[0]["serving"] = False
