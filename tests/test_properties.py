@@ -427,7 +427,7 @@ def _registered(tmp_path, name, val_map, data_md5):
     return registry.register(art, name=name)
 
 
-def test_promotion_picks_the_best_validation_map_on_the_same_data(tmp_path, monkeypatch):
+def test_promotion_picks_the_best_validation_map_on_the_same_data(tmp_path):
     from cxrlt import registry
 
     name = "cxrlt-props-promote"
