@@ -1,7 +1,15 @@
-"""The Streamlit app with AppTest: against the live service, with the service down, and the drift page."""
+"""The Streamlit app with AppTest: the Predict page against the live service, the Models, Experiments and
+Monitoring pages on a real model store and real reports, and the defects a browser run found (a stray "None",
+results lost on a view change, too many images refused only after Predict, views not preselected, "No
+Finding" listed as a finding, cut chart labels, the Deploy button)."""
 
 from __future__ import annotations
 
+import io
+import json
+import subprocess
+import sys
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -11,99 +19,310 @@ from streamlit.testing.v1 import AppTest
 
 from conftest import SERVICE_TOKEN, free_port, image_bytes
 
-APP = str(Path(__file__).resolve().parents[1] / "ui" / "app.py")
+UI = Path(__file__).resolve().parents[1] / "ui"
+APP = str(UI / "app.py")
+PAGES = ("views/predict.py", "views/models.py", "views/experiments.py", "views/monitoring.py")
 pytestmark = pytest.mark.slow
+sys.path.insert(0, str(UI))  # the app's own modules (study, client), as `streamlit run ui/app.py` sees them
+
+import study  # noqa: E402
 
 
-def app(monkeypatch, url, reports=None, token=SERVICE_TOKEN) -> AppTest:
+def app(monkeypatch, url, reports=None, token=SERVICE_TOKEN, page=None, **env) -> AppTest:
     monkeypatch.setenv("CXRLT_SERVICE_URL", url)
     monkeypatch.setenv("CXRLT_API_TOKEN", token)  # the session's service requires it
     if reports is not None:
         monkeypatch.setenv("CXRLT_REPORTS_DIR", str(reports))
-    return AppTest.from_file(APP, default_timeout=60).run()
-
-
-def upload_and_predict(at: AppTest, files) -> AppTest:
-    at.file_uploader(key="upload").set_value(files).run()
-    return at.button(key="predict").click().run()
+    for k, v in env.items():
+        monkeypatch.setenv(k, str(v))
+    at = AppTest.from_file(APP, default_timeout=120).run()
+    return at.switch_page(page).run() if page else at
 
 
 def texts(at: AppTest, kind: str) -> str:
     return " ".join(str(e.value) for e in getattr(at, kind))
 
 
+def every_text(at: AppTest) -> list[str]:
+    kinds = ("markdown", "text", "caption", "subheader", "header", "title", "info", "warning", "error", "success")
+    return [str(e.value) for k in kinds for e in getattr(at, k)]
+
+
+def assert_no_stray_none(at: AppTest) -> None:
+    assert not [t for t in every_text(at) if t.strip() in ("None", "null")], every_text(at)
+
+
+def two_images():
+    return [("a.png", image_bytes("PNG", seed=1), "image/png"), ("b.jpg", image_bytes("JPEG", seed=2), "image/jpeg")]
+
+
+def view_keys(files) -> list[str]:
+    key = study.files_hash([(n, d) for n, d, _ in files])
+    return [f"view_{i}_{key}" for i in range(len(files))]
+
+
+# ----------------------------------------------------------------------------------------------- Predict
+
 def test_upload_scores_the_study(monkeypatch, service_url, served_tag):
     at = app(monkeypatch, service_url)
     assert not at.exception and "Service up" in texts(at, "success")
-    at.file_uploader(key="upload").set_value([("a.png", image_bytes("PNG", seed=1), "image/png"),
-                                              ("b.jpg", image_bytes("JPEG", seed=2), "image/jpeg")]).run()
-    at.selectbox(key="view_0").set_value("frontal")
-    at.selectbox(key="view_1").set_value("lateral")
+    files = two_images()
+    at.file_uploader(key="upload").set_value(files).run()
+    k0, k1 = view_keys(files)
+    assert (at.selectbox(key=k0).value, at.selectbox(key=k1).value) == ("frontal", "lateral"), "views not preselected"
     at.button(key="predict").click().run()
-    assert not at.exception and not at.error
+    assert not at.exception and not at.error, texts(at, "error")
     assert at.get("vega_lite_chart"), "no findings chart"
     assert "Findings" in texts(at, "subheader")
     assert "SYNTHETIC" in texts(at, "warning")
     assert served_tag in texts(at, "caption") and "2 image(s)" in texts(at, "caption")
+    assert_no_stray_none(at)
 
 
-def test_service_refusal_is_shown(monkeypatch, service_url):
-    at = upload_and_predict(app(monkeypatch, service_url), [("x.png", b"not an image", "image/png")])
+def test_results_stay_when_a_view_changes_and_go_with_other_files(monkeypatch, service_url):
+    at = app(monkeypatch, service_url)
+    files = two_images()
+    at.file_uploader(key="upload").set_value(files).run()
+    at.button(key="predict").click().run()
+    assert at.get("vega_lite_chart")
+    at.selectbox(key=view_keys(files)[1]).set_value("unknown").run()
+    assert not at.exception and at.get("vega_lite_chart"), "the results vanished when a view changed"
+    assert "made with the views frontal, lateral" in texts(at, "warning")
+    at.selectbox(key=view_keys(files)[1]).set_value("lateral").run()
+    assert "made with the views" not in texts(at, "warning")
+    other = [("c.png", image_bytes("PNG", seed=5), "image/png")]
+    at.file_uploader(key="upload").set_value(other).run()
+    assert not at.get("vega_lite_chart") and "Findings" not in texts(at, "subheader"), "old results shown"
+
+
+def test_five_images_are_refused_when_chosen(monkeypatch, service_url):
+    at = app(monkeypatch, service_url)
+    five = [(f"{i}.png", image_bytes("PNG", seed=i), "image/png") for i in range(5)]
+    at.file_uploader(key="upload").set_value(five).run()
     assert not at.exception
-    assert "refused the study (HTTP 415)" in texts(at, "error") and "not a PNG, JPEG or DICOM" in texts(at, "error")
+    assert "5 images chosen: a study has at most 4 images" in texts(at, "error")
+    assert not [b for b in at.button if b.key == "predict"], "Predict offered for a study the service refuses"
 
 
-def test_gate_refusal_is_shown(monkeypatch, service_url):
+def test_a_file_that_is_no_image_is_refused_when_chosen(monkeypatch, service_url):
+    at = app(monkeypatch, service_url)
+    at.file_uploader(key="upload").set_value([("x.png", b"not an image", "image/png")]).run()
+    assert not at.exception and "not a PNG, JPEG or DICOM file" in texts(at, "error")
+    assert not [b for b in at.button if b.key == "predict"]
+
+
+def test_gate_refusal_shows_the_gates_verdicts(monkeypatch, service_url):
     from PIL import Image
-    import io
 
     buf = io.BytesIO()
     Image.new("L", (10, 400), 90).save(buf, format="PNG")
-    at = upload_and_predict(app(monkeypatch, service_url), [("sliver.png", buf.getvalue(), "image/png")])
+    at = app(monkeypatch, service_url)
+    at.file_uploader(key="upload").set_value([("sliver.png", buf.getvalue(), "image/png")]).run()
+    at.button(key="predict").click().run()
     assert not at.exception and "refused an image (input gate)" in texts(at, "error")
+    assert "input gate checks each image" in texts(at, "caption") and at.dataframe, "no gate verdicts shown"
 
 
 def test_service_down_is_a_clear_message(monkeypatch):
     at = app(monkeypatch, f"http://127.0.0.1:{free_port()}")
     assert not at.exception and "not reachable" in texts(at, "error")
-    at = upload_and_predict(at, [("a.png", image_bytes("PNG"), "image/png")])
+    at.file_uploader(key="upload").set_value([("a.png", image_bytes("PNG"), "image/png")]).run()
+    at.button(key="predict").click().run()
     assert not at.exception
     assert "is not reachable" in texts(at, "error") and "CXRLT_SERVICE_URL" in texts(at, "error")
 
 
-def test_drift_page_without_report(monkeypatch, tmp_path):
-    at = app(monkeypatch, f"http://127.0.0.1:{free_port()}", reports=tmp_path / "none")
-    at.sidebar.radio(key="page").set_value("Drift").run()
-    assert not at.exception and "cxrlt drift" in texts(at, "info")
-
-
-def test_drift_page_with_report(monkeypatch, tmp_path):
-    from cxrlt.monitoring import drift_report
-
-    rng = np.random.default_rng(0)
-    ref = pd.DataFrame({"p_Edema": rng.beta(2, 5, 80), "p_Hernia": rng.beta(2, 5, 80)})
-    cur = pd.DataFrame({"p_Edema": rng.beta(5, 2, 40), "p_Hernia": rng.beta(2, 5, 40)})
-    drift_report(cur, ref, tmp_path, model_tag="cxrlt:abc", synthetic=True)
-    at = app(monkeypatch, f"http://127.0.0.1:{free_port()}", reports=tmp_path)
-    at.sidebar.radio(key="page").set_value("Drift").run()
-    assert not at.exception
-    metrics = {m.label: m.value for m in at.metric}
-    assert metrics["Logged studies"] == "40" and metrics["Reference studies"] == "80"
-    assert metrics["Drifted columns"].endswith("/ 2") and "p_Edema" in texts(at, "markdown")
-    assert "SYNTHETIC" in texts(at, "warning") and "cxrlt:abc" in texts(at, "caption")
-    assert at.get("iframe"), "the HTML report is not embedded"
-
-
-def test_dicom_upload_is_previewed_and_scored(monkeypatch, service_url):
+def test_dicom_view_comes_from_its_header_and_is_scored(monkeypatch, service_url):
     from dicom_factory import chest_pixels, make_dicom
 
     at = app(monkeypatch, service_url)
-    dcm = make_dicom(chest_pixels(160, 128), size=(160, 128), view="LL")
-    at = upload_and_predict(at, [("study.dcm", dcm, "application/dicom")])
+    files = [("study.dcm", make_dicom(chest_pixels(160, 128), size=(160, 128), view="LL"), "application/dicom"),
+             ("b.png", image_bytes("PNG", seed=3), "image/png")]
+    at.file_uploader(key="upload").set_value(files).run()
+    k0, k1 = view_keys(files)
+    assert at.selectbox(key=k0).value == "lateral" and "lateral from header" in texts(at, "caption")
+    assert at.selectbox(key=k1).value == "frontal", "the PNG beside a lateral DICOM should default to frontal"
+    at.button(key="predict").click().run()
     assert not at.exception and not at.error, texts(at, "error")
-    assert "Findings" in " ".join(str(s.value) for s in at.subheader)
+    assert "Findings" in texts(at, "subheader")
 
 
 def test_missing_token_is_a_clear_message(monkeypatch, service_url):
     at = app(monkeypatch, service_url, token="")
     assert not at.exception and "CXRLT_API_TOKEN" in texts(at, "error")
+
+
+# ------------------------------------------------------------------------------ Predict's pure logic
+
+def test_default_views():
+    assert study.default_views([None, None]) == ["frontal", "lateral"]
+    assert study.default_views([None]) == ["frontal"]
+    assert study.default_views([None, None, None]) == ["frontal", "lateral", "unknown"]
+    assert study.default_views(["frontal", None]) == ["frontal", "lateral"]
+    assert study.default_views(["lateral", None]) == ["lateral", "frontal"]
+
+
+def _body(normal_p: float, edema_p: float) -> dict:
+    names = ["No Finding", "Edema", "Calcification of the Aorta"]
+    return {"probabilities": dict(zip(names, [normal_p, edema_p, 0.1])),
+            "thresholds": dict(zip(names, [0.5, 0.5, 0.5])),
+            "findings": [n for n, p in zip(names, [normal_p, edema_p, 0.1]) if p >= 0.5]}
+
+
+def test_no_finding_is_never_a_finding():
+    f = study.read_findings(_body(0.9, 0.2))
+    assert f.findings == [] and f.normal == "No Finding" and f.normal_over and not f.conflict
+    f = study.read_findings(_body(0.9, 0.7))
+    assert f.findings == ["Edema"] and f.conflict
+    spec = study.findings_chart(_body(0.9, 0.7)).to_dict()
+    labels = [r["label"] for d in spec["datasets"].values() for r in d]
+    assert "No Finding" not in labels and "Calcification of the Aorta" in labels
+
+
+@pytest.mark.parametrize("normal_p, edema_p, kind, words", [
+    (0.9, 0.2, "success", "No abnormality: 'No Finding' is over its threshold"),
+    (0.9, 0.7, "warning", "Conflict: 'No Finding' (no abnormality) is over its threshold"),
+    (0.2, 0.1, "info", "Uncertain: no finding is over its threshold"),
+])
+def test_no_finding_is_shown_as_the_absence_of_findings(normal_p, edema_p, kind, words):
+    at = AppTest.from_string(f"import sys\nsys.path.insert(0, {str(UI)!r})\nfrom answer import summary\n"
+                             f"summary({_body(normal_p, edema_p)!r})\n", default_timeout=30).run()
+    assert not at.exception and words in texts(at, kind)
+    assert "No Finding" not in texts(at, "subheader").split(":", 1)[1], "No Finding listed among the findings"
+
+
+def test_chart_labels_are_never_cut():
+    spec = study.findings_chart(_body(0.1, 0.7)).to_dict()
+    axes = [layer["encoding"]["y"]["axis"] for layer in spec["layer"]]
+    assert all(a.get("labelLimit") == 0 for a in axes), axes
+
+
+# ------------------------------------------------------------------------------------ app-wide defects
+
+def test_config_hides_deploy_and_sends_no_usage_stats():
+    from streamlit import config
+
+    cfg = tomllib.loads((UI / ".streamlit" / "config.toml").read_text())
+    assert cfg["client"]["toolbarMode"] in ("viewer", "minimal")
+    assert cfg["browser"]["gatherUsageStats"] is False
+    assert cfg["runner"]["magicEnabled"] is False
+    known = config.get_config_options()
+    assert all(f"{s}.{k}" in known for s, opts in cfg.items() for k in opts), "unknown Streamlit option"
+
+
+def test_every_page_runs_without_stray_output(monkeypatch, tmp_path):
+    for page in PAGES:
+        at = app(monkeypatch, f"http://127.0.0.1:{free_port()}", reports=tmp_path / "none", page=page,
+                 CXRLT_MODEL_NAME="cxrlt-none")
+        assert not at.exception, (page, at.exception)
+        assert_no_stray_none(at)
+        assert at.header[0].value == page.split("/")[1][:-3].capitalize()
+
+
+def test_pages_never_import_torch(service_url, served_tag, tmp_path):
+    """Each page, run in a fresh interpreter against the live service and the model store: no torch."""
+    code = (f"import sys\nfrom streamlit.testing.v1 import AppTest\nat = AppTest.from_file({APP!r}, default_timeout=60)"
+            f".run()\nfor p in {PAGES!r}:\n    at.switch_page(p).run()\n    assert not at.exception, (p, at.exception)\n"
+            "bad = sorted(m for m in ('torch', 'torchvision', 'timm', 'transformers') if m in sys.modules)\n"
+            "print('HEAVY', bad)\n")
+    env = {**__import__("os").environ, "CXRLT_SERVICE_URL": service_url, "CXRLT_API_TOKEN": SERVICE_TOKEN,
+           "CXRLT_MODEL_NAME": served_tag.split(":")[0], "CXRLT_REPORTS_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "HEAVY []" in out.stdout, out.stdout + out.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------------------------ Models
+
+def test_models_page_lists_the_registry_with_metrics_and_card(monkeypatch, service_url, served_tag):
+    at = app(monkeypatch, service_url, page="views/models.py", CXRLT_MODEL_NAME=served_tag.split(":")[0])
+    assert not at.exception, at.exception
+    listed = at.dataframe[0].value
+    assert served_tag in set(listed["tag"]) and "✅" in set(listed["serving"])
+    metrics = at.dataframe[1].value
+    assert list(metrics["split"]) == ["val"] and metrics["mAP"].iloc[0].startswith("0.500")
+    assert any("Model card" in e.label for e in at.expander)
+
+
+def test_models_actions_need_the_admin_token(monkeypatch, service_url, served_tag, tiny_artefact):
+    from cxrlt import registry
+
+    name = "cxrlt-ui-admin"
+    first, second = registry.register(tiny_artefact, name=name), registry.register(tiny_artefact, name=name)
+    try:
+        registry.set_serving(first, reason="tests: ui")
+        at = app(monkeypatch, service_url, token="", page="views/models.py", CXRLT_MODEL_NAME=name)
+        assert "disabled: no admin token is configured" in texts(at, "info") and "CXRLT_API_TOKEN" in texts(at, "info")
+        assert at.button(key="promote").disabled and at.button(key="rollback").disabled
+
+        at = app(monkeypatch, service_url, page="views/models.py", CXRLT_MODEL_NAME=name)
+        at.selectbox(key="model_tag").set_value(second).run()
+        at.text_input(key="admin_token").input("wrong-token").run()
+        assert "wrong" in texts(at, "error") and at.button(key="promote").disabled
+        at.text_input(key="admin_token").input(SERVICE_TOKEN).run()
+        assert not at.button(key="promote").disabled
+        at.button(key="promote").click().run()
+        assert not at.exception and registry.list_registered(name)[0]["stage"] == "production"
+        assert f"{second} is now marked for serving" in texts(at, "success")
+        at.button(key="rollback").click().run()
+        assert not at.exception and "Rolled back" in texts(at, "success")
+        assert registry.stage_of(first) == "production" and registry.stage_of(second) != "production"
+    finally:
+        registry.set_serving(served_tag, reason="tests: the fixture's model again")
+
+
+# ------------------------------------------------------------------------------------------- Experiments
+
+def test_experiments_page_builds_the_comparison_report(monkeypatch, tmp_path, service_url):
+    from cxrlt import registry
+    from test_report import _artefact, _manifest, noisy
+
+    man = _manifest(tmp_path)
+    name = "cxrlt-ui-exp"
+    for variant, strength in (("fusion-asl", 0.5), ("single-bce", 0.2)):
+        d = _artefact(tmp_path / "art", variant, noisy(strength))
+        (d / "metrics.json").write_text(json.dumps({"val": {"mAP": strength, "mAUC": 0.6, "mF1": 0.2}}))
+        registry.register(d, name=name)
+    at = app(monkeypatch, service_url, page="views/experiments.py", CXRLT_MODEL_NAME=name,
+             CXRLT_MANIFEST=man, CXRLT_COMPARE_DIR=tmp_path / "compare")
+    assert not at.exception and len(at.multiselect(key="exp_tags").value) == 2
+    at.number_input(key="exp_boot").set_value(20).run()
+    at.button(key="exp_build").click().run()
+    assert not at.exception and not at.error, texts(at, "error") + texts(at, "code")
+    results = at.dataframe[0].value
+    assert set(results["variant"]) == {"fusion-asl", "single-bce"}
+    assert len(at.get("image")) >= 2, "no plots"
+    assert "[" in texts(at, "markdown"), "no intervals in the report"
+
+
+# -------------------------------------------------------------------------------------------- Monitoring
+
+def test_monitoring_page_without_report(monkeypatch, tmp_path):
+    at = app(monkeypatch, f"http://127.0.0.1:{free_port()}", reports=tmp_path / "none", page="views/monitoring.py")
+    assert not at.exception and "cxrlt drift" in texts(at, "info")
+
+
+def test_monitoring_page_shows_drift_over_time(monkeypatch, tmp_path):
+    from cxrlt.monitoring import drift_report
+
+    rng = np.random.default_rng(0)
+    ref = pd.DataFrame({"p_Edema": rng.beta(2, 5, 80), "p_Hernia": rng.beta(2, 5, 80),
+                        "mean_intensity": rng.normal(120, 10, 80)})
+    for shift in (0.0, 3.0):
+        cur = pd.DataFrame({"p_Edema": rng.beta(2 + shift, 5, 40), "p_Hernia": rng.beta(2, 5, 40),
+                            "mean_intensity": rng.normal(120 + 10 * shift, 10, 40)})
+        drift_report(cur, ref, tmp_path, model_tag="cxrlt:abc", synthetic=True)
+    at = app(monkeypatch, f"http://127.0.0.1:{free_port()}", reports=tmp_path, page="views/monitoring.py")
+    assert not at.exception, at.exception
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Logged studies"] == "40" and metrics["Reference studies"] == "80"
+    assert metrics["Drifted columns"].endswith("/ 3") and metrics["Prediction drift"].endswith("/ 2")
+    assert metrics["Input drift"].endswith("/ 1")
+    chart = at.get("vega_lite_chart")[0].proto.spec
+    assert '"share"' in chart and '"time"' in chart
+    assert any(e.label == "2 report(s)" for e in at.expander), "one point per report expected"
+    tables = [t.value for t in at.dataframe]
+    assert any(set(t.get("column", [])) == {"Edema", "Hernia"} for t in tables)
+    assert any(set(t.get("column", [])) == {"mean_intensity"} for t in tables)
+    assert "SYNTHETIC" in texts(at, "warning") and "cxrlt:abc" in texts(at, "caption")
+    assert at.get("iframe"), "the HTML report is not embedded"

@@ -1,0 +1,112 @@
+"""Monitoring: drift of the served model over time (one point per drift report in history.jsonl), the latest
+report's input statistics beside its prediction drift, and the latest Evidently report itself."""
+
+from __future__ import annotations
+
+import json
+
+import altair as alt
+import pandas as pd
+import streamlit as st
+
+from common import SYNTHETIC
+
+PARTS = {"share_drifted": "all columns", "prediction_share_drifted": "predictions",
+         "input_share_drifted": "input statistics"}
+
+
+def over_time(h: pd.DataFrame) -> alt.Chart:
+    """Share of drifted columns per report: all columns, predictions and input statistics as three lines."""
+    cols = [c for c in PARTS if c in h]
+    long = h.melt(id_vars=["time", "model_tag", "n_current"], value_vars=cols, var_name="part",
+                  value_name="share").dropna(subset=["share"])
+    long["part"] = long["part"].map(PARTS)
+    return alt.Chart(long).mark_line(point=True).encode(
+        x=alt.X("time:T", title="report time (UTC)"),
+        y=alt.Y("share:Q", title="share of columns drifted", scale=alt.Scale(domain=[0, 1])),
+        color=alt.Color("part:N", title=None, legend=alt.Legend(orient="bottom", labelLimit=0)),
+        tooltip=["time:T", "part", alt.Tooltip("share:Q", format=".0%"), "model_tag", "n_current"],
+    ).properties(height=280)
+
+
+def column_table(summary: dict, prediction: bool) -> pd.DataFrame:
+    """The latest report's per-column verdicts: prediction columns (p_<label>) or input statistics."""
+    scores, methods = summary.get("scores") or {}, summary.get("methods") or {}
+    drifted = set(summary.get("drifted_columns") or [])
+    part = (summary.get("prediction" if prediction else "input") or {}).get("columns")
+    cols = part if part is not None else [c for c in summary.get("columns") or list(scores)
+                                          if c.startswith("p_") == prediction]
+    return pd.DataFrame([{"column": c[2:] if prediction and c.startswith("p_") else c, "drift score": scores.get(c),
+                          "method": methods.get(c, ""), "drifted": "yes" if c in drifted else ""}
+                         for c in cols])
+
+
+def _part(summary: dict, part: str) -> str:
+    p = summary.get(part) or {}
+    return f"{p.get('n_drifted', '?')} / {p.get('n_columns', '?')}" if p else "-"
+
+
+def _history(folder) -> pd.DataFrame:
+    from cxrlt.monitoring import drift_history
+
+    return drift_history(folder)
+
+
+def main() -> None:
+    from cxrlt.monitoring import reports_dir
+
+    st.header("Monitoring")
+    folder = reports_dir()
+    summary_file = folder / "summary.json"
+    hist = _history(folder)
+    if not summary_file.exists() and hist.empty:
+        st.info(f"No drift report in {folder} yet. Send studies to the service, then run `cxrlt drift` (or let "
+                "the scheduled Prefect drift flow run): it compares the logged predictions and input statistics "
+                "with the served model's validation set.")
+        return
+    s = {}
+    if summary_file.exists():
+        try:
+            s = json.loads(summary_file.read_text())
+        except (OSError, ValueError) as e:
+            st.error(f"The drift summary {summary_file} cannot be read ({e}); run `cxrlt drift` again.")
+    if s.get("synthetic"):
+        st.warning(SYNTHETIC)
+    st.caption(f"Reports in {folder} (CXRLT_REPORTS_DIR) · latest: model {s.get('model_tag')} at {s.get('time')}")
+    c = st.columns(5)
+    c[0].metric("Drifted columns", f"{s.get('n_drifted', 0)} / {s.get('n_columns', 0)}")
+    c[1].metric("Prediction drift", _part(s, "prediction"))
+    c[2].metric("Input drift", _part(s, "input"))
+    c[3].metric("Logged studies", s.get("n_current", 0))
+    c[4].metric("Reference studies", s.get("n_reference", 0))
+
+    st.markdown("#### Drift over time")
+    if len(hist) >= 1:
+        st.altair_chart(over_time(hist), width="stretch")
+        with st.expander(f"{len(hist)} report(s)"):
+            shown = hist.drop(columns=[c for c in ("scores",) if c in hist]).iloc[::-1]
+            st.dataframe(shown, hide_index=True, width="stretch")
+    else:
+        st.info("Only the latest report exists (no history.jsonl): later reports add points here.")
+
+    st.markdown("#### Latest report: input statistics beside prediction drift")
+    left, right = st.columns(2)
+    with left:
+        st.markdown("**Input statistics** (image size and intensity)")
+        table = column_table(s, prediction=False)
+        st.dataframe(table, hide_index=True, width="stretch") if not table.empty else st.caption("none compared")
+    with right:
+        st.markdown("**Predictions** (probability of each label)")
+        table = column_table(s, prediction=True)
+        st.dataframe(table, hide_index=True, width="stretch") if not table.empty else st.caption("none compared")
+    for note in s.get("notes") or []:
+        st.caption(note)
+    html = folder / "drift.html"
+    if html.exists():
+        st.markdown("#### Evidently report")
+        st.iframe(html, height=900)  # the self-contained report written by `cxrlt drift`
+    else:
+        st.info(f"{html} is missing; run `cxrlt drift` again for the full report.")
+
+
+main()
