@@ -28,6 +28,22 @@ class StudyInputError(ValueError):
     """An uploaded study that cannot be scored; the message says what to fix."""
 
 
+def check_explain(findings: Sequence[str], label_names: Sequence[str]) -> tuple[list[str], bool]:
+    """What to explain, checked before any image is read: -> (the named labels, in order, without
+    duplicates; whether FINDINGS was asked for). Raises StudyInputError naming the valid labels."""
+    wanted = [str(f).strip() for f in findings if str(f).strip()]
+    if not wanted:
+        raise StudyInputError(f"name 1 to {MAX_EXPLAIN} findings to explain, or '{FINDINGS}'")
+    unknown = [f for f in wanted if f != FINDINGS and f not in label_names]
+    if unknown:
+        raise StudyInputError(f"unknown finding(s) {unknown} to explain: this model's labels are "
+                              f"{list(label_names)} (or '{FINDINGS}' for those over threshold)")
+    explicit = list(dict.fromkeys(f for f in wanted if f != FINDINGS))
+    if len(explicit) > MAX_EXPLAIN:
+        raise StudyInputError(f"{len(explicit)} findings to explain: at most {MAX_EXPLAIN} per request")
+    return explicit, FINDINGS in wanted
+
+
 def view_code(view: str | None) -> int:
     if view is None or view == "":
         return VIEW_CODES["unknown"]
@@ -246,17 +262,8 @@ class Predictor:
     def explain_targets(self, images, views, findings: Sequence[str], probs: np.ndarray | None = None) -> list[str]:
         """The label names `explain` will map: names checked against the model's labels (an unknown one
         raises StudyInputError listing the valid ones), "findings" expanded, duplicates dropped, <= MAX_EXPLAIN."""
-        wanted = [str(f).strip() for f in findings if str(f).strip()]
-        if not wanted:
-            raise StudyInputError(f"name 1 to {MAX_EXPLAIN} findings to explain, or '{FINDINGS}'")
-        unknown = [f for f in wanted if f != FINDINGS and f not in self.label_names]
-        if unknown:
-            raise StudyInputError(f"unknown finding(s) {unknown} to explain: this model's labels are "
-                                  f"{list(self.label_names)} (or '{FINDINGS}' for those over threshold)")
-        explicit = list(dict.fromkeys(f for f in wanted if f != FINDINGS))
-        if len(explicit) > MAX_EXPLAIN:
-            raise StudyInputError(f"{len(explicit)} findings to explain: at most {MAX_EXPLAIN} per request")
-        if FINDINGS not in wanted:
+        explicit, over_threshold = check_explain(findings, self.label_names)
+        if not over_threshold:
             return explicit
         if probs is None:
             probs = self.predict([images], [views])[0]

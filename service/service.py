@@ -10,9 +10,11 @@ Two services, one process each (BentoML's model-composition pattern):
   `cxrlt.inference.Predictor` in a single forward pass, with the gate's out-of-distribution score. The
   entry service groups concurrent studies into those batches (service/batching.py; sizes in /status).
 
-Routes on the entry port: POST /predict (multipart: `images` files, optional `views`), GET /model
-(POST /info gives the same), GET /status (admission and batching counters), plus BentoML's /readyz, /livez, /metrics
-and /docs (where /predict is documented with its fields and answers). With CXRLT_API_TOKEN set, every
+Routes on the entry port: POST /predict (multipart: `images` files, optional `views`, optional `explain`
+for heatmaps), POST /score_text (the same plus `texts`: free-text findings, text-head models only), GET /model
+(POST /info gives the same), GET /status (admission and batching counters), /docs (Swagger UI from local
+assets only; the spec at /docs.json lists every route with its fields and answers), plus BentoML's /readyz,
+/livez and /metrics. With CXRLT_API_TOKEN set, every
 route but /readyz, /livez and /healthz needs `Authorization: Bearer <token>` (service/auth.py).
 
 The model is the one marked for serving in the registry (`cxrlt registry promote`), unless the
@@ -102,16 +104,26 @@ class CXRModel:
     def predict_studies(self, studies: list[dict]) -> list[dict]:
         """A batch of studies {"images": [uint8 SxS arrays at the model's size], "views": [...]} (grouped by
         the entry service's continuous batcher) -> one describe() body each, with "ood": the gate's
-        out-of-distribution verdict per image. One forward pass for the batch."""
+        out-of-distribution verdict per image. One forward pass for the batch. A study may also ask for
+        "explain" (finding names: "explanations" with heatmaps) or "texts" (free text: "text_scores"); those
+        run for that study alone after the batch's pass (service/explain_route.py)."""
         from PIL import Image
+
+        from service.explain_route import study_extras
 
         images = [[Image.fromarray(np.asarray(a, dtype=np.uint8), mode="L") for a in s["images"]] for s in studies]
         views = [s["views"] for s in studies]
         probs = self.predictor.predict(images, views)
         # the gate's OOD check, image by image (a score never depends on the batch-mates)
         checks = iter(self.predictor.gate_images([i for s in images for i in s], [v for vs in views for v in vs]))
-        return [{**self.predictor.describe(p), "ood": [next(checks).as_dict() for _ in imgs]}
-                for p, imgs in zip(probs, images)]
+        out = []
+        for s, p, imgs, vs in zip(studies, probs, images, views):
+            ood = [next(checks) for _ in imgs]
+            body = {**self.predictor.describe(p), "ood": [c.as_dict() for c in ood]}
+            if all(c.passed is not False for c in ood):  # heatmaps / text scores, one study at a time
+                body.update(study_extras(self.predictor, s, imgs, vs, p))
+            out.append(body)
+        return out
 
 
 @bentoml.service(name="cxrlt", workers=1, traffic={"timeout": TIMEOUT_S})
@@ -124,6 +136,8 @@ class CXRService:
 
     def __init__(self) -> None:
         from cxrlt.checkpoint import Artefact, read_meta
+
+        from cxrlt.inference import MAX_EXPLAIN
 
         from service.decoding import MAX_IMAGE_BYTES, MAX_PIXELS
 
@@ -145,7 +159,9 @@ class CXRService:
                      "max_images": self.max_images, "image_size": self.image_size,
                      "max_image_bytes": MAX_IMAGE_BYTES, "max_pixels": MAX_PIXELS,
                      "formats": ["PNG", "JPEG", "DICOM"], "views": ["frontal", "lateral", "unknown"],
-                     "gate": meta.get("gate"), "metrics": meta.get("metrics", {})}
+                     "gate": meta.get("gate"), "metrics": meta.get("metrics", {}),
+                     "text_head": bool(meta.get("text_encoder")),  # POST /score_text works
+                     "explain": {"methods": ["gradcam"], "max_findings": MAX_EXPLAIN}}
 
     async def __is_ready__(self) -> bool:
         """/readyz: ready only while the model service answers its own readiness probe (after a crash,

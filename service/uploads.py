@@ -62,8 +62,10 @@ def keep_uploads_in_memory() -> None:
     MultiPartParser.spool_max_size = MAX_IMAGE_BYTES + 1
 
 
-async def read_form(request, max_images: int) -> tuple[list[bytes], list[str] | None]:
-    """-> (file contents in upload order, views or None) from a multipart request."""
+async def read_form(request, max_images: int, extra: tuple[str, ...] = ()
+                    ) -> tuple[list[bytes], list[str] | None, dict[str, list]]:
+    """-> (file contents in upload order, views or None, {field: its values} for each of `extra`, the
+    route's own fields) from a multipart request."""
     ctype = request.headers.get("content-type", "")
     if not ctype.startswith("multipart/form-data"):
         raise UploadError(415, "send multipart/form-data with 1 to "
@@ -75,13 +77,15 @@ async def read_form(request, max_images: int) -> tuple[list[bytes], list[str] | 
         raise UploadError(413, f"request too large ({int(length) / 2**20:.1f} MiB): at most {max_images} "
                                f"images of {MAX_IMAGE_BYTES // 2**20} MiB each")
     try:
-        form = await request.form(max_files=16, max_fields=16)
+        form = await request.form(max_files=16, max_fields=32)
     except Exception as e:  # malformed multipart bodies, too many parts
         raise UploadError(400, f"could not read the multipart form: {getattr(e, 'detail', None) or e}") from None
     try:
-        unknown = sorted(set(form.keys()) - set(FIELDS))
+        unknown = sorted(set(form.keys()) - set(FIELDS) - set(extra))
         if unknown:
-            raise UploadError(400, f"unknown form field(s) {unknown}: send files in 'images' and views in 'views'")
+            known = ", ".join(f"'{f}'" for f in extra)
+            raise UploadError(400, f"unknown form field(s) {unknown}: send files in 'images' and views in 'views'"
+                                   + (f" (and {known})" if known else ""))
         parts = form.getlist("images")
         if not parts:
             raise UploadError(400, "no images: send 1 to "
@@ -96,7 +100,7 @@ async def read_form(request, max_images: int) -> tuple[list[bytes], list[str] | 
                 raise UploadError(413, f"image {i} is {part.size / 2**20:.1f} MiB: "
                                        f"the limit is {MAX_IMAGE_BYTES // 2**20} MiB per image")
             blobs.append(await part.read(MAX_IMAGE_BYTES + 1))
-        return blobs, parse_views(form.getlist("views"))
+        return blobs, parse_views(form.getlist("views")), {f: form.getlist(f) for f in extra}
     finally:
         await form.close()
 
