@@ -317,6 +317,24 @@ def _part(cols: list[str], drifted: list[str]) -> dict:
             "drifted_columns": d, "columns": cols}
 
 
+def drift_table(summary: dict) -> list[dict]:
+    """The summary's columns as rows (column, kind "prediction" | "input", method, score, drifted), the most
+    drifted first: drifted before not, then by strength (a p-value's smallest, a distance's largest)."""
+    kinds = {c: k for k in ("input", "prediction") for c in (summary.get(k) or {}).get("columns", [])}
+    drifted = set(summary.get("drifted_columns") or [])
+    rows = [{"column": c, "kind": kinds.get(c, "input" if c in STATS else "prediction"),
+             "method": (summary.get("methods") or {}).get(c), "score": (summary.get("scores") or {}).get(c),
+             "drifted": c in drifted} for c in summary.get("columns") or []]
+
+    def strength(r):
+        s = r["score"] if r["score"] is not None and math.isfinite(r["score"]) else None
+        if s is None:
+            return math.inf
+        return s if "p_value" in str(r["method"]) else -s
+
+    return sorted(rows, key=lambda r: (not r["drifted"], strength(r)))
+
+
 def _drift_result(snap: dict, cols: list[str]) -> dict:
     """Evidently's own per-column verdicts (its value-drift tests fail for a drifted column) and scores."""
     scores, methods, drifted = {}, {}, []
