@@ -114,6 +114,7 @@ def test_run_drift_on_the_served_model(tmp_path, serving, label_space):
     out = mon.run_drift(log_path=log, out_dir=tmp_path / "reports", tag=served_tag)
     assert out["model_tag"] == served_tag and out["synthetic"] is True and out["n_current"] == 30
     assert out["n_reference"] == 60 and (tmp_path / "reports" / "drift.html").exists()
+    assert list(mon.drift_history(tmp_path / "reports")["run"]) == [out["run"]]  # the CLI's runs go in the history
     assert mon.run_drift(log_path=log, out_dir=tmp_path / "r2", last_n=10)["n_current"] == 10  # served model
     with pytest.raises(mon.MonitoringError, match="no logged predictions of"):
         mon.log_prediction(record(tag="cxrlt:other"), tmp_path / "other.jsonl")
