@@ -353,9 +353,11 @@ def _drift_result(snap: dict, cols: list[str]) -> dict:
 
 def run_drift(log_path: str | Path | None = None, out_dir: str | Path | None = None, tag: str | None = None,
               last_n: int | None = None) -> dict:
-    """Drift of the logged predictions of the served model (or `tag`) against its validation predictions.
+    """Drift of the logged studies of the served model (or `tag`) against its validation split: predictions,
+    and image statistics when its evaluation wrote them (`reference_frame`).
 
-    The CLI (`cxrlt drift`) and the Prefect flow call this. Reports go to `out_dir`, else
+    The CLI (`cxrlt drift`) and the Prefect flow call this; every call is one run in the history
+    (`drift_report`). Reports go to `out_dir`, else
     $CXRLT_REPORTS_DIR, else reports/drift; the log is `log_path`, else $CXRLT_PREDICTION_LOG, else
     var/predictions/predictions.jsonl. `last_n` keeps the latest n logged studies."""
     from . import registry
