@@ -20,6 +20,8 @@ an image are never run (the model's own contract). Gradients are switched on loc
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -36,21 +38,24 @@ def feature_maps_of(model: nn.Module) -> nn.Module:
 
 
 def gradcam(model: nn.Module, images: torch.Tensor, view_mask: torch.Tensor, view_types: torch.Tensor,
-            label_index: int, label_embeddings: torch.Tensor | None = None, normalize: bool = True) -> torch.Tensor:
-    """Grad-CAM of one study for one label.
+            label_index: int | Sequence[int], label_embeddings: torch.Tensor | None = None,
+            normalize: bool = True) -> torch.Tensor:
+    """Grad-CAM of one study for one label (or several: one forward pass, one backward pass each).
 
     images [V, C, H, W], view_mask [V] bool, view_types [V] long (one study, as `Predictor.encode_study`
     gives it); label_index: the label's column in the logits (of `label_embeddings` when given).
-    Returns float32 [V_real, H, W] in [0, 1], one map per real image in slot order: 0 = no evidence for the
-    label, 1 = the strongest evidence anywhere in the study (maps of a study share one scale, so an image
-    with less evidence is darker). All zeros when nothing in the study raises the logit.
-    A model that averages the logits of the image and its mirror (`tta_flip`) gets the mirror's map
-    mirrored back and added. `normalize=False` leaves the maps unscaled (non-negative), to put several
-    calls of one study on one scale with `normalise`.
+    Returns float32 [V_real, H, W] in [0, 1] ([K, V_real, H, W] for K label indices), one map per real image
+    in slot order: 0 = no evidence for the label, 1 = the strongest evidence anywhere in the study (a
+    label's maps of one study share one scale, so an image with less evidence is darker). All zeros when
+    nothing in the study raises the logit. A model that averages the logits of the image and its mirror
+    (`tta_flip`) gets the mirror's map mirrored back and added. `normalize=False` leaves the maps unscaled
+    (non-negative), to put several calls of one study on one scale with `normalise`.
     """
     if images.dim() != 4 or view_mask.dim() != 1:
         raise ValueError(f"one study: images [V, C, H, W] and view_mask [V]; got {tuple(images.shape)} "
                          f"and {tuple(view_mask.shape)}")
+    single = isinstance(label_index, int)
+    indices = [label_index] if single else [int(i) for i in label_index]
     model_was_training = model.training
     model.eval()
     captured: list[torch.Tensor] = []
@@ -67,22 +72,29 @@ def gradcam(model: nn.Module, images: torch.Tensor, view_mask: torch.Tensor, vie
         with torch.inference_mode(False), torch.enable_grad():
             x = images[None].clone()
             logits = model(x, view_mask[None].clone(), view_types[None].clone(), label_embeddings=label_embeddings)
-            if not 0 <= label_index < logits.shape[1]:
-                raise IndexError(f"label index {label_index} out of range for {logits.shape[1]} logits")
-            grads = torch.autograd.grad(logits[0, label_index].float(), captured)
+            bad = [i for i in indices if not 0 <= i < logits.shape[1]]
+            if bad:
+                raise IndexError(f"label index {bad} out of range for {logits.shape[1]} logits")
+            grads = [torch.autograd.grad(logits[0, i].float(), captured, retain_graph=k + 1 < len(indices))
+                     for k, i in enumerate(indices)]
     finally:
         handle.remove()
         model.train(model_was_training)
+    maps = torch.stack([_cam(captured, g, images.shape[-2:]) for g in grads])  # [K, N_real, H, W]
+    if normalize:
+        maps = torch.stack([normalise(m) for m in maps])
+    return maps[0] if single else maps
+
+
+def _cam(feats: list[torch.Tensor], grads: tuple[torch.Tensor, ...], size) -> torch.Tensor:
     cams = []
-    for k, (feats, grad) in enumerate(zip(captured, grads)):
-        weights = grad.float().mean((2, 3), keepdim=True)           # [N, C, 1, 1]
-        cam = (weights * feats.detach().float()).sum(1)             # [N, h, w]
-        if k == 1:  # the tta_flip pass saw mirrored images
-            cam = cam.flip(-1)
-        cams.append(cam)
+    for k, (a, g) in enumerate(zip(feats, grads)):
+        weights = g.float().mean((2, 3), keepdim=True)              # [N, C, 1, 1]
+        cam = (weights * a.detach().float()).sum(1)                 # [N, h, w]
+        cams.append(cam.flip(-1) if k == 1 else cam)                # the tta_flip pass saw mirrored images
     cam = torch.stack(cams).sum(0).clamp_min(0)                      # [N_real, h, w]
-    cam = F.interpolate(cam[:, None], size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-    return normalise(cam.clamp_min(0).cpu()) if normalize else cam.clamp_min(0).cpu()
+    cam = F.interpolate(cam[:, None], size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
+    return cam.clamp_min(0).cpu()
 
 
 def normalise(maps: torch.Tensor) -> torch.Tensor:

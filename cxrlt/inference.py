@@ -242,22 +242,24 @@ class Predictor:
         from .explain import gradcam, normalise
 
         names = self.explain_targets(images, views, findings, probs)
+        if not names:  # "findings" and none over threshold
+            return []
         views = list(views) if views is not None else [None] * len(images)
         index = {n: i for i, n in enumerate(self.label_names)}
-        model, out = self.artefact.model, []
-        for name in names:
-            if self.max_views == 1:  # a single-image model scores each image on its own
-                raw = [gradcam(model, *(t.to(self.device) for t in self.encode_study([img], [v])), index[name],
-                               normalize=False)[0] for img, v in zip(images, views)]
-                maps, order = normalise(torch.stack(raw)), list(range(len(images)))
-            else:
-                encoded, order = self.encode_study(images, views, with_order=True)
-                maps = gradcam(model, *(t.to(self.device) for t in encoded), index[name])
+        model, labels, out = self.artefact.model, [index[n] for n in names], []
+        if self.max_views == 1:  # a single-image model scores each image on its own: one scale per finding
+            raw = torch.stack([gradcam(model, *(t.to(self.device) for t in self.encode_study([img], [v])), labels,
+                                       normalize=False)[:, 0] for img, v in zip(images, views)], 1)
+            maps, order = torch.stack([normalise(m) for m in raw]), list(range(len(images)))
+        else:
+            encoded, order = self.encode_study(images, views, with_order=True)
+            maps = gradcam(model, *(t.to(self.device) for t in encoded), labels)  # [K, V_real, S, S]
+        for name, per_image in zip(names, maps):
             for slot, image in enumerate(order):
-                m = maps[slot].numpy().astype(np.float32)
+                m = per_image[slot].numpy().astype(np.float32)
                 out.append({"finding": name, "image": image, "method": "gradcam", "map": m,
                             "width": int(m.shape[1]), "height": int(m.shape[0])})
-        return sorted(out, key=lambda d: (names.index(d["finding"]), d["image"]))
+        return out
 
     def explain_targets(self, images, views, findings: Sequence[str], probs: np.ndarray | None = None) -> list[str]:
         """The label names `explain` will map: names checked against the model's labels (an unknown one

@@ -10,8 +10,6 @@ full or the model process is restarting; 500 only for a genuine fault, logged wi
 
 from __future__ import annotations
 
-import logging
-
 import anyio
 import bentoml
 from fastapi import FastAPI, Request
@@ -25,7 +23,6 @@ from service.text_route import router as text_router
 from service.uploads import keep_uploads_in_memory
 
 __all__ = ["app", "call_model"]
-logger = logging.getLogger("cxrlt.service")
 
 app = FastAPI(title="cxrlt", version="1", docs_url=None, redoc_url=None, openapi_url=None)
 keep_uploads_in_memory()

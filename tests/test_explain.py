@@ -111,6 +111,16 @@ def test_gradcam_of_a_flip_averaging_model_mirrors_with_the_image():
     assert torch.allclose(b, a.flip(-1), atol=1e-5)
 
 
+def test_several_labels_in_one_pass_equal_one_call_each():
+    torch.manual_seed(2)
+    model = create_model("chexfusion_test", num_labels=5).eval()
+    images, view_mask, types = torch.randn(4, 3, 128, 128), torch.tensor([True, True, True, False]), torch.full((4,), 2)
+    together = gradcam(model, images, view_mask, types, [3, 0, 4])
+    assert together.shape == (3, 3, 128, 128)
+    for k, label in enumerate([3, 0, 4]):
+        assert torch.allclose(together[k], gradcam(model, images, view_mask, types, label), atol=1e-6)
+
+
 @pytest.mark.parametrize("name", list_models("*_test"))
 def test_gradcam_runs_on_every_variant(name):
     torch.manual_seed(0)
@@ -171,6 +181,7 @@ def test_predictor_explain_findings_word_and_bad_names(predictor):
     assert predictor.explain_targets([_img(3)], None, ["findings"]) == over
     # named ones first, then the over-threshold ones not already named; never more than MAX_EXPLAIN
     assert predictor.explain_targets([_img(3)], None, [names[5], "findings", names[5]]) == [names[5], *over]
+    assert predictor.explain([_img(3)], None, ["findings"], probs=np.full(len(names), -1.0)) == []  # none over
     with pytest.raises(StudyInputError, match="unknown finding.*Nodule.*Atelectasis"):
         predictor.explain([_img(3)], None, ["Nodule"])
     with pytest.raises(StudyInputError, match=f"at most {MAX_EXPLAIN}"):
