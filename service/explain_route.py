@@ -21,8 +21,10 @@ import logging
 from pydantic import BaseModel, Field
 
 from cxrlt.inference import FINDINGS, MAX_EXPLAIN, StudyInputError, check_explain
+from cxrlt.models.text import EncoderUnavailableError
 
 from service.decoding import UploadError
+from service.flow import ModelFailed
 
 logger = logging.getLogger("cxrlt.service")
 
@@ -91,6 +93,9 @@ def study_extras(predictor, study: dict, images, views, probs) -> dict:
             out["text_scores"] = [{"text": t, "probability": scores[t]} for t in study["texts"]]
     except StudyInputError as e:
         out = {"error": {"status": 400, "message": str(e)}}
+    except EncoderUnavailableError as e:  # the model's text encoder is not installed where it is served
+        logger.error("free-text scoring is unavailable: %s", e)
+        out = {"error": {"status": 500, "message": f"free-text scoring is not available on this server: {e}"}}
     except Exception as e:  # e.g. a text encoder missing on this machine: the log says which kind
         logger.error("explaining / scoring text failed: %s: %s", e.__class__.__name__, str(e)[:200])
         out = {"error": {"status": 500, "message": f"the model failed on this request ({e.__class__.__name__}); "
@@ -101,6 +106,6 @@ def study_extras(predictor, study: dict, images, views, probs) -> dict:
 def raise_study_error(body: dict) -> None:
     """The entry service's half of `study_extras`' errors."""
     err = body.pop("error", None)
-    if err:
-        raise UploadError(int(err["status"]), err["message"]) if int(err["status"]) < 500 else RuntimeError(
-            err["message"])
+    if err:  # the model process's message says what failed (never input data): passed on as it is
+        status = int(err["status"])
+        raise UploadError(status, err["message"]) if status < 500 else ModelFailed(status, err["message"])

@@ -33,6 +33,14 @@ class ModelUnavailable(Exception):
         self.retry_after, self.message = retry_after, message
 
 
+class ModelFailed(Exception):
+    """The model process could not do what this study asked (its message says what, never input data)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
 def error(status: int, message: str, gate: dict | None = None, retry_after: int | None = None) -> JSONResponse:
     body = {"error": message, **({"gate": gate} if gate else {})}
     return JSONResponse(body, status_code=status,
@@ -42,6 +50,8 @@ def error(status: int, message: str, gate: dict | None = None, retry_after: int 
 def error_response(e: Exception, what: str = "score the study") -> JSONResponse:
     if isinstance(e, UploadError):
         return error(e.status, e.message, e.gate)
+    if isinstance(e, ModelFailed):
+        return error(e.status, e.message)
     if isinstance(e, (Overloaded, ModelUnavailable)):
         return error(503, e.message, retry_after=e.retry_after)
     logger.error("the model failed to %s: %s", what, e.__class__.__name__)

@@ -104,6 +104,22 @@ def test_a_studys_heatmaps_do_not_depend_on_its_batch_mates(service_url):
             assert r.json()["explanations"] == alone  # byte for byte, whoever shared the batch
 
 
+def test_a_studys_failure_stays_its_own(tiny_artefact):
+    """The model process's extra work fails per study (an error entry), never for the whole batch."""
+    from cxrlt.inference import Predictor
+    from service.explain_route import study_extras
+
+    predictor = Predictor.from_path(tiny_artefact)
+    imgs = decoded([png(1)], predictor.image_size)
+    probs = predictor.predict([imgs])[0]
+    bad = study_extras(predictor, {"texts": ["edema"]}, imgs, None, probs)  # learned queries: no text
+    assert bad == {"error": {"status": 400, "message": bad["error"]["message"]}}
+    assert "cannot score new findings" in bad["error"]["message"]
+    good = study_extras(predictor, {"explain": ["Edema"]}, imgs, None, probs)
+    assert [e["finding"] for e in good["explanations"]] == ["Edema"]
+    assert study_extras(predictor, {}, imgs, None, probs) == {}
+
+
 # ------------------------------------------------------------------ /score_text
 
 def test_score_text_on_a_model_without_text_head_is_409(service_url):
