@@ -3,6 +3,11 @@
     python -m pipelines.serve          # with PREFECT_API_URL pointing at the local server
     prefect deployment run 'train-eval/demo'
     prefect deployment run 'drift-report/demo'
+
+`drift-report/<name>` runs on a schedule (hourly by default, `--drift-cron`); when a report finds drift over
+its threshold it emits `cxrlt.drift.detected`, and the automation `cxrlt-retrain-on-drift` answers with a
+`train-eval/<name>` run (`--no-retrain-on-drift` leaves it out). That run goes through DVC, so with
+unchanged data and parameters it retrains nothing: retraining on new data means new data under DVC.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import argparse
 
 from prefect import serve
 
+from pipelines.automations import ensure_drift_automation
 from pipelines.drift import drift_report
 from pipelines.train_eval import train_eval
 
@@ -18,9 +24,21 @@ from pipelines.train_eval import train_eval
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--name", default="demo", help="deployment name (default: demo)")
+    ap.add_argument("--drift-cron", default="0 * * * *",
+                    help="cron schedule of the drift report (default: hourly, on the hour); '' for none")
+    ap.add_argument("--drift-threshold", type=float, default=0.3,
+                    help="share of drifted columns that emits cxrlt.drift.detected (default: 0.3)")
+    ap.add_argument("--no-retrain-on-drift", action="store_true",
+                    help="do not create the automation that runs train-eval when drift is detected")
     a = ap.parse_args(argv)
-    serve(train_eval.to_deployment(name=a.name, description="Train, evaluate and register every variant"),
-          drift_report.to_deployment(name=a.name, description="Prediction drift report"))
+    train = train_eval.to_deployment(name=a.name, description="Train, evaluate and register every variant "
+                                     "(DVC stages; unchanged variants are skipped)")
+    drift = drift_report.to_deployment(name=a.name, description="Drift report of the logged studies",
+                                       cron=a.drift_cron or None, parameters={"threshold": a.drift_threshold})
+    if not a.no_retrain_on_drift:
+        train.apply()  # automations run deployments by id: it must exist first
+        ensure_drift_automation(f"train-eval/{a.name}")
+    serve(train, drift)
 
 
 if __name__ == "__main__":

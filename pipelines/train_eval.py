@@ -1,70 +1,129 @@
-"""The `train-eval` flow: manifest -> resized cache -> (train -> evaluate -> register) per variant ->
-serve the best by validation mAP. Each step is a small task; tasks pass paths and registry tags, never
-tensors. The same library functions back the DVC stages (dvc.yaml), so both define one pipeline.
+"""The `train-eval` flow: dvc.yaml's stages per variant (manifest -> cache -> train -> evaluate), then
+register each model with the dvc.lock entries that built it and serve the best by validation mAP.
+
+The flow runs DVC (pipelines/dvc_steps.py) instead of calling the trainer around it: dvc.lock records the
+data, code and parameters of every model, and a variant whose inputs did not change is neither trained
+nor evaluated nor registered again. Training can run here or on a GPU worker of a Prefect work pool
+(`train_on`, pipelines/train_variant.py). Tasks pass paths and registry tags, never tensors. Each
+evaluation publishes a table artifact, the promotion a markdown one (pipelines/artifacts.py).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
+import yaml
 from prefect import flow, get_run_logger, task
 
 from cxrlt.config import load_config
+from pipelines import artifacts
+from pipelines import dvc_steps as dvc
+
+LINEAGE = "lineage.json"  # beside the artefact (not a DVC output): the dvc.lock entries that produced it
 
 
-@task(name="manifest", retries=1, retry_delay_seconds=5)
-def build_manifest_task(labels: str, images: str, out: str, params: str, overrides: dict) -> str:
-    from cxrlt.data.layouts import build_layout_manifest
-
-    d = load_config(params, overrides).data
-    # the layout (CXR-LT 2024, NIH ChestX-ray14, PadChest) is read off the files in the labels folder
-    m = build_layout_manifest(None, labels, images, out, task=d.task, val_fraction=d.val_fraction, seed=d.seed,
-                              zero_shot=tuple(d.zero_shot))
-    get_run_logger().info("manifest: %d images, %d studies", len(m.frame), m.frame["study_id"].nunique())
-    return out
+@task(name="data", retries=1, retry_delay_seconds=5)
+def data_task(project: str) -> str:
+    """The manifest and the resized cache (dvc.yaml's `manifest` and `prepare` stages)."""
+    log = get_run_logger()
+    ran = dvc.repro("prepare", cwd=project, log=log.info)
+    log.info("data: %s", "rebuilt" if ran else "unchanged (DVC)")
+    return str(Path(project) / _params(project)["paths"]["cache"])
 
 
-@task(name="prepare", retries=1, retry_delay_seconds=5)
-def prepare_task(manifest: str, out: str, image_size: int) -> str:
-    from cxrlt.data.prepare import prepare_cache
-
-    return str(prepare_cache(manifest, out, size=image_size, progress=False))
+def _params(project: str) -> dict:
+    """params.yaml as written (its `paths` and which variants are stage 2 are read by dvc.yaml, not config)."""
+    return yaml.safe_load((Path(project) / "params.yaml").read_text()) or {}
 
 
 # training is expensive: one retry covers a transient failure (e.g. a killed worker) and continues from
-# the run's last checkpoint rather than from scratch
+# the run's last checkpoint rather than from scratch (`cxrlt train --resume`, which the stage runs)
 @task(name="train", retries=1, retry_delay_seconds=10, task_run_name="train-{variant}")
-def train_task(variant: str, manifest: str, out: str, params: str, overrides: dict, resume: bool = False) -> str:
+def train_task(variant: str, stage2: bool, project: str, resume: bool = False, train_on: str | None = None,
+               gpus: int = 1, job_variables: dict | None = None) -> bool:
+    """Train through DVC; True when it trained, False when dvc.lock says the variant is up to date."""
     from prefect.runtime import task_run
 
+    log = get_run_logger()
+    stage, _ = dvc.stage_names(variant, stage2)
+    resume = resume or task_run.run_count > 1  # a retry resumes; a first attempt only when asked to
+    if train_on:
+        if dvc.is_up_to_date(stage, cwd=project):
+            log.info("%s: unchanged (DVC), not trained again", variant)
+            return False
+        _train_remotely(variant, stage, project, resume, train_on, gpus, job_variables)
+        dvc.commit(stage, cwd=project, log=log.info)  # the worker ran the stage's command: record it
+        return True
+    if resume:  # dvc.yaml's command has no --resume: continue the checkpoint with the CLI, then record it
+        _train_here_resuming(variant, project, log)
+        dvc.commit(stage, cwd=project, log=log.info)
+        return True
+    ran = dvc.repro(stage, cwd=project, log=log.info)
+    log.info("%s: %s", variant, "trained" if ran else "unchanged (DVC), not trained again")
+    return ran
+
+
+def _train_here_resuming(variant: str, project: str, log) -> None:
     from cxrlt.data.manifest import load_manifest
     from cxrlt.engine import train
 
-    cfg = load_config(params, overrides)
+    cfg = load_config(Path(project) / "params.yaml")
+    train(cfg.variant(variant), cfg.data, load_manifest(Path(project) / _params(project)["paths"]["cache"]),
+          Path(project) / "models" / variant, progress=False, log=log.info, resume=True)
+
+
+def _train_remotely(variant, stage, project, resume, train_on, gpus, job_variables) -> None:
+    from prefect.deployments import run_deployment
+
+    params = {"variant": variant, "manifest": _params(project)["paths"]["cache"], "out": f"models/{variant}",
+              "gpus": gpus, "resume": resume}
+    get_run_logger().info("%s: training on %s (%d GPU(s))", variant, train_on, gpus)
+    run = run_deployment(train_on, parameters=params, job_variables=job_variables or None, timeout=None)
+    if not run.state or not run.state.is_completed():
+        raise RuntimeError(f"training {variant} on {train_on} ended {run.state.name if run.state else 'without a state'}"
+                           f" (flow run {run.name}): see that run's logs in the Prefect UI; rerun the flow with "
+                           "resume=true to continue from its checkpoint")
+    art = Path(project) / "models" / variant / "artefact.json"
+    if not art.exists():
+        raise RuntimeError(f"the worker trained {variant} but {art} is not visible here: put the project folder on "
+                           "storage both machines mount at the same path (see pipelines/train_variant.py)")
+
+
+@task(name="evaluate", task_run_name="evaluate-{variant}")
+def evaluate_task(variant: str, stage2: bool, project: str) -> dict:
     log = get_run_logger()
-    resume = resume or task_run.run_count > 1  # a retry resumes; a first attempt only when asked to
-    return str(train(cfg.variant(variant), cfg.data, load_manifest(manifest), out, progress=False, log=log.info,
-                     resume=resume))
-
-
-@task(name="evaluate", task_run_name="evaluate-{artefact}")
-def evaluate_task(artefact: str, manifest: str, params: str, overrides: dict) -> dict:
-    from cxrlt.data.manifest import load_manifest
-    from cxrlt.engine import evaluate
-
-    cfg = load_config(params, overrides)  # only `eval`: the image size is the artefact's own
-    res = evaluate(artefact, load_manifest(manifest), cfg.eval, progress=False)
-    for split, m in res.items():
-        get_run_logger().info("%s %s: mAP %.4f mAUC %.4f mF1 %.4f", artefact, split, m["mAP"], m["mAUC"], m["mF1"])
-    return res
+    _, stage = dvc.stage_names(variant, stage2)
+    ran = dvc.repro(stage, cwd=project, log=log.info)
+    metrics = json.loads((Path(project) / "models" / variant / "metrics.json").read_text())
+    for split, m in metrics.items():
+        log.info("%s %s: mAP %.4f mAUC %.4f mF1 %.4f", variant, split, m["mAP"], m["mAUC"], m["mF1"])
+    artifacts.publish_metrics(variant, metrics, skipped=not ran)
+    lineage = dvc.lineage(variant, stage2, cwd=project)
+    (Path(project) / "models" / variant / LINEAGE).write_text(json.dumps(lineage, indent=2))
+    return metrics
 
 
 @task(name="register", retries=2, retry_delay_seconds=2, task_run_name="register-{artefact}")
 def register_task(artefact: str, model_name: str) -> str:
+    """Register the artefact, unless a model built from the same dvc.lock entries is registered already."""
     from cxrlt import registry
 
+    digest = _lock_digest(Path(artefact))
+    variant = json.loads((Path(artefact) / "artefact.json").read_text()).get("variant")
+    for row in registry.list_registered(model_name) if digest else []:
+        if row["variant"] == variant and _lock_digest(registry.model_path(row["tag"])) == digest:
+            get_run_logger().info("%s: already registered as %s (same dvc.lock entries)", variant, row["tag"])
+            return row["tag"]
     return registry.register(artefact, name=model_name)
+
+
+def _lock_digest(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / LINEAGE).read_text())["lock_digest"]
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 @task(name="promote-best")
@@ -73,7 +132,13 @@ def promote_task(model_name: str, manifest: str) -> str:
     from cxrlt import registry
     from cxrlt.provenance import data_version
 
-    return registry.promote_best(model_name, data_version(manifest)["manifest_md5"])
+    old = registry.serving_tag(required=False, name=model_name)
+    before = registry.last_event(model_name)
+    new = registry.promote_best(model_name, data_version(manifest)["manifest_md5"])
+    after = registry.last_event(model_name)
+    event = after if after != before else None  # None: nothing changed, the best already served
+    artifacts.publish_promotion(model_name, old, new, event, registry.list_registered(model_name))
+    return new
 
 
 @task(name="comparison-report")
@@ -83,52 +148,111 @@ def report_task(artefacts: list[str], manifest: str, out_dir: str) -> str:
     return str(write_report(artefacts, out_dir, manifest=manifest))
 
 
+@task(name="dvc-experiment")
+def experiment_task(project: str, name: str) -> str | None:
+    """Save the workspace as a DVC experiment, so `dvc exp show` lists this run beside earlier ones."""
+    try:
+        dvc.run_dvc("exp", "save", "--force", "--name", name, cwd=project)
+        return name
+    except dvc.DvcError as e:  # e.g. a project folder that is not a git repository with a commit
+        get_run_logger().warning("not saved as a DVC experiment: %s", str(e).splitlines()[0])
+        return None
+
+
 @flow(name="train-eval", log_prints=True)
-def train_eval(variants: list[str] | None = None, labels: str | None = None, images: str | None = None,
-               work_dir: str = "prepared", models_dir: str = "models", params: str = "params.yaml",
+def train_eval(variants: list[str] | None = None, project_dir: str = ".", params: str = "params.yaml",
                epochs: int | None = None, image_size: int | None = None, max_steps_per_epoch: int | None = None,
                register_models: bool = True, promote: bool = True, model_name: str = "cxrlt",
-               report_dir: str | None = None, resume: bool = False) -> dict[str, Any]:
+               report_dir: str | None = None, resume: bool = False, train_on: str | None = None, gpus: int = 1,
+               train_job_variables: dict | None = None, labels: str | None = None, images: str | None = None,
+               work_dir: str = "prepared", models_dir: str = "models") -> dict[str, Any]:
     """Train, evaluate and register each variant of params.yaml (or those named), then serve the best.
 
-    labels/images: the label-file folder (CXR-LT 2024, NIH or PadChest layout) and the image root
-    (default: params.yaml `paths`, the built-in demo). epochs/image_size/max_steps_per_epoch override
-    params.yaml for this run.
-    A seeded variant (`seeds: [0, 1, 2]`) runs once per seed as <name>-seed<k>; naming <name> in
-    `variants` runs all its seeds. Models are registered under `model_name`; the best of that name by
-    validation mAP gets served. With `report_dir`, the variants of this run are compared in one report
-    (cxrlt.report). With `resume`, trainings continue from the checkpoints an interrupted flow run left
-    (a retried train task always does).
-    """
-    import yaml
+    With the project's own params.yaml (the default), every step is a dvc.yaml stage run through DVC:
+    dvc.lock records each model's data, code and parameters, and unchanged variants are skipped.
+    labels/images/epochs/image_size/max_steps_per_epoch are then written into params.yaml (as `dvc exp run
+    --set-param` does) so that dvc.lock records them. train_on: a deployment such as `train-variant/gpu`
+    whose work pool runs on a GPU host (pipelines/deploy_gpu.py), with `gpus` GPUs per run and
+    `train_job_variables` (e.g. {"env": {"CUDA_VISIBLE_DEVICES": "0,1"}}); default: train here.
 
-    raw = yaml.safe_load(Path(params).read_text()) or {}
-    paths = raw.get("paths", {})
-    labels, images = labels or paths["labels"], images or paths["images"]
-    overrides: dict[str, Any] = {}
-    if epochs is not None:
-        overrides["train.epochs"] = epochs
-    if image_size is not None:
-        overrides["data.image_size"] = image_size
-    if max_steps_per_epoch is not None:
-        overrides["train.max_steps_per_epoch"] = max_steps_per_epoch
-    cfg = load_config(params, overrides)
+    Another params file (e.g. experiments/demo-matrix.yaml, with seeded variants) is trained with the
+    library into work_dir / models_dir, outside dvc.lock (pipelines/matrix_steps.py); there the overrides
+    apply to this run only. With `report_dir`, the variants are compared in one report; with `resume`,
+    trainings continue from the checkpoints an interrupted run left (a retried train task always does).
+    """
+    from prefect.runtime import flow_run
+
+    project = str(Path(project_dir))
+    overrides: dict[str, Any] = {k: v for k, v in {
+        "paths.labels": labels, "paths.images": images, "train.epochs": epochs, "data.image_size": image_size,
+        "train.max_steps_per_epoch": max_steps_per_epoch}.items() if v is not None}
+    params_path = Path(project) / params
+    in_dvc = params_path.resolve() == (Path(project) / "params.yaml").resolve()
+    if in_dvc:
+        dvc.check_repository(project)
+        previous = dvc.apply_overrides(params_path, overrides)
+        if previous:
+            print("params.yaml: " + ", ".join(f"{k} {previous[k]!r} -> {v!r}" for k, v in overrides.items()))
+        overrides = {}
+    cfg = load_config(params_path, {k: v for k, v in overrides.items() if not k.startswith("paths.")})
     names = cfg.select(variants)  # fails fast on an unknown name, before any work
-    # stage-1 variants first: a stage-2 variant starts from its stage-1 artefact
-    names.sort(key=lambda n: bool(cfg.variant(n).init_from))
-    manifest = build_manifest_task(labels, images, f"{work_dir}/manifest", params, overrides)
-    cache = prepare_task(manifest, f"{work_dir}/cache", cfg.data.image_size)
-    results: dict[str, Any] = {}
-    for n in names:  # sequential: on a CPU box parallel training only fights for the same cores
-        art = train_task(n, cache, f"{models_dir}/{n}", params, overrides, resume)
-        res = evaluate_task(art, cache, params, overrides)
-        results[n] = {"artefact": art, "metrics": res}
-        if register_models:
-            results[n]["tag"] = register_task(art, model_name)
+    names.sort(key=lambda n: bool(cfg.variant(n).init_from))  # a stage-2 variant starts from its stage-1 artefact
+    seeded = [n for n in names if cfg.variant(n).name != cfg.variant(n).group]  # <name>-seed<k>
+    if in_dvc and seeded:
+        raise ValueError(f"{', '.join(seeded)} are seeded runs, which dvc.yaml's foreach stages cannot expand: put the "
+                         "seeded variants in a params file of their own (as experiments/demo-matrix.yaml) and run the "
+                         "flow with params=<that file>, or list each seed as its own variant")
+    if in_dvc:
+        results = _through_dvc(names, project, cfg, resume, train_on, gpus, train_job_variables, register_models,
+                               model_name)
+        cache = results.pop("_cache")
+    else:
+        results, cache = _outside_dvc(names, project, params_path, overrides, work_dir, models_dir, resume,
+                                      register_models, model_name)
     if report_dir:
         results["report"] = report_task([results[n]["artefact"] for n in names], cache, report_dir)
         print(f"comparison report: {results['report']}")
     if register_models and promote:
         results["serving"] = promote_task(model_name, cache)
         print(f"serving {results['serving']}")
+    if in_dvc:
+        results["experiment"] = experiment_task(project, f"train-eval-{flow_run.get_name() or 'local'}")
     return results
+
+
+def _through_dvc(names, project, cfg, resume, train_on, gpus, job_variables, register_models, model_name) -> dict:
+    stage2_names = set(_params(project).get("stage2_variants") or {})
+    results: dict[str, Any] = {"_cache": data_task(project)}
+    for n in names:  # sequential: on a CPU box parallel training only fights for the same cores
+        stage2 = n in stage2_names
+        trained = train_task(n, stage2, project, resume, train_on, gpus, job_variables)
+        results[n] = {"artefact": str(Path(project) / "models" / n), "trained": trained,
+                      "metrics": evaluate_task(n, stage2, project)}
+        if register_models:
+            results[n]["tag"] = register_task(results[n]["artefact"], model_name)
+    return results
+
+
+def _outside_dvc(names, project, params_path, overrides, work_dir, models_dir, resume, register_models,
+                 model_name) -> tuple[dict, str]:
+    from pipelines import matrix_steps as direct
+
+    paths = (yaml.safe_load(params_path.read_text()) or {}).get("paths", {})
+    labels = overrides.get("paths.labels") or paths.get("labels")
+    images = overrides.get("paths.images") or paths.get("images")
+    if not labels or not images:
+        raise ValueError(f"{params_path} has no paths.labels / paths.images: give them in the file or as the flow's "
+                         "labels and images parameters")
+    run_overrides = {k: v for k, v in overrides.items() if not k.startswith("paths.")}
+    root = Path(project)
+    manifest = direct.manifest_task(str(root / labels), str(root / images), str(root / work_dir / "manifest"),
+                                    str(params_path), run_overrides)
+    cache = direct.prepare_task(manifest, str(root / work_dir / "cache"),
+                                load_config(params_path, run_overrides).data.image_size)
+    results: dict[str, Any] = {}
+    for n in names:
+        art = direct.train_task(n, cache, str(root / models_dir / n), str(params_path), run_overrides, resume)
+        results[n] = {"artefact": art, "metrics": direct.evaluate_task(n, art, cache, str(params_path), run_overrides)}
+        if register_models:
+            results[n]["tag"] = register_task(art, model_name)
+    return results, cache

@@ -199,3 +199,46 @@ def image_bytes(fmt: str = "PNG", size=(96, 120), seed: int = 0, mode: str = "L"
     buf = io.BytesIO()
     img.save(buf, format=fmt)
     return buf.getvalue()
+
+
+# --- a DVC project (git + DVC + demo data + dvc.yaml): the train-eval flow and dvc repro run in one
+_BIN = Path(sys.executable).parent
+
+
+def dvc_env() -> dict:
+    """This environment's tools first on PATH, a git identity, no DVC analytics, one thread."""
+    return {**os.environ, "PATH": f"{_BIN}{os.pathsep}{os.environ['PATH']}", "GIT_AUTHOR_NAME": "t",
+            "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
+            "DVC_NO_ANALYTICS": "1", "OMP_NUM_THREADS": "1"}
+
+
+def sh(repo: Path, *cmd, env=None, merged: bool = False) -> str:
+    """Run a command; its stdout, or with `merged` stdout and stderr interleaved as written."""
+    r = subprocess.run([str(c) for c in cmd], cwd=repo, env=env or dvc_env(), stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT if merged else subprocess.PIPE, text=True, timeout=900)
+    assert r.returncode == 0, f"{cmd} failed:\n{r.stdout[-5000:]}\n{(r.stderr or '')[-3000:]}"
+    return r.stdout
+
+
+def make_dvc_project(repo: Path, demo: Path, params: dict) -> Path:
+    """A clone-like project: the code dvc.yaml depends on, the flows, dvc.yaml, params.yaml and the demo
+    data, committed in git with DVC initialised and data/ tracked."""
+    import yaml
+
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(demo, repo / "data" / "demo")
+    for folder in ("cxrlt", "pipelines"):
+        shutil.copytree(ROOT / folder, repo / folder, ignore=ignore)
+    shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
+    doc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    first = next(iter(params["variants"]))
+    doc["artifacts"] = {first: {"path": f"models/{first}/weights.safetensors", "type": "model"}}
+    (repo / "dvc.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (repo / ".gitignore").write_text("/models/\n/prepared/\n__pycache__/\n")
+    sh(repo, "git", "init", "-q")
+    sh(repo, _BIN / "dvc", "init", "-q")
+    sh(repo, _BIN / "dvc", "add", "-q", "data")
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "project")
+    return repo

@@ -5,15 +5,15 @@ prediction log -> Evidently drift report (Prefect flow) -> Streamlit page."""
 import json
 
 import pytest
-import yaml
-from conftest import running_service
+from conftest import make_dvc_project, running_service
 
 from cxrlt.client import post_study, send_studies
 from cxrlt.data.demo import generate_demo
 from cxrlt.data.manifest import load_manifest
 
 PARAMS = {
-    "paths": {"labels": "data/demo/cxr-lt-2024", "images": "data/demo/mimic-cxr-jpg"},
+    "paths": {"labels": "data/demo/cxr-lt-2024", "images": "data/demo/mimic-cxr-jpg",
+              "manifest": "prepared/manifest", "cache": "prepared/cache"},
     "data": {"image_size": 32, "val_fraction": 0.2, "seed": 0, "task": "task1"},
     "train": {"epochs": 1, "batch_size": 8, "lr": 0.001, "threads": 1},
     "eval": {"split": "val", "batch_size": 16},
@@ -28,11 +28,11 @@ def test_demo_data_to_flow_to_service_to_drift_report(tmp_path, monkeypatch, pre
     from pipelines.drift import drift_report
     from pipelines.train_eval import train_eval
 
-    generate_demo(tmp_path / "data" / "demo", n_studies=60, seed=5, progress=False)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(PARAMS))
-    monkeypatch.chdir(tmp_path)
+    generate_demo(tmp_path / "demo", n_studies=60, seed=5, progress=False)
+    repo = make_dvc_project(tmp_path / "repo", tmp_path / "demo", PARAMS)  # a clone: git + DVC + the demo
+    monkeypatch.chdir(repo)
 
-    res = train_eval(params="params.yaml", model_name="cxrlt-e2e")
+    res = train_eval(model_name="cxrlt-e2e")  # dvc.yaml's stages, through DVC
     served = res["serving"]
     assert served == registry.serving_tag() and served.startswith("cxrlt-e2e:")
     assert {r["tag"] for r in registry.list_registered("cxrlt-e2e")} == {res["e2e-single"]["tag"], res["e2e-fusion"]["tag"]}

@@ -1,11 +1,7 @@
-"""The pipeline on a tiny demo with the real components: the CLI (train, evaluate, registry), the
-Prefect flow under Prefect's test harness, and `dvc repro` in a fresh DVC repository."""
+"""The pipeline's steps on a tiny demo through the CLI (manifest, prepare, train, evaluate, submit,
+registry). The Prefect flow and `dvc repro` in a fresh DVC repository: tests/test_flow_dvc.py."""
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +10,6 @@ import yaml
 from cxrlt.cli import main
 from cxrlt.data.demo import generate_demo
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY_PARAMS = {
     "paths": {"labels": "data/demo/cxr-lt-2024", "images": "data/demo/mimic-cxr-jpg",
               "manifest": "prepared/manifest", "cache": "prepared/cache"},
@@ -110,49 +105,3 @@ def test_cli_errors_are_one_clear_line(project, capsys):
     assert run_cli("manifest", "--labels", project / "missing", "--images", project, "--out", project / "x",
                    "--params", project / "params.yaml") == 2
     assert "Traceback" not in capsys.readouterr().err
-
-
-def test_train_eval_flow_registers_and_serves_the_best(project, prefect_harness, monkeypatch):
-    from cxrlt import registry
-    from pipelines.train_eval import train_eval
-
-    monkeypatch.chdir(project)
-    res = train_eval(params="params.yaml", work_dir="flow/prepared", models_dir="flow/models")
-    variants = [*TINY_PARAMS["variants"], *TINY_PARAMS["stage2_variants"]]
-    tags = {res[v]["tag"] for v in variants}
-    assert len(tags) == 2
-    best = max(variants, key=lambda v: res[v]["metrics"]["val"]["mAP"])
-    assert res["serving"] == res[best]["tag"] == registry.serving_tag()
-    listed = {r["tag"]: r for r in registry.list_registered()}
-    assert tags <= set(listed) and listed[res[best]["tag"]]["serving"]
-    # the mark can be moved back to an earlier model
-    other = (tags - {res[best]["tag"]}).pop()
-    registry.set_serving(other)
-    assert registry.rollback() == res[best]["tag"]
-
-
-def test_dvc_repro_in_a_fresh_repository(project, tmp_path):
-    repo = tmp_path / "repo"
-    shutil.copytree(project / "data", repo / "data")
-    shutil.copytree(ROOT / "cxrlt", repo / "cxrlt", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
-    shutil.copy(project / "params.yaml", repo / "params.yaml")
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-    dvc = [str(Path(sys.executable).parent / "dvc")]
-
-    def sh(*cmd):
-        r = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
-        assert r.returncode == 0, f"{cmd} failed:\n{r.stdout}\n{r.stderr}"
-        return r.stdout
-
-    sh("git", "init", "-q")
-    sh(*dvc, "init", "-q")
-    sh(*dvc, "add", "-q", "data")
-    sh(*dvc, "repro")
-    for v in [*TINY_PARAMS["variants"], *TINY_PARAMS["stage2_variants"]]:
-        assert_metrics_match_predictions(repo / "models" / v, repo / TINY_PARAMS["paths"]["cache"])
-    shown = sh(*dvc, "metrics", "show", "--json")
-    assert "tiny-fusion" in shown
-    # nothing changed -> nothing reruns
-    assert "didn't change" in sh(*dvc, "status") or "up to date" in sh(*dvc, "status")
