@@ -26,9 +26,11 @@ echo "  data version $(python -c "import yaml; print(yaml.safe_load(open('data.d
 step "3/6 local Prefect server + deployments"
 scripts/stack.sh prefect
 
-step "4/6 prefect deployment run 'train-eval/demo' (train, evaluate, register every variant)"
-prefect deployment run 'train-eval/demo' --watch --watch-timeout 3600  # ~10 min on 2 idle cores
+step "4/6 prefect deployment run 'train-eval/demo' (dvc.yaml's stages per variant, register, promote)"
+prefect deployment run 'train-eval/demo' --watch --watch-timeout 3600  # ~3 min on 2 idle cores
 cxrlt registry list
+dvc push -q   # the models (and prepared data) to the DVC remote beside the data
+dvc metrics show
 
 step "5/6 BentoML service (best model) + Streamlit UI"
 scripts/stack.sh serve

@@ -145,8 +145,9 @@ def test_no_identifier_anywhere(answers, service_url, session_tmp, prediction_lo
     texts["service log"] = (session_tmp / "service.log").read_text(errors="replace")
     summary = run_drift(prediction_log, tmp_path / "drift", tag=served_tag)
     assert summary["n_current"] >= 1
-    for f in (tmp_path / "drift").iterdir():
-        texts[f"drift {f.name}"] = f.read_text(errors="replace")
+    for f in (tmp_path / "drift").rglob("*"):  # the latest report and its run folder (runs/<time>/)
+        if f.is_file():
+            texts[f"drift {f.relative_to(tmp_path / 'drift')}"] = f.read_text(errors="replace")
     leaks = {(where, v) for where, t in texts.items() for v in PHI_VALUES if v.lower() in t.lower()}
     assert not leaks, leaks
     assert "ZZDOE" not in json.dumps(api.get(f"{service_url}/status", timeout=10).json())
