@@ -195,6 +195,7 @@ def test_chart_labels_are_never_cut():
     spec = study.findings_chart(_body(0.1, 0.7)).to_dict()
     axes = [layer["encoding"]["y"]["axis"] for layer in spec["layer"]]
     assert all(a.get("labelLimit") == 0 for a in axes), axes
+    assert spec["height"] == {"step": 22}, "a fixed chart height squeezes the rows and hides labels"
 
 
 # ------------------------------------------------------------------------------------ app-wide defects
@@ -238,7 +239,7 @@ def test_models_page_lists_the_registry_with_metrics_and_card(monkeypatch, servi
     at = app(monkeypatch, service_url, page="views/models.py", CXRLT_MODEL_NAME=served_tag.split(":")[0])
     assert not at.exception, at.exception
     listed = at.dataframe[0].value
-    assert served_tag in set(listed["tag"]) and "✅" in set(listed["serving"])
+    assert served_tag in set(listed["tag"]) and listed.set_index("tag")["serving"][served_tag]
     metrics = at.dataframe[1].value
     assert list(metrics["split"]) == ["val"] and metrics["mAP"].iloc[0].startswith("0.500")
     assert any("Model card" in e.label for e in at.expander)
@@ -262,7 +263,7 @@ def test_models_actions_need_the_admin_token(monkeypatch, service_url, served_ta
         at.text_input(key="admin_token").input(SERVICE_TOKEN).run()
         assert not at.button(key="promote").disabled
         at.button(key="promote").click().run()
-        assert not at.exception and registry.list_registered(name)[0]["stage"] == "production"
+        assert not at.exception and registry.stage_of(second) == "production"
         assert f"{second} is now marked for serving" in texts(at, "success")
         at.button(key="rollback").click().run()
         assert not at.exception and "Rolled back" in texts(at, "success")

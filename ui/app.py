@@ -15,11 +15,12 @@ import streamlit as st
 from common import sidebar_status
 
 st.set_page_config(page_title="cxrlt", layout="wide")
+# No ":material/...:" icons: Streamlit fetches those it does not bundle from fonts.gstatic.com.
 page = st.navigation([
-    st.Page("views/predict.py", title="Predict", icon=":material/radiology:", default=True),
-    st.Page("views/models.py", title="Models", icon=":material/inventory_2:"),
-    st.Page("views/experiments.py", title="Experiments", icon=":material/compare:"),
-    st.Page("views/monitoring.py", title="Monitoring", icon=":material/monitoring:"),
+    st.Page("views/predict.py", title="Predict", default=True),
+    st.Page("views/models.py", title="Models"),
+    st.Page("views/experiments.py", title="Experiments"),
+    st.Page("views/monitoring.py", title="Monitoring"),
 ])
 sidebar_status()
 page.run()

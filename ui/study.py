@@ -150,7 +150,9 @@ def findings_chart(body: dict, top: int | None = None) -> alt.Chart:
                         legend=alt.Legend(title="over threshold", orient="bottom")),
         tooltip=["label", alt.Tooltip("probability:Q", format=".3f"), alt.Tooltip("threshold:Q", format=".3f")])
     ticks = alt.Chart(df).mark_tick(color="black", thickness=2, size=18).encode(x="threshold:Q", y=y)
-    return (bars + ticks).properties(height=max(160, 22 * len(df)))
+    # a fixed step per label: a fixed total height squeezes the rows (and hides labels) under Streamlit's
+    # autosize "fit" once the legend takes its share
+    return (bars + ticks).properties(height=alt.Step(22))
 
 
 def heat_array(png_b64: str) -> np.ndarray:

@@ -46,13 +46,18 @@ def _metrics(reg, tag: str) -> dict:
     return json.loads(p.read_text()) if p.exists() else {}
 
 
+COLUMNS = ("serving", "stage", "tag", "variant", "model", "loss", "val_mAP", "val_mAUC", "created", "synthetic",
+           "data_version")
+
+
 def _table(rows: list[dict]) -> None:
     frame = pd.DataFrame(rows)
-    frame.insert(0, "serving", frame.pop("serving").map({True: "✅", False: ""}))
+    frame = frame[[c for c in COLUMNS if c in frame] + [c for c in frame if c not in COLUMNS]]
     if "data_version" in frame:
-        frame["data_version"] = frame["data_version"].astype(str).str[:8]
+        frame["data_version"] = frame["data_version"].fillna("").astype(str).str[:8]
     st.dataframe(frame, hide_index=True, width="stretch",
-                 column_config={"val_mAP": st.column_config.NumberColumn("val mAP", format="%.3f"),
+                 column_config={"serving": st.column_config.CheckboxColumn("serving"),
+                                "val_mAP": st.column_config.NumberColumn("val mAP", format="%.3f"),
                                 "val_mAUC": st.column_config.NumberColumn("val mAUC", format="%.3f")})
 
 
@@ -95,8 +100,8 @@ def main() -> None:
     if msg:
         getattr(st, msg[0])(msg[1])
     rows = reg.list_registered(name)
-    st.caption(f"Registered models named '{name}' (CXRLT_MODEL_NAME), newest first. ✅ marks the one the "
-               "service loads when it starts.")
+    st.caption(f"Registered models named '{name}' (CXRLT_MODEL_NAME), newest first. 'serving' marks the one "
+               "the service loads when it starts.")
     if not rows:
         st.info(f"No model named '{name}' is registered yet: run `make demo` (or `cxrlt registry register "
                 "models/<variant>`), or set CXRLT_MODEL_NAME.")

@@ -41,6 +41,14 @@ def column_table(summary: dict, prediction: bool) -> pd.DataFrame:
                          for c in cols])
 
 
+def _columns(table: pd.DataFrame) -> None:
+    if table.empty:
+        st.caption("none compared")
+        return
+    st.dataframe(table, hide_index=True, width="stretch",
+                 column_config={"drift score": st.column_config.NumberColumn(format="%.3g")})
+
+
 def _part(summary: dict, part: str) -> str:
     p = summary.get(part) or {}
     return f"{p.get('n_drifted', '?')} / {p.get('n_columns', '?')}" if p else "-"
@@ -94,11 +102,10 @@ def main() -> None:
     with left:
         st.markdown("**Input statistics** (image size and intensity)")
         table = column_table(s, prediction=False)
-        st.dataframe(table, hide_index=True, width="stretch") if not table.empty else st.caption("none compared")
+        _columns(table)
     with right:
         st.markdown("**Predictions** (probability of each label)")
-        table = column_table(s, prediction=True)
-        st.dataframe(table, hide_index=True, width="stretch") if not table.empty else st.caption("none compared")
+        _columns(column_table(s, prediction=True))
     for note in s.get("notes") or []:
         st.caption(note)
     html = folder / "drift.html"

@@ -17,6 +17,7 @@ from common import SYNTHETIC, service_info
 VIEWS = list(client.VIEWS)
 TYPES = ["png", "jpg", "jpeg", "dcm", "dicom"]
 MAX_EXPLAIN = 5
+PREVIEW = 300  # pixels: the study and its heatmaps stay on one screen with the findings
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
@@ -31,7 +32,7 @@ def _choose_views(files, key: str) -> list[str]:
     for i, (col, (name, data)) in enumerate(zip(st.columns(len(files)), files)):
         with col:
             try:
-                st.image(study.preview(data), caption=f"image {i + 1} · {name}", width="stretch")
+                st.image(study.preview(data), caption=f"image {i + 1} · {name}", width=PREVIEW)
             except Exception:  # noqa: BLE001 - the service says what is wrong with it
                 st.warning(f"image {i + 1} ({name}) cannot be displayed")
             views.append(st.selectbox(f"view of image {i + 1}", VIEWS, index=VIEWS.index(defaults[i]),
@@ -78,7 +79,7 @@ def _heatmaps(res: dict, files) -> None:
                 if e is None:
                     st.caption(f"{finding} · image {i + 1}: no heatmap")
                     continue
-                st.image(study.overlay(images[i], e["png"]), width="stretch",
+                st.image(study.overlay(images[i], e["png"]), width=PREVIEW,
                          caption=f"{finding} · image {i + 1} ({res['views'][i]}) · {e.get('method', '')}")
 
 
@@ -87,9 +88,9 @@ def _free_text(res: dict, files, info: dict | None) -> None:
     if info and info.get("text_head") is False:
         st.info("The served model has no text head: it scores only its own labels.")
         return
-    st.caption("For models with a text head: any finding written in words, one per line (up to 10). "
-               "These scores are NOT calibrated (no threshold was tuned for them): compare them with each "
-               "other, not with the labels' thresholds.")
+    st.caption("For models with a text head: any finding written in words, one per line (up to 10). These "
+               "scores are NOT calibrated: no threshold was tuned for them and they depend on the wording. Use "
+               "one to rank studies for one text, never as the probability that the finding is present.")
     raw = st.text_area("Findings to score", key=f"texts_{res['hash']}", placeholder="small left pleural effusion")
     texts = [t.strip() for t in raw.splitlines() if t.strip()]
     if st.button("Score text", key="score_text", disabled=not texts):
@@ -106,7 +107,8 @@ def _free_text(res: dict, files, info: dict | None) -> None:
     if "error" in answer:
         st.error(answer["error"])
         return
-    st.dataframe([{"finding (text)": s["text"], "probability": round(float(s["probability"]), 3)}
+    st.dataframe([{"finding (text)": s["text"], "score (uncalibrated)": round(float(s["probability"]), 3),
+                   "a trained label": bool(s.get("trained_label"))}
                   for s in answer.get("scores", [])], hide_index=True, width="stretch")
     st.warning("Uncalibrated: " + str(answer.get("caveat") or "these scores have no tuned threshold."))
 
