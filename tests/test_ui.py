@@ -76,7 +76,15 @@ def test_upload_scores_the_study(monkeypatch, service_url, served_tag):
     assert "Findings" in texts(at, "subheader")
     assert "SYNTHETIC" in texts(at, "warning")
     assert served_tag in texts(at, "caption") and "2 image(s)" in texts(at, "caption")
+    assert "no text head" in texts(at, "info"), "the tiny model has no text head: free text must say so"
     assert_no_stray_none(at)
+    # a heatmap of a label the user picks, over each image: fetched from the service on choice
+    explain = at.multiselect(key=f"explain_{study.files_hash([(n, d) for n, d, _ in files])}")
+    explain.set_value(["Edema"]).run()
+    captions = [str(c) for i in at.get("image") for c in [getattr(i, "proto", None)] if c is not None]
+    assert not at.exception and not at.error, texts(at, "error")
+    assert sum("Edema · image 1 (frontal)" in c for c in captions) == 1, captions
+    assert sum("Edema · image 2 (lateral)" in c for c in captions) == 1, captions
 
 
 def test_results_stay_when_a_view_changes_and_go_with_other_files(monkeypatch, service_url):
