@@ -9,8 +9,10 @@ Loader variants (each over the training split of the manifest's cache, class-awa
                   augment each image on the CPU, one at a time
   device-augment  workers only decode; the batch is augmented on the device in one call
                   (`cxrlt.data.transforms.augment_batch`)
-  gpu-decode      (CUDA only, single-image models) workers only read the JPEG bytes; the batch is decoded
-                  on the GPU by `torchvision.io.decode_jpeg`, resized and augmented there
+  device-decode   workers only read the JPEG bytes; the batch is decoded on the device in one
+                  `torchvision.io.decode_jpeg` call and augmented there: training's `train.gpu_decode` +
+                  `gpu_augment` path (`cxrlt.data.transforms.decode_views`). Timed on CUDA; on a CPU device
+                  with --device-decode
 The model figure is forward + backward + AdamW step on batches already on the device (bf16 autocast and
 channels_last on CUDA), i.e. what the loader must sustain. Goal (issue 8): loader >= 1.2x model.
 """
@@ -30,46 +32,19 @@ sys.path.insert(0, str(ROOT))
 
 from cxrlt.data.dataset import CXRDataset  # noqa: E402
 from cxrlt.data.manifest import load_manifest  # noqa: E402
-from cxrlt.data.transforms import IMAGENET_MEAN, IMAGENET_STD, augment_batch  # noqa: E402
+from cxrlt.data.transforms import augment_batch  # noqa: E402
 from cxrlt.engine.evaluation import unit_of  # noqa: E402
 from cxrlt.models import create_model  # noqa: E402
 
 
-class JpegBytes(torch.utils.data.Dataset):
-    """One cached image per item as its raw JPEG bytes (decoded later, on the GPU, in a batch)."""
-
-    def __init__(self, root: Path, paths):
-        self.root, self.paths = root, list(paths)
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        import torchvision
-
-        return torchvision.io.read_file(str(self.root / self.paths[i]))
-
-
-def gpu_decode(blobs, size: int, device) -> torch.Tensor:
-    """JPEG bytes -> normalised [B, 1, 3, size, size] on the GPU (decode, resize, grey -> 3 channels)."""
-    import torchvision
-
-    imgs = torchvision.io.decode_jpeg(blobs, mode=torchvision.io.ImageReadMode.GRAY, device=device)
-    x = torch.stack([torch.nn.functional.interpolate(i[None].float(), size=(size, size), mode="bilinear",
-                                                     align_corners=False)[0] for i in imgs]) / 255.0
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
-    return ((x.expand(-1, 3, -1, -1) - mean) / std)[:, None]
-
-
-def loader_rate(name, ds, args, device, collate=None) -> float:
+def loader_rate(name, ds, args, device) -> float:
     cuda = device.type == "cuda"
     kw = dict(batch_size=args.batch_size, shuffle=True, num_workers=args.workers, pin_memory=cuda,
               drop_last=True, generator=torch.Generator().manual_seed(0))
     if args.workers:
         kw.update(persistent_workers=True, prefetch_factor=4)
-    if collate:
-        kw["collate_fn"] = collate
+    if ds.collate_fn is not None:  # device-decode: the batch's views stay undecoded bytes
+        kw["collate_fn"] = ds.collate_fn
     loader = torch.utils.data.DataLoader(ds, **kw)
     gen = torch.Generator(device=device).manual_seed(0)
     n_img, t0, it = 0, None, iter(loader)
@@ -83,12 +58,9 @@ def loader_rate(name, ds, args, device, collate=None) -> float:
         except StopIteration:
             it = iter(loader)
             batch = next(it)
-        if name == "gpu-decode":
-            x = gpu_decode(batch, args.image_size, device)
-            mask = torch.ones(x.shape[:2], dtype=torch.bool, device=device)
-        else:
-            x = batch["images"].to(device, non_blocking=True)
-            mask = batch["view_mask"].to(device, non_blocking=True)
+        mask = batch["view_mask"].to(device, non_blocking=True)
+        x = batch["images"]
+        x = x.decode(device) if name == "device-decode" else x.to(device, non_blocking=True)
         if name != "cpu-augment":
             x = augment_batch(x, mask, gen)
         n_img += int(mask.sum())
@@ -135,6 +107,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device-decode", action="store_true",
+                    help="also time device-decode on a CPU device (always timed on CUDA)")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     a = ap.parse_args(argv)
     device = torch.device(a.device)
@@ -149,14 +123,17 @@ def main(argv=None) -> int:
                                                        a, device), 1)
     print(f"model {a.model} @{a.image_size}px, batch {a.batch_size}: {out['model_train_images_per_s']} training "
           f"images/s on {device}", flush=True)
-    variants = {"cpu-augment": CXRDataset(frame, m.image_root, m.label_space.names, a.image_size, views, unit,
-                                          train=True),
-                "device-augment": CXRDataset(frame, m.image_root, m.label_space.names, a.image_size, views, unit,
-                                             train=True, augment=False)}
-    if device.type == "cuda" and unit == "image":
-        variants["gpu-decode"] = JpegBytes(m.image_root, frame["path"])
+
+    def dataset(augment=None):
+        return CXRDataset(frame, m.image_root, m.label_space.names, a.image_size, views, unit, train=True,
+                          augment=augment)
+
+    variants = {"cpu-augment": dataset(), "device-augment": dataset(augment=False)}
+    if device.type == "cuda" or a.device_decode:
+        variants["device-decode"] = dataset(augment=False)
+        variants["device-decode"].encoded = True
     for name, ds in variants.items():
-        rate = loader_rate(name, ds, a, device, collate=(lambda b: b) if name == "gpu-decode" else None)
+        rate = loader_rate(name, ds, a, device)
         out["loader_images_per_s"][name] = round(rate, 1)
         print(f"  loader {name:15s} {rate:8.1f} images/s = {rate / out['model_train_images_per_s']:.2f}x the model "
               f"({a.workers} workers)", flush=True)

@@ -59,6 +59,7 @@ class TrainConfig:
     persistent_workers: bool = True  # keep loader workers between epochs (num_workers > 0)
     prefetch_factor: int = 2       # batches each loader worker prepares ahead (num_workers > 0)
     gpu_augment: bool = False      # augment whole batches on the device (data.transforms.augment_batch)
+    gpu_decode: bool | str = "auto"  # workers read JPEG bytes; batches decoded on the device (transforms.decode_views)
     # several processes (torchrun; cxrlt.engine.distributed)
     sync_batchnorm: bool = True    # BatchNorm statistics over the global batch (CUDA; not view-specific models)
     dist_timeout_s: int = 600      # a collective waiting this long ends the run instead of hanging
@@ -69,7 +70,7 @@ class TrainConfig:
             raise ValueError(f"train.amp is {self.amp!r}: use one of {', '.join(AMP_MODES)} (or true = auto, "
                              "false = off)")
         object.__setattr__(self, "amp", amp)
-        for name in ("channels_last", "fused_adamw", "cudnn_benchmark", "pin_memory"):
+        for name in ("channels_last", "fused_adamw", "cudnn_benchmark", "pin_memory", "gpu_decode"):
             if getattr(self, name) not in (True, False, "auto"):
                 raise ValueError(f"train.{name} is {getattr(self, name)!r}: use auto, true or false")
         if not isinstance(self.compile, (bool, str)) or self.compile == "":

@@ -3,11 +3,14 @@
 `__getitem__` has no side effects: it reads images and returns tensors, nothing else. An item is
   images [V, 3, H, W], view_mask [V] (True = real image), view_types [V] (0 frontal, 1 lateral,
   2 unknown), target [L] (0/1, -1 unknown), label_mask [L] (True = labelled), index.
+With `encoded` (train.gpu_decode), images is instead the real views' file bytes, undecoded (a list of 1-D
+uint8 tensors; `transforms.decode_views` decodes a whole batch on the device), `collate_fn` batches them.
 Labels are looked up by NAME in the manifest, so a model's label order never depends on CSV order.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -17,9 +20,8 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from .transforms import augment, image_to_tensor, load_grayscale
-
 from .manifest import VIEW_CODES
+from .transforms import augment, collate_views, image_to_tensor, load_grayscale, read_view
 
 UNKNOWN_VIEW = VIEW_CODES["unknown"]
 
@@ -56,11 +58,18 @@ def pad_study(tensors: Sequence[torch.Tensor], codes: Sequence[int], max_views: 
     if len(tensors) > max_views:
         raise ValueError(f"{len(tensors)} images for {max_views} view slots: choose the views first")
     images = torch.zeros(max_views, *tensors[0].shape)
+    for slot, x in enumerate(tensors):
+        images[slot] = x
+    return (images, *view_slots(codes, max_views))
+
+
+def view_slots(codes: Sequence[int], max_views: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(view_mask [V], view_types [V]) of a study whose images fill the first len(codes) slots."""
     mask = torch.zeros(max_views, dtype=torch.bool)
     types = torch.full((max_views,), UNKNOWN_VIEW, dtype=torch.long)
-    for slot, (x, c) in enumerate(zip(tensors, codes)):
-        images[slot], mask[slot], types[slot] = x, True, c
-    return images, mask, types
+    mask[:len(codes)] = True
+    types[:len(codes)] = torch.as_tensor(list(codes), dtype=torch.long)
+    return mask, types
 
 
 def targets_for(frame: pd.DataFrame, label_names: Sequence[str]) -> np.ndarray:
@@ -106,6 +115,26 @@ class CXRDataset(Dataset):
         # whole batch on the GPU instead (`transforms.augment_batch`); random view draws stay with `train`
         self.augment = train if augment is None else bool(augment)
         self.items = build_items(frame, self.label_names, unit)
+        self._encoded = False
+
+    @property
+    def encoded(self) -> bool:
+        """Yield the views' undecoded file bytes (decoded later, a batch at a time: `transforms.decode_views`)."""
+        return self._encoded
+
+    @encoded.setter
+    def encoded(self, value: bool) -> None:
+        if value and self.augment:
+            raise ValueError("undecoded images cannot be augmented per image in the loader: augment the decoded "
+                             "batch on the device instead (train.gpu_augment)")
+        self._encoded = bool(value)
+
+    @property
+    def collate_fn(self):
+        """The DataLoader's collate for this dataset's items (None: torch's default)."""
+        if not self.encoded:
+            return None
+        return functools.partial(collate_views, size=self.image_size, max_views=self.max_views)
 
     def set_epoch(self, epoch: int) -> None:
         """Different (but reproducible) augmentation and view draws per epoch."""
@@ -130,11 +159,15 @@ class CXRDataset(Dataset):
         item = self.items[i]
         gen = torch.Generator().manual_seed(hash((self.seed, self.epoch, i)) & 0x7FFFFFFF)
         picked = self._pick(item, gen)
+        target = torch.from_numpy(item.target.astype(np.float32))
+        labels = {"target": target.clamp(min=0), "label_mask": target >= 0, "index": i}
+        if self.encoded:
+            mask, types = view_slots([item.views[j] for j in picked], self.max_views)
+            images = [read_view(self.image_root / item.paths[j], self.image_size) for j in picked]
+            return {"images": images, "view_mask": mask, "view_types": types, **labels}
         tensors = []
         for j in picked:
             x = image_to_tensor(load_grayscale(self.image_root / item.paths[j]), self.image_size)
             tensors.append(augment(x, gen) if self.augment else x)
         images, mask, types = pad_study(tensors, [item.views[j] for j in picked], self.max_views)
-        target = torch.from_numpy(item.target.astype(np.float32))
-        return {"images": images, "view_mask": mask, "view_types": types,
-                "target": target.clamp(min=0), "label_mask": target >= 0, "index": i}
+        return {"images": images, "view_mask": mask, "view_types": types, **labels}

@@ -2,20 +2,27 @@
 
 A radiograph is read as 8-bit grayscale (PNG, JPEG or DICOM: `cxrlt.data.images`), resized to a square,
 repeated to 3 channels and normalised with the ImageNet statistics (what timm backbones expect; CheXFusion
-did the same).
+did the same). While training, a batch's JPEGs may instead be decoded together on the GPU (`decode_views`,
+`train.gpu_decode`), to the same tensors up to decoder rounding.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import default_collate
 
 # The one reader lives in images.py (PNG / JPEG / DICOM); these names stay importable from here.
 from .images import ImageDecodeError, load_grayscale, read_image, to_grayscale
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ImageDecodeError", "augment", "augment_batch", "image_stats",
-           "image_to_tensor",
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ImageDecodeError", "JpegViews", "augment", "augment_batch",
+           "collate_views", "decode_views", "first_non_jpeg", "image_stats", "image_to_pixels", "image_to_tensor",
+           "is_jpeg", "pixels_to_tensor", "read_view",
            "load_grayscale", "read_image", "to_grayscale"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -26,11 +33,23 @@ _STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
 def image_to_tensor(img: Image.Image, size: int) -> torch.Tensor:
     """Grayscale PIL image -> normalised float tensor [3, size, size]."""
+    return pixels_to_tensor(image_to_pixels(img, size))
+
+
+def image_to_pixels(img: Image.Image, size: int) -> torch.Tensor:
+    """Grayscale PIL image -> uint8 [size, size] (PIL bilinear resize when it is another size)."""
     img = to_grayscale(img)
     if img.size != (size, size):
         img = img.resize((size, size), Image.BILINEAR)
-    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).float().div_(255.0)
-    return (x.unsqueeze(0).expand(3, -1, -1) - _MEAN) / _STD
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
+
+
+def pixels_to_tensor(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 grey [..., H, W] -> normalised float [..., 3, H, W] on the pixels' device (the same arithmetic on
+    the CPU in a loader worker and on the GPU in `decode_views`)."""
+    x = pixels.float().div_(255.0).unsqueeze(-3)
+    x = x.expand(*x.shape[:-3], 3, *x.shape[-2:])
+    return (x - _MEAN.to(x.device)) / _STD.to(x.device)
 
 
 def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -86,3 +105,102 @@ def image_stats(img: Image.Image) -> dict[str, float]:
     a = np.asarray(to_grayscale(img), dtype=np.float32) / 255.0
     return {"width": float(img.size[0]), "height": float(img.size[1]),
             "mean_intensity": float(a.mean()), "std_intensity": float(a.std())}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A batch's JPEGs decoded together on the training device (`train.gpu_decode`).
+#
+# Loader workers then only read files: the dataset (`CXRDataset.encoded`) yields each real view's file bytes
+# as a 1-D uint8 tensor, `collate_views` keeps them as lists (`JpegViews`), and `decode_views` turns them, in
+# the main process, into exactly what the CPU path yields for the same items: images [B, V, 3, S, S]
+# normalised (`pixels_to_tensor`), zeros in empty view slots. One `torchvision.io.decode_jpeg(list, GRAY,
+# device)` call decodes the whole batch: nvJPEG on CUDA, libjpeg-turbo on the CPU.
+#
+# How close it is to the CPU path (PIL decode, PIL bilinear resize, `image_to_tensor`), in 8-bit grey levels
+# (one level is 1 / (255 x std) ~ 0.0175 after normalisation), asserted in tests/test_gpu_decode.py:
+# - decoding on the CPU: the same pixels as PIL (both are libjpeg-turbo), so a prepared cache's images
+#   (already S x S) give identical tensors;
+# - resizing (sources of another size; a prepared cache never needs it): torch's antialiased bilinear,
+#   rounded to 8 bits as PIL rounds, is at most 1 level from PIL's (on 320 x 256 demo images, 6% of
+#   the pixels differ by that level resized to 32 px, 19% resized to 224 px);
+# - decoding on CUDA: nvJPEG's IDCT rounds otherwise than libjpeg-turbo's; torchvision's own tests allow a
+#   mean difference under 2 levels, the CUDA test here asserts a mean under 1 and a maximum of 4 levels.
+# A file that is not a JPEG (a PNG, say) is decoded and resized by PIL in the worker as before and travels
+# as its uint8 pixels [S, S], so one odd file never stops a run.
+
+JPEG_MAGIC = b"\xff\xd8\xff"  # SOI marker + the first segment's marker
+
+
+def is_jpeg(head: bytes | torch.Tensor) -> bool:
+    head = bytes(head[:3].tolist()) if torch.is_tensor(head) else bytes(head[:3])
+    return head == JPEG_MAGIC
+
+
+def read_view(path: str | Path, size: int) -> torch.Tensor:
+    """What a loader worker reads for one view: a JPEG's bytes (1-D uint8, not decoded), or for any other
+    format the CPU path's pixels (PIL decode and resize; uint8 [size, size])."""
+    data = torch.from_numpy(np.fromfile(path, dtype=np.uint8))
+    if is_jpeg(data):
+        return data
+    return image_to_pixels(load_grayscale(path), size)
+
+
+def first_non_jpeg(root: str | Path, paths: Sequence[str], k: int = 32) -> str | None:
+    """The first of up to k evenly spaced files under `root` that is not a JPEG (None when all are): a
+    header check that decides, before training, whether decoding on the device is worth turning on."""
+    step = max(1, len(paths) // k)
+    for p in list(paths)[::step][:k]:
+        with open(Path(root) / p, "rb") as f:
+            if not is_jpeg(f.read(3)):
+                return str(p)
+    return None
+
+
+@dataclass
+class JpegViews:
+    """A batch's images before decoding: per study, one tensor per real view in slot order (what
+    `read_view` returned)."""
+
+    views: list[list[torch.Tensor]]
+    size: int
+    max_views: int
+
+    def decode(self, device: torch.device | str) -> torch.Tensor:
+        return decode_views(self.views, self.size, self.max_views, device)
+
+
+def collate_views(items: list[dict], size: int, max_views: int) -> dict:
+    """The DataLoader's collate for encoded items: images stay lists (`JpegViews`), the rest is stacked."""
+    rest = default_collate([{k: v for k, v in it.items() if k != "images"} for it in items])
+    return {"images": JpegViews([list(it["images"]) for it in items], int(size), int(max_views)), **rest}
+
+
+def resize_pixels(pixels: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 [H, W] -> uint8 [size, size]: bilinear with antialiasing (as PIL's bilinear filter), rounded
+    to 8 bits (as PIL's resize of an "L" image)."""
+    if tuple(pixels.shape) == (size, size):
+        return pixels
+    x = torch.nn.functional.interpolate(pixels[None, None].float(), size=(size, size), mode="bilinear",
+                                        align_corners=False, antialias=True)
+    return x[0, 0].round_().clamp_(0, 255).to(torch.uint8)
+
+
+def decode_views(views: Sequence[Sequence[torch.Tensor]], size: int, max_views: int,
+                 device: torch.device | str) -> torch.Tensor:
+    """Per study, its views' JPEG bytes (1-D uint8) or pixels (2-D uint8) -> images [B, max_views, 3, size,
+    size] float on `device`, normalised, empty slots zero: what `CXRDataset` yields with decoded pixels."""
+    import torchvision
+    from torchvision.io import ImageReadMode
+
+    device = torch.device(device)
+    slots = [(b, s) for b, vs in enumerate(views) for s in range(len(vs))]
+    flat = [x for vs in views for x in vs]
+    blobs = [x for x in flat if x.dim() == 1]
+    decoded = iter(torchvision.io.decode_jpeg(blobs, mode=ImageReadMode.GRAY, device=device) if blobs else [])
+    pixels = torch.stack([resize_pixels(next(decoded)[0] if x.dim() == 1 else x.to(device), size)
+                          for x in flat]) if flat else torch.zeros(0, size, size, dtype=torch.uint8, device=device)
+    out = torch.zeros(len(views), max_views, 3, size, size, device=device)
+    if slots:
+        b, s = (torch.tensor(i, device=device) for i in zip(*slots))
+        out[b, s] = pixels_to_tensor(pixels)
+    return out

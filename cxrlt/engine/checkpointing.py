@@ -36,7 +36,11 @@ FORMAT = 2  # 2: class-aware draws by multinomial counts (linear time); a format
 # rounding, and the BatchNorm statistics of smaller micro-batches): a run may resume with others
 _NOT_FINGERPRINTED = ("device", "threads", "num_workers", "checkpoint_every_steps", "channels_last", "fused_adamw",
                       "cudnn_benchmark", "pin_memory", "compile", "grad_accum_steps", "activation_checkpointing",
-                      "persistent_workers", "prefetch_factor", "dist_timeout_s")
+                      "persistent_workers", "prefetch_factor", "dist_timeout_s",
+                      # not bit-exact: nvJPEG (CUDA) rounds its IDCT otherwise than PIL's libjpeg-turbo, and a
+                      # source not at the image size is resized by torch, not PIL (<= 1 grey level; identical
+                      # pixels for a cache's JPEGs decoded on the CPU): input rounding, as cuDNN's is compute's
+                      "gpu_decode")
 
 
 def epoch_seed(seed: int, epoch: int, *more: int) -> int:

@@ -170,6 +170,8 @@ def _train(variant, data, manifest, out_dir, progress, log, resume, on_checkpoin
     loss_fn, mean_loss = summed_loss(variant, ls, device)
     train_ds = make_dataset(manifest, "train", model, data.image_size, train=tc.augment, seed=tc.seed,
                             augment=False if speed.gpu_augment else None)
+    speed = perf.with_decodable(speed, train_ds, log)
+    train_ds.encoded = speed.gpu_decode  # workers read JPEG bytes; batch_to_device decodes each batch
     val_ds = make_dataset(manifest, "val", model, data.image_size, train=False)
     k = speed.grad_accum_steps
     micro = dist.micro_batch(tc.batch_size, ctx.world, k, len(train_ds))
@@ -179,7 +181,8 @@ def _train(variant, data, manifest, out_dir, progress, log, resume, on_checkpoin
     sampler = dist.ShardedEpochSampler(len(train_ds), tc.seed, weights, tc.batch_size, ctx.rank, ctx.world)
     # a private generator: each epoch's iterator draws its worker seed from it, not from the global RNG
     loader = DataLoader(ck.EpochDataset(train_ds), batch_size=micro, sampler=sampler, num_workers=tc.num_workers,
-                        generator=torch.Generator().manual_seed(tc.seed), **perf.loader_kwargs(tc, speed))
+                        generator=torch.Generator().manual_seed(tc.seed), collate_fn=train_ds.collate_fn,
+                        **perf.loader_kwargs(tc, speed))
     steps = sampler.steps if not tc.max_steps_per_epoch else min(sampler.steps, tc.max_steps_per_epoch)
 
     version = data_version(manifest.dir)

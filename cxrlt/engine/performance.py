@@ -8,16 +8,21 @@
 - `cudnn_benchmark`: cuDNN autotuning, never with `deterministic`;
 - `activation_checkpointing`: backbone stages, fusion layers and head recomputed in the backward pass
   (torch.utils.checkpoint, non-reentrant), for 1024 px on a smaller card;
-- `pin_memory`, `persistent_workers`, `prefetch_factor`: the DataLoader's, with non_blocking copies.
+- `pin_memory`, `persistent_workers`, `prefetch_factor`: the DataLoader's, with non_blocking copies;
+- `gpu_decode`: loader workers only read the cached JPEGs' bytes; each batch is decoded on the device in one
+  call (`cxrlt.data.transforms.decode_views`). On only where augmentation is off or on the device too (`gpu_augment`),
+  and (`with_decodable`) where the training images are JPEGs; else PIL decodes in the workers.
 
 "auto" turns a setting on when the run trains on CUDA. What a run resolved to is recorded in its
 artefact (`Speed.as_dict`, under `runtime`). None of them changes what a step computes beyond float
-rounding, except `amp` (precision) and `gpu_augment` (other random draws).
+rounding, except `amp` (precision) and `gpu_augment` (other random draws); `gpu_decode` gives pixels up to
+a grey level apart from PIL's (decoder and resize rounding: `transforms.decode_views`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from dataclasses import asdict, dataclass
 
@@ -26,6 +31,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import TrainConfig
+from ..data.transforms import JpegViews, first_non_jpeg
 
 _PREFIXES = ("_orig_mod.", "module.")  # torch.compile's and DistributedDataParallel's wrappers
 
@@ -41,6 +47,7 @@ class Speed:
     pin_memory: bool
     grad_accum_steps: int
     gpu_augment: bool
+    gpu_decode: bool
 
     @property
     def amp_dtype(self) -> torch.dtype | None:
@@ -78,11 +85,30 @@ def resolve(tc: TrainConfig, device: torch.device) -> Speed:
         raise ValueError(f"train.amp is fp16, which needs a CUDA device (this run trains on {device}); use "
                          "auto or off on a CPU (bf16 also runs on CPUs)")
     backend = "" if tc.compile is False else ("inductor" if tc.compile is True else str(tc.compile))
+    cpu_augment = bool(tc.augment and not tc.gpu_augment)
+    if tc.gpu_decode is True and cpu_augment:
+        raise ValueError("train.gpu_decode is true, but augmentation runs per image on the CPU (train.augment true, "
+                         "train.gpu_augment false), which needs decoded pixels in the loader workers: set "
+                         "train.gpu_augment true (augment each decoded batch on the device), or train.augment false, "
+                         "or train.gpu_decode auto / false")
     return Speed(amp=amp, channels_last=_auto(tc.channels_last, cuda), fused_adamw=_auto(tc.fused_adamw, cuda),
                  compile=backend, cudnn_benchmark=cudnn_benchmark(tc, cuda),
                  activation_checkpointing=bool(tc.activation_checkpointing),
                  pin_memory=_auto(tc.pin_memory, cuda), grad_accum_steps=int(tc.grad_accum_steps),
-                 gpu_augment=bool(tc.gpu_augment and tc.augment))
+                 gpu_augment=bool(tc.gpu_augment and tc.augment),
+                 gpu_decode=_auto(tc.gpu_decode, cuda) and not cpu_augment)
+
+
+def with_decodable(speed: Speed, dataset, log=print) -> Speed:
+    """`speed`, with gpu_decode turned off (and a one-line note) when the dataset's images are not JPEGs (a
+    PNG cache, say): PIL then decodes them in the loader workers as without the setting."""
+    if not speed.gpu_decode:
+        return speed
+    other = first_non_jpeg(dataset.image_root, [p for it in dataset.items for p in it.paths])
+    if other is None:
+        return speed
+    log(f"train.gpu_decode: {other} is not a JPEG, so the loader workers decode the images (PIL) as without it")
+    return dataclasses.replace(speed, gpu_decode=False)
 
 
 def loader_kwargs(tc: TrainConfig, speed: Speed) -> dict:
@@ -105,8 +131,11 @@ def channels_last_images(images: torch.Tensor) -> torch.Tensor:
 
 
 def batch_to_device(batch: dict, device: torch.device, speed: Speed) -> dict:
-    """Tensors to `device` (non_blocking: overlapped with compute when the loader pins memory)."""
+    """Tensors to `device` (non_blocking: overlapped with compute when the loader pins memory); undecoded
+    images (`gpu_decode`) are decoded there, the whole batch in one call."""
     out = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    if isinstance(out["images"], JpegViews):
+        out["images"] = out["images"].decode(device)
     if speed.channels_last:
         out["images"] = channels_last_images(out["images"])
     return out
