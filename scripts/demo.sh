@@ -27,7 +27,10 @@ step "3/6 local Prefect server + deployments"
 scripts/stack.sh prefect
 
 step "4/6 prefect deployment run 'train-eval/demo' (dvc.yaml's stages per variant, register, promote)"
-prefect deployment run 'train-eval/demo' --watch --watch-timeout 3600  # ~3 min on 2 idle cores
+if ! prefect deployment run 'train-eval/demo' --watch --watch-timeout 3600; then  # ~3 min on 2 idle cores
+  echo "error: the train-eval flow run failed; its error (var/log/prefect-deployments.log):" >&2
+  grep -E "ERROR|Error:" var/log/prefect-deployments.log | tail -n 5 >&2; exit 1
+fi
 cxrlt registry list
 dvc push -q   # the models (and prepared data) to the DVC remote beside the data
 dvc metrics show
