@@ -24,15 +24,13 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from .artefact_meta import EVAL_DIR, META, METRICS, WEIGHTS, ArtefactError, read_meta
 from .labels import LabelSpace
 from .models import create_model
 
 FORMAT = 1
-WEIGHTS, META, METRICS, EVAL_DIR = "weights.safetensors", "artefact.json", "metrics.json", "eval"
-
-
-class ArtefactError(RuntimeError):
-    pass
+__all__ = ["EVAL_DIR", "META", "METRICS", "WEIGHTS", "Artefact", "ArtefactError", "load_artefact", "read_meta",
+           "save_artefact", "write_evaluation"]
 
 
 @dataclass
@@ -63,25 +61,6 @@ def save_artefact(out_dir: str | Path, model: torch.nn.Module, *, model_name: st
               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **meta}
     (out / META).write_text(json.dumps(record, indent=2, default=_jsonable))
     return out
-
-
-def read_meta(path: str | Path) -> dict:
-    """artefact.json plus, when evaluated, `metrics` and `thresholds`, and `gate` (threshold, target false
-    rejection rate, counts) when an OOD gate is stored."""
-    p = Path(path) / META
-    if not p.exists():
-        raise ArtefactError(f"{path} is not a model artefact (no {META}); train one with `cxrlt train`")
-    meta = json.loads(p.read_text())
-    if (Path(path) / METRICS).exists():
-        meta["metrics"] = json.loads((Path(path) / METRICS).read_text())
-    thr = Path(path) / EVAL_DIR / "thresholds.json"
-    if thr.exists():
-        t = json.loads(thr.read_text())
-        meta["thresholds"], meta["threshold_split"] = t["thresholds"], t["split"]
-    gate = Path(path) / EVAL_DIR / "gate.json"
-    if gate.exists():  # the OOD gate's record (its arrays: cxrlt.gate.load_gate)
-        meta["gate"] = {k: v for k, v in json.loads(gate.read_text()).items() if k != "reference"}
-    return meta
 
 
 def write_evaluation(path: str | Path, metrics: dict, thresholds, threshold_split: str) -> None:

@@ -45,7 +45,7 @@ def register(artefact_dir: str | Path, name: str = MODEL_NAME) -> str:
     """Copy an evaluated artefact into the model store; returns its tag (name:version)."""
     import bentoml
 
-    from .checkpoint import read_meta
+    from .artefact_meta import read_meta
     from .model_card import render_model_card
 
     meta = read_meta(artefact_dir)
@@ -315,7 +315,7 @@ def model_card(tag: str) -> str:
     path = model_path(tag)
     if (path / CARD).exists():
         return (path / CARD).read_text()
-    from .checkpoint import read_meta
+    from .artefact_meta import read_meta
     from .model_card import render_model_card
 
     return render_model_card(read_meta(path), str(_get(tag).tag))

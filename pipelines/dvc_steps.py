@@ -67,10 +67,12 @@ def stage_names(variant: str, stage2: bool) -> tuple[str, str]:
             else (f"train@{variant}", f"evaluate@{variant}"))
 
 
-def repro(stage: str, cwd: str | Path = ".", log: Callable[[str], None] | None = None) -> bool:
+def repro(stage: str, cwd: str | Path = ".", log: Callable[[str], None] | None = None,
+          single: bool = False) -> bool:
     """`dvc repro STAGE` (and whatever it depends on that changed); True when the stage itself ran, False
-    when DVC found its inputs unchanged and kept its outputs."""
-    out = run_dvc("repro", stage, cwd=cwd, log=log)
+    when DVC found its inputs unchanged and kept its outputs. `single`: this stage only (its upstream was
+    reproduced by an earlier call), which spares DVC re-checking the whole chain (seconds per stage)."""
+    out = run_dvc("repro", *(["--single-item"] if single else []), stage, cwd=cwd, log=log)
     return f"Running stage '{stage}'" in out
 
 

@@ -42,8 +42,10 @@ def _params(project: str) -> dict:
 # the run's last checkpoint rather than from scratch (`cxrlt train --resume`, which the stage runs)
 @task(name="train", retries=1, retry_delay_seconds=10, task_run_name="train-{variant}")
 def train_task(variant: str, stage2: bool, project: str, resume: bool = False, train_on: str | None = None,
-               gpus: int = 1, job_variables: dict | None = None) -> bool:
-    """Train through DVC; True when it trained, False when dvc.lock says the variant is up to date."""
+               gpus: int = 1, job_variables: dict | None = None, upstream_done: bool = True) -> bool:
+    """Train through DVC; True when it trained, False when dvc.lock says the variant is up to date.
+    `upstream_done`: this run already reproduced every stage it depends on (data, and the stage-1 variant
+    of a stage-2 one), so DVC need not re-check them."""
     from prefect.runtime import task_run
 
     log = get_run_logger()
@@ -60,7 +62,7 @@ def train_task(variant: str, stage2: bool, project: str, resume: bool = False, t
         _train_here_resuming(variant, project, log)
         dvc.commit(stage, cwd=project, log=log.info)
         return True
-    ran = dvc.repro(stage, cwd=project, log=log.info)
+    ran = dvc.repro(stage, cwd=project, log=log.info, single=upstream_done)
     log.info("%s: %s", variant, "trained" if ran else "unchanged (DVC), not trained again")
     return ran
 
@@ -95,7 +97,7 @@ def _train_remotely(variant, stage, project, resume, train_on, gpus, job_variabl
 def evaluate_task(variant: str, stage2: bool, project: str) -> dict:
     log = get_run_logger()
     _, stage = dvc.stage_names(variant, stage2)
-    ran = dvc.repro(stage, cwd=project, log=log.info)
+    ran = dvc.repro(stage, cwd=project, log=log.info, single=True)
     metrics = json.loads((Path(project) / "models" / variant / "metrics.json").read_text())
     for split, m in metrics.items():
         log.info("%s %s: mAP %.4f mAUC %.4f mF1 %.4f", variant, split, m["mAP"], m["mAUC"], m["mF1"])
@@ -225,7 +227,8 @@ def _through_dvc(names, project, cfg, resume, train_on, gpus, job_variables, reg
     results: dict[str, Any] = {"_cache": data_task(project)}
     for n in names:  # sequential: on a CPU box parallel training only fights for the same cores
         stage2 = n in stage2_names
-        trained = train_task(n, stage2, project, resume, train_on, gpus, job_variables)
+        upstream_done = not stage2 or cfg.variant(n).init_from in names
+        trained = train_task(n, stage2, project, resume, train_on, gpus, job_variables, upstream_done)
         results[n] = {"artefact": str(Path(project) / "models" / n), "trained": trained,
                       "metrics": evaluate_task(n, stage2, project)}
         if register_models:

@@ -33,7 +33,6 @@ if ! prefect deployment run 'train-eval/demo' --watch --watch-timeout 3600; then
 fi
 cxrlt registry list
 dvc push -q   # the models (and prepared data) to the DVC remote beside the data
-dvc metrics show
 
 step "5/6 BentoML service (best model) + Streamlit UI"
 scripts/stack.sh serve

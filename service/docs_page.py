@@ -5,7 +5,8 @@ Manager and links outside hosts, and its Swagger UI set-up leaves `validatorUrl`
 which loads a badge image from validator.swagger.io. Here `/` and `/docs` are FastAPI's Swagger UI page
 (`fastapi.openapi.docs.get_swagger_ui_html`) with every asset served from this service: the Swagger UI
 files that ship inside the installed BentoML package (mounted at /docs-assets, nothing copied or
-downloaded), the spec at /docs.json (BentoML's, which lists the mounted routes), `validatorUrl: null`.
+downloaded), the spec at /docs.json (BentoML's, which lists the mounted routes, with this service's own
+description in place of BentoML's default README and its outside badges), `validatorUrl: null`.
 The routes of this FastAPI app are matched before BentoML's own `/` (BentoML mounts the app first).
 """
 
@@ -15,11 +16,18 @@ from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 ASSETS = "/docs-assets"
 SPEC = "/docs.json"
+# BentoML describes a service served from source with its default README, whose badges load from
+# img.shields.io and link readthedocs.org: the spec this service answers carries its own words instead
+DESCRIPTION = ("Long-tailed, multi-label chest X-ray classification (CXR-LT). `POST /predict` scores one study "
+               "(1-4 PNG, JPEG or DICOM images; optional `explain` heatmaps); `POST /score_text` scores free-text "
+               "findings with a text-head model (uncalibrated). Every route but /readyz, /livez and /healthz "
+               "needs `Authorization: Bearer <token>` when the service runs with CXRLT_API_TOKEN. Research "
+               "software, not for clinical use.")
 
 
 def swagger_assets() -> Path:
@@ -47,5 +55,13 @@ def install_docs(app: FastAPI, title: str) -> None:
     async def docs() -> HTMLResponse:
         return HTMLResponse(page)
 
+    async def spec() -> JSONResponse:
+        from service.service import CXRService  # imported by now: it mounts this app
+
+        body = CXRService.openapi_spec.asdict()
+        body.setdefault("info", {})["description"] = DESCRIPTION
+        return JSONResponse(body)
+
     for path in ("/", "/docs"):
         app.add_api_route(path, docs, methods=["GET"], include_in_schema=False, response_class=HTMLResponse)
+    app.add_api_route(SPEC, spec, methods=["GET"], include_in_schema=False)

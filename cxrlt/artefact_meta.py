@@ -1,0 +1,33 @@
+"""An artefact folder's metadata, readable without torch: the registry, the model card and the web app
+read it in processes that never load a model (cxrlt.checkpoint, which loads and saves weights, re-exports
+these names)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+WEIGHTS, META, METRICS, EVAL_DIR = "weights.safetensors", "artefact.json", "metrics.json", "eval"
+
+
+class ArtefactError(RuntimeError):
+    pass
+
+
+def read_meta(path: str | Path) -> dict:
+    """artefact.json plus, when evaluated, `metrics` and `thresholds`, and `gate` (threshold, target false
+    rejection rate, counts) when an OOD gate is stored."""
+    p = Path(path) / META
+    if not p.exists():
+        raise ArtefactError(f"{path} is not a model artefact (no {META}); train one with `cxrlt train`")
+    meta = json.loads(p.read_text())
+    if (Path(path) / METRICS).exists():
+        meta["metrics"] = json.loads((Path(path) / METRICS).read_text())
+    thr = Path(path) / EVAL_DIR / "thresholds.json"
+    if thr.exists():
+        t = json.loads(thr.read_text())
+        meta["thresholds"], meta["threshold_split"] = t["thresholds"], t["split"]
+    gate = Path(path) / EVAL_DIR / "gate.json"
+    if gate.exists():  # the OOD gate's record (its arrays: cxrlt.gate.load_gate)
+        meta["gate"] = {k: v for k, v in json.loads(gate.read_text()).items() if k != "reference"}
+    return meta
