@@ -13,7 +13,11 @@ UI_PORT=${UI_PORT:-8501}
 export PREFECT_HOME=${PREFECT_HOME:-$PWD/var/prefect}
 export PREFECT_API_URL=http://127.0.0.1:$PREFECT_PORT/api
 export PREFECT_RUNNER_POLL_FREQUENCY=${PREFECT_RUNNER_POLL_FREQUENCY:-2}
-export PREFECT_SERVER_ANALYTICS_ENABLED=false
+# no page of the stack calls a host outside the machine: Prefect's v2 dashboard loads an analytics client
+# (amplitude.com) whatever the analytics setting, so the classic dashboard is served; the API host and
+# port are settings too, or the dashboard calls 127.0.0.1:4200 whatever port the server has
+export PREFECT_SERVER_ANALYTICS_ENABLED=false PREFECT_SERVER_UI_V2_ENABLED=false
+export PREFECT_SERVER_API_HOST=127.0.0.1 PREFECT_SERVER_API_PORT=$PREFECT_PORT
 export BENTOML_DO_NOT_TRACK=true
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export CXRLT_SERVICE_URL=http://127.0.0.1:$SERVICE_PORT
@@ -67,7 +71,7 @@ case "${1:-}" in
     OMP_WAIT_POLICY=PASSIVE start service "$BIN/bentoml" serve service.service:CXRService --host 127.0.0.1 --port "$SERVICE_PORT"
     wait_http service "http://127.0.0.1:$SERVICE_PORT/readyz" 180
     start ui "$BIN/streamlit" run ui/app.py --server.headless true --server.address 127.0.0.1 \
-      --server.port "$UI_PORT" --browser.gatherUsageStats false
+      --server.port "$UI_PORT" --browser.gatherUsageStats false --client.toolbarMode viewer --runner.magicEnabled false
     wait_http ui "http://127.0.0.1:$UI_PORT/_stcore/health" 60 ;;
   down)
     for n in ui service prefect-deployments prefect-server; do stop "$n"; done ;;
