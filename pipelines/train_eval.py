@@ -150,17 +150,6 @@ def report_task(artefacts: list[str], manifest: str, out_dir: str) -> str:
     return str(write_report(artefacts, out_dir, manifest=manifest))
 
 
-@task(name="dvc-experiment")
-def experiment_task(project: str, name: str) -> str | None:
-    """Save the workspace as a DVC experiment, so `dvc exp show` lists this run beside earlier ones."""
-    try:
-        dvc.run_dvc("exp", "save", "--force", "--name", name, cwd=project)
-        return name
-    except dvc.DvcError as e:  # e.g. a project folder that is not a git repository with a commit
-        get_run_logger().warning("not saved as a DVC experiment: %s", str(e).splitlines()[0])
-        return None
-
-
 @flow(name="train-eval", log_prints=True)
 def train_eval(variants: list[str] | None = None, project_dir: str = ".", params: str = "params.yaml",
                epochs: int | None = None, image_size: int | None = None, max_steps_per_epoch: int | None = None,
@@ -182,8 +171,6 @@ def train_eval(variants: list[str] | None = None, project_dir: str = ".", params
     apply to this run only. With `report_dir`, the variants are compared in one report; with `resume`,
     trainings continue from the checkpoints an interrupted run left (a retried train task always does).
     """
-    from prefect.runtime import flow_run
-
     project = str(Path(project_dir))
     overrides: dict[str, Any] = {k: v for k, v in {
         "paths.labels": labels, "paths.images": images, "train.epochs": epochs, "data.image_size": image_size,
@@ -217,8 +204,6 @@ def train_eval(variants: list[str] | None = None, project_dir: str = ".", params
     if register_models and promote:
         results["serving"] = promote_task(model_name, cache)
         print(f"serving {results['serving']}")
-    if in_dvc:
-        results["experiment"] = experiment_task(project, f"train-eval-{flow_run.get_name() or 'local'}")
     return results
 
 
