@@ -22,11 +22,17 @@ export BENTOML_DO_NOT_TRACK=true
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export CXRLT_SERVICE_URL=http://127.0.0.1:$SERVICE_PORT
 mkdir -p .run var/log
+declare -A PORT_OF=([prefect-server]=$PREFECT_PORT [service]=$SERVICE_PORT [ui]=$UI_PORT)
 
 start() {  # start NAME CMD...: run in the background unless already running
   local name=$1; shift
   if [ -f ".run/$name.pid" ] && kill -0 "$(cat ".run/$name.pid")" 2>/dev/null; then
     echo "  $name already running (pid $(cat ".run/$name.pid"))"; return
+  fi
+  if [ -n "${PORT_OF[$name]:-}" ] && (exec 3<>"/dev/tcp/127.0.0.1/${PORT_OF[$name]}") 2>/dev/null; then
+    echo "error: port ${PORT_OF[$name]} (for $name) is taken by a process this project did not start here;" \
+         "stop it, or choose another port (PREFECT_PORT, SERVICE_PORT, UI_PORT)" >&2
+    exit 1
   fi
   nohup "$@" >"var/log/$name.log" 2>&1 &
   echo $! >".run/$name.pid"
