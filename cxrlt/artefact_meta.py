@@ -8,6 +8,9 @@ import json
 from pathlib import Path
 
 WEIGHTS, META, METRICS, EVAL_DIR = "weights.safetensors", "artefact.json", "metrics.json", "eval"
+# written by the train-eval flow beside a trained artefact: the dvc.lock entries (or, outside DVC, the params
+# file and commit) that produced it, and the command that rebuilds it
+LINEAGE = "lineage.json"
 
 
 class ArtefactError(RuntimeError):
@@ -15,8 +18,8 @@ class ArtefactError(RuntimeError):
 
 
 def read_meta(path: str | Path) -> dict:
-    """artefact.json plus, when evaluated, `metrics` and `thresholds`, and `gate` (threshold, target false
-    rejection rate, counts) when an OOD gate is stored."""
+    """artefact.json plus, when evaluated, `metrics` and `thresholds`, `gate` (threshold, target false
+    rejection rate, counts) when an OOD gate is stored, and `lineage` when the flow recorded one."""
     p = Path(path) / META
     if not p.exists():
         raise ArtefactError(f"{path} is not a model artefact (no {META}); train one with `cxrlt train`")
@@ -30,4 +33,6 @@ def read_meta(path: str | Path) -> dict:
     gate = Path(path) / EVAL_DIR / "gate.json"
     if gate.exists():  # the OOD gate's record (its arrays: cxrlt.gate.load_gate)
         meta["gate"] = {k: v for k, v in json.loads(gate.read_text()).items() if k != "reference"}
+    if (Path(path) / LINEAGE).exists():
+        meta["lineage"] = json.loads((Path(path) / LINEAGE).read_text())
     return meta

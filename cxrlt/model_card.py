@@ -8,6 +8,7 @@ eval/thresholds.json and eval/gate.json), so it renders and tests without a mode
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from .labels import LabelSpace
 
@@ -26,7 +27,8 @@ def render_model_card(meta: dict, tag: str | None = None) -> str:
     out = [f"# Model card: {tag or meta.get('variant') or meta.get('model')}", ""]
     if synthetic:
         out += [SYNTHETIC_WARNING, ""]
-    out += _model(meta) + _data(meta, ls, synthetic) + _params(meta) + _metrics(meta.get("metrics") or {})
+    out += _model(meta) + _data(meta, ls, synthetic) + _lineage(meta) + _params(meta)
+    out += _metrics(meta.get("metrics") or {})
     out += _thresholds(meta, ls) + _calibration(meta) + _intended_use() + _limitations(meta, ls, synthetic)
     return "\n".join(out).rstrip() + "\n"
 
@@ -64,6 +66,26 @@ def _data(meta: dict, ls: LabelSpace | None, synthetic: bool) -> list[str]:
         lines.append(f"- labels: {len(ls)} ({len(ls.trained)} trained: head/medium/tail "
                      f"{'/'.join(str(groups.count(g)) for g in ('head', 'medium', 'tail'))}; "
                      f"zero-shot: {', '.join(ls.zero_shot) or 'none'}), {ls.n_train} training images")
+    return lines + [""]
+
+
+def _lineage(meta: dict) -> list[str]:
+    """Where the model came from in DVC terms: the dvc.lock entries its stages recorded (or, for a model
+    trained outside DVC, the params file), and the command that rebuilds it."""
+    lin = meta.get("lineage")
+    if not lin:
+        return []
+    lines = ["## Lineage", ""]
+    entries = lin.get("dvc_lock") or {}
+    for step, stage in (lin.get("stages") or {}).items():
+        e = entries.get(step) or {}
+        outs = ", ".join(f"{Path(o['path']).name} {str(o.get('md5', ''))[:12]}" for o in e.get("outs", []))
+        lines.append(f"- {step}: dvc.lock stage `{stage}` ({len(e.get('deps', []))} deps; outs: {outs or '-'})")
+    if not entries:
+        lines.append(f"- trained outside dvc.lock: {lin.get('note', '')} (params file {lin.get('params_file', '-')})")
+    if lin.get("lock_digest"):
+        lines.append(f"- lock digest: {lin['lock_digest']}")
+    lines.append(f"- rebuild: `{lin.get('rebuild', '-')}` (commit {lin.get('git_commit') or 'unknown'})")
     return lines + [""]
 
 

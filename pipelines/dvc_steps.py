@@ -105,9 +105,11 @@ def lineage(variant: str, stage2: bool, cwd: str | Path = ".") -> dict:
     train, evaluate = stage_names(variant, stage2)
     entries = {"train": lock_entry(train, cwd), "evaluate": lock_entry(evaluate, cwd)}
     digest = hashlib.md5(json.dumps(entries, sort_keys=True, default=str).encode()).hexdigest()
+    commit = _git_commit(cwd)
     return {"stages": {"train": train, "evaluate": evaluate}, "dvc_lock": entries, "lock_digest": digest,
-            "git_commit": _git_commit(cwd),
-            "rebuild": f"git checkout <commit> && dvc pull && dvc repro {evaluate}"}
+            "git_commit": commit,
+            # exact when dvc.lock and params.yaml were committed after the run (the md5s above say what to expect)
+            "rebuild": f"git checkout {commit or '<commit>'} && dvc pull && dvc repro {evaluate}"}
 
 
 def _git_commit(cwd) -> str | None:

@@ -11,10 +11,10 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
+from cxrlt.artefact_meta import LINEAGE
 from cxrlt.config import load_config
 from pipelines import artifacts
 
-LINEAGE = "lineage.json"
 
 
 @task(name="manifest", retries=1, retry_delay_seconds=5)

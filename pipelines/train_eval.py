@@ -17,11 +17,11 @@ from typing import Any
 import yaml
 from prefect import flow, get_run_logger, task
 
+from cxrlt.artefact_meta import LINEAGE
 from cxrlt.config import load_config
 from pipelines import artifacts
 from pipelines import dvc_steps as dvc
 
-LINEAGE = "lineage.json"  # beside the artefact (not a DVC output): the dvc.lock entries that produced it
 
 
 @task(name="data", retries=1, retry_delay_seconds=5)

@@ -70,7 +70,8 @@ def test_every_model_is_in_dvc_lock_and_registered_with_its_entry(flow_runs):
         weights = next(o for o in lock[stages[0]]["outs"] if o["path"].endswith("weights.safetensors"))
         from cxrlt.provenance import file_md5
         assert file_md5(registry.model_path(first[v]["tag"]) / "weights.safetensors") == weights["md5"]
-        assert lineage["rebuild"].endswith(f"dvc repro {stages[1]}")
+        assert lineage["rebuild"].endswith(f"dvc repro {stages[1]}") and lineage["git_commit"] in lineage["rebuild"]
+        assert f"`{stages[0]}`" in registry.model_card(first[v]["tag"])  # the card shows the lineage
         assert first[v]["metrics"] == json.loads((repo / "models" / v / "metrics.json").read_text())
     assert "didn't change" in sh(repo, BIN / "dvc", "status") or "up to date" in sh(repo, BIN / "dvc", "status")
 
