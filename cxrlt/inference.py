@@ -18,6 +18,7 @@ from PIL import Image
 from .checkpoint import Artefact, load_artefact
 from .data.dataset import VIEW_CODES, choose_views, pad_study
 from .data.transforms import image_to_tensor
+from .labels import is_normal
 
 
 FINDINGS = "findings"  # in `explain`: the labels at or over their threshold
@@ -269,7 +270,8 @@ class Predictor:
             return explicit
         if probs is None:
             probs = self.predict([images], [views])[0]
-        over = [self.label_names[i] for i in np.argsort(-probs) if probs[i] >= self.thresholds[i]]
+        over = [self.label_names[i] for i in np.argsort(-probs)  # Normal / No Finding has nothing to point at
+                if probs[i] >= self.thresholds[i] and not is_normal(self.label_names[i])]
         return list(dict.fromkeys(explicit + over))[:MAX_EXPLAIN]
 
     def describe(self, probs: np.ndarray) -> dict:

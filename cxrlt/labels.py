@@ -41,6 +41,15 @@ N_TRAIN_2023 = 264_849
 
 TASK1_LABELS: tuple[str, ...] = tuple(TASK1_COUNTS)
 LABELS_2023: tuple[str, ...] = tuple(LABELS_2023_COUNTS)
+# Labels that mean "nothing abnormal" (CXR-LT 2023/2024: No Finding; Task 2 and PadChest: Normal): the
+# absence of findings, which the UI never lists as one and a heatmap has nothing to point at for.
+NORMAL_LABELS = ("no finding", "normal")
+
+
+def is_normal(label: str) -> bool:
+    return label.strip().lower() in NORMAL_LABELS
+
+
 # Task 2: the 2023 labels with "No Finding" renamed "Normal", keeping the 2023 position (so Normal
 # comes before Nodule). Columns are always mapped by name, never by index.
 TASK2_LABELS: tuple[str, ...] = tuple("Normal" if n == "No Finding" else n for n in LABELS_2023)

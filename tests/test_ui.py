@@ -199,6 +199,16 @@ def test_no_finding_is_shown_as_the_absence_of_findings(normal_p, edema_p, kind,
     assert "No Finding" not in texts(at, "subheader").split(":", 1)[1], "No Finding listed among the findings"
 
 
+def test_heatmap_choices_never_offer_or_preselect_normal():
+    """The service's `explain=findings` may explain Normal when it is over threshold; the heatmap box
+    neither offers nor preselects it (a preselected value outside the options stops the page)."""
+    body = {"probabilities": {"Normal": 0.6, "Edema": 0.7, "Mass": 0.2, "No Finding": 0.1},
+            "explanations": [{"finding": f, "image": i} for f in ("Normal", "Edema", "Edema") for i in (0, 1)]}
+    labels, default = study.heatmap_choices(body, 5)
+    assert labels == ["Edema", "Mass"] and default == ["Edema"]
+    assert study.heatmap_choices({"probabilities": {"A": 0.1}}, 5) == (["A"], [])
+
+
 def test_chart_labels_are_never_cut():
     spec = study.findings_chart(_body(0.1, 0.7)).to_dict()
     axes = [layer["encoding"]["y"]["axis"] for layer in spec["layer"]]

@@ -15,10 +15,10 @@ import pandas as pd
 from PIL import Image
 
 from cxrlt.data.images import is_dicom
+from cxrlt.labels import is_normal
 
 MAX_IMAGES = 4                       # the service's default; /model says the served model's limit
 MAX_IMAGE_BYTES = 20 * 2**20
-NORMAL = ("no finding", "normal")    # labels that mean "nothing abnormal" (CXR-LT: No Finding; PadChest: normal)
 
 
 def kind_of(data: bytes) -> str | None:
@@ -101,10 +101,6 @@ def grey(data: bytes) -> Image.Image:
     return read_image(data)[0]
 
 
-def is_normal(label: str) -> bool:
-    return label.strip().lower() in NORMAL
-
-
 @dataclass(frozen=True)
 class Findings:
     findings: list[str]          # abnormal labels over threshold, most probable first
@@ -130,6 +126,14 @@ def read_findings(body: dict) -> Findings:
     return Findings([k for k in listed if not is_normal(k)], normal,
                     None if normal is None else float(probs[normal]),
                     None if normal is None else float(thr.get(normal, 0.5)))
+
+
+def heatmap_choices(body: dict, most: int) -> tuple[list[str], list[str]]:
+    """The labels a heatmap can be asked for (never No Finding / Normal: the absence of findings has no
+    place to point at) and those preselected: the ones the answer already explains, in its order."""
+    labels = [k for k in body["probabilities"] if not is_normal(k)]
+    shown = dict.fromkeys(e["finding"] for e in body.get("explanations", []))
+    return labels, [f for f in shown if f in labels][:most]
 
 
 def findings_chart(body: dict, top: int | None = None) -> alt.Chart:

@@ -46,9 +46,7 @@ def _choose_views(files, key: str) -> list[str]:
 
 def _heatmaps(res: dict, files) -> None:
     body = res["body"]
-    labels = [k for k in body["probabilities"] if not study.is_normal(k)]
-    shown = [e["finding"] for e in body.get("explanations", [])]
-    default = list(dict.fromkeys(shown))[:MAX_EXPLAIN]
+    labels, default = study.heatmap_choices(body, MAX_EXPLAIN)
     chosen = st.multiselect("Heatmaps of", labels, default=default, max_selections=MAX_EXPLAIN,
                             key=f"explain_{res['hash']}",
                             help="where in each image the model found the chosen findings (at most 5)")
