@@ -23,7 +23,6 @@ from pipelines import artifacts
 from pipelines import dvc_steps as dvc
 
 
-
 @task(name="data", retries=1, retry_delay_seconds=5)
 def data_task(project: str) -> str:
     """The manifest and the resized cache (dvc.yaml's `manifest` and `prepare` stages)."""
