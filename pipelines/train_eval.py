@@ -176,14 +176,15 @@ def train_eval(variants: list[str] | None = None, project_dir: str = ".", params
         "train.max_steps_per_epoch": max_steps_per_epoch}.items() if v is not None}
     params_path = Path(project) / params
     in_dvc = params_path.resolve() == (Path(project) / "params.yaml").resolve()
+    # checked before anything is written: an unknown variant or parameter fails with params.yaml untouched
+    cfg = load_config(params_path, {k: v for k, v in overrides.items() if not k.startswith("paths.")})
+    names = cfg.select(variants)
     if in_dvc:
         dvc.check_repository(project)
         previous = dvc.apply_overrides(params_path, overrides)
         if previous:
             print("params.yaml: " + ", ".join(f"{k} {previous[k]!r} -> {v!r}" for k, v in overrides.items()))
         overrides = {}
-    cfg = load_config(params_path, {k: v for k, v in overrides.items() if not k.startswith("paths.")})
-    names = cfg.select(variants)  # fails fast on an unknown name, before any work
     names.sort(key=lambda n: bool(cfg.variant(n).init_from))  # a stage-2 variant starts from its stage-1 artefact
     seeded = [n for n in names if cfg.variant(n).name != cfg.variant(n).group]  # <name>-seed<k>
     if in_dvc and seeded:

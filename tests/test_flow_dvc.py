@@ -103,6 +103,36 @@ def test_dvc_compares_the_variants(flow_runs):
     assert "dvclive/plots/metrics/val_mAP.tsv" in plots
 
 
+def test_a_params_file_dvc_does_not_read_trains_outside_the_lock(flow_runs, demo):
+    """Another params file (as experiments/demo-matrix.yaml) with a seeded variant: trained with the library
+    into its own folders, registered with a lineage naming the file; params.yaml and dvc.lock untouched;
+    a wrong flow argument fails before anything is written."""
+    from cxrlt import registry
+    from pipelines.train_eval import train_eval
+
+    repo = flow_runs[0]
+    other = {**PARAMS, "variants": {"tiny-seeded": {"model": "single_test", "loss": "bce", "seeds": [0, 1]}},
+             "stage2_variants": {}}
+    (repo / "other.yaml").write_text(yaml.safe_dump(other))
+    before = {f: (repo / f).read_text() for f in ("params.yaml", "dvc.lock")}
+    with pytest.raises(KeyError, match="unknown variant"):
+        train_eval(project_dir=str(repo), variants=["nope"], epochs=3, model_name="flowother")
+    res = train_eval(project_dir=str(repo), params="other.yaml", work_dir="prepared/other", models_dir="models/other",
+                     model_name="flowother", promote=False, epochs=1)
+    assert {f: (repo / f).read_text() for f in before} == before
+    for k in (0, 1):
+        v = f"tiny-seeded-seed{k}"
+        assert res[v]["artefact"].endswith(f"models/other/{v}")
+        lineage = json.loads((registry.model_path(res[v]["tag"]) / "lineage.json").read_text())
+        assert lineage["dvc_lock"] is None and lineage["params_file"].endswith("other.yaml")
+    with pytest.raises(ValueError, match="seeded runs"):  # through DVC, seeds cannot expand
+        (repo / "params.yaml").write_text(yaml.safe_dump(other))
+        try:
+            train_eval(project_dir=str(repo), model_name="flowother")
+        finally:
+            (repo / "params.yaml").write_text(before["params.yaml"])
+
+
 def test_evaluation_and_promotion_artifacts(flow_runs):
     import asyncio
 
