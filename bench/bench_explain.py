@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 
 import numpy as np
 import torch
@@ -21,13 +20,7 @@ from cxrlt.inference import Predictor
 from cxrlt.labels import LabelSpace
 from cxrlt.models import create_model
 
-
-def timeit(fn, repeat: int) -> float:
-    fn()  # warm-up
-    t = time.perf_counter()
-    for _ in range(repeat):
-        fn()
-    return (time.perf_counter() - t) / repeat
+from bench_forward import timeit  # the bench folder's own timer (run as a script, bench/ is on the path)
 
 
 def main(argv=None):

@@ -7,6 +7,7 @@ the materialised resample (see cxrlt.metrics).
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Sequence
 
@@ -148,3 +149,14 @@ def bootstrap_ci(probs, targets, label_space, groups_ids, n_boot: int = 200, see
     reps = {m: np.concatenate(v) for m, v in parts.items()}
     out = {m: bootstrap_interval(point[m], reps[m], level, method, (0.0, 1.0)) for m in metrics}
     return (out, {**reps, "point": point}) if return_replicates else out
+
+
+def with_interval(m: dict, key: str, digits: int = 3, missing: str = "-") -> str:
+    """`m[key]` with its 95% interval as evaluation stores it (`<key>_ci95_low` / `_high`, see
+    cxrlt.metrics), e.g. "0.130 [0.081, 0.139]"; `missing` when the value is absent or not finite."""
+    v = m.get(key)
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return missing
+    lo, hi = m.get(f"{key}_ci95_low"), m.get(f"{key}_ci95_high")
+    return f"{v:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]" if lo is not None and hi is not None \
+        else f"{v:.{digits}f}"

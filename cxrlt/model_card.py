@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .bootstrap import with_interval
 from .labels import LabelSpace
 
 SPLITS = ("val", "dev", "test")
@@ -99,14 +100,6 @@ def _params(meta: dict) -> list[str]:
     return lines + [""]
 
 
-def _cell(m: dict, key: str) -> str:
-    v = m.get(key)
-    if v is None:
-        return "-"
-    lo, hi = m.get(f"{key}_ci95_low"), m.get(f"{key}_ci95_high")
-    return f"{v:.3f} [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else f"{v:.3f}"
-
-
 def _metrics(metrics: dict) -> list[str]:
     lines = ["## Metrics", ""]
     splits = [s for s in SPLITS if s in metrics] + sorted(set(metrics) - set(SPLITS))
@@ -116,7 +109,8 @@ def _metrics(metrics: dict) -> list[str]:
               "|---" * (len(COLUMNS) + 2) + "|"]
     for s in splits:
         m = metrics[s]
-        lines.append(f"| {s} | {m.get('n_images', '-')} | " + " | ".join(_cell(m, k) for _, k in COLUMNS) + " |")
+        cells = " | ".join(with_interval(m, k) for _, k in COLUMNS)
+        lines.append(f"| {s} | {m.get('n_images', '-')} | {cells} |")
     has_ci = any(k.endswith("_ci95_low") for s in splits for k in metrics[s])
     lines += ["", "Per image, as the CXR-LT challenge scores. Groups: labels in >10% (head), 1-10% (medium) and "
               "<1% (tail) of training images. "

@@ -4,19 +4,12 @@ promotion's record as markdown. The rows are built by plain functions (tested wi
 
 from __future__ import annotations
 
-import math
 import re
+
+from cxrlt.bootstrap import with_interval
 
 SPLITS = ("val", "dev", "test")
 COLUMNS = ("mAP", "mAUC", "mF1", "mAP_head", "mAP_medium", "mAP_tail")
-
-
-def _fmt(m: dict, key: str) -> str:
-    v = m.get(key)
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "n/a"
-    lo, hi = m.get(f"{key}_ci95_low"), m.get(f"{key}_ci95_high")
-    return f"{v:.4f} [{lo:.4f}, {hi:.4f}]" if lo is not None and hi is not None else f"{v:.4f}"
 
 
 def metrics_rows(variant: str, metrics: dict) -> list[dict]:
@@ -27,7 +20,8 @@ def metrics_rows(variant: str, metrics: dict) -> list[dict]:
         m = metrics.get(split)
         if not m:
             continue
-        rows.append({"variant": variant, "split": split, **{k: _fmt(m, k) for k in COLUMNS},
+        cells = {k: with_interval(m, k, digits=4, missing="n/a") for k in COLUMNS}
+        rows.append({"variant": variant, "split": split, **cells,
                      "images": m.get("n_images"), "labels scored": m.get("n_labels_scored")})
     return rows
 

@@ -88,22 +88,25 @@ def commit(stage: str, cwd: str | Path = ".", log: Callable[[str], None] | None 
     run_dvc("commit", "--force", stage, cwd=cwd, log=log)
 
 
-def lock_entry(stage: str, cwd: str | Path = ".") -> dict:
-    """dvc.lock's record of `stage`: its command, deps and outs with their md5s, and the params it read."""
+def lock_entries(stages, cwd: str | Path = ".") -> dict:
+    """dvc.lock's record of each stage (read once): its command, deps and outs with their md5s, and the
+    params it read."""
     lock = Path(cwd) / "dvc.lock"
     if not lock.exists():
-        raise DvcError(f"{lock} is missing: the stage {stage} has not run through DVC yet")
-    entry = (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).get(stage)
-    if entry is None:
-        raise DvcError(f"dvc.lock has no entry for {stage}: run `dvc repro {stage}`")
-    return entry
+        raise DvcError(f"{lock} is missing: the stages {', '.join(stages)} have not run through DVC yet")
+    recorded = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    missing = [s for s in stages if s not in recorded]
+    if missing:
+        raise DvcError(f"dvc.lock has no entry for {', '.join(missing)}: run `dvc repro {missing[0]}`")
+    return {s: recorded[s] for s in stages}
 
 
 def lineage(variant: str, stage2: bool, cwd: str | Path = ".") -> dict:
     """What a registered model points at: the dvc.lock entries that built and evaluated it, a digest of
     both (equal digests = the same model inputs), the git commit, and the command that rebuilds it."""
     train, evaluate = stage_names(variant, stage2)
-    entries = {"train": lock_entry(train, cwd), "evaluate": lock_entry(evaluate, cwd)}
+    recorded = lock_entries((train, evaluate), cwd)
+    entries = {"train": recorded[train], "evaluate": recorded[evaluate]}
     digest = hashlib.md5(json.dumps(entries, sort_keys=True, default=str).encode()).hexdigest()
     commit = _git_commit(cwd)
     return {"stages": {"train": train, "evaluate": evaluate}, "dvc_lock": entries, "lock_digest": digest,

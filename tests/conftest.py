@@ -126,20 +126,39 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
+def _wait_ready(health: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
+    """Until `health` answers 200; a process that exits or stays unready fails with its log's tail."""
     import requests
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"the service exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+            raise RuntimeError(f"{proc.args[:4]} exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
         try:
-            if requests.get(f"{url}/readyz", timeout=10).status_code == 200:
+            if requests.get(health, timeout=10).status_code == 200:
                 return
         except requests.RequestException:  # refused, or still starting (slow readyz)
             pass
         time.sleep(0.5)
-    raise RuntimeError(f"the service was not ready after {timeout:.0f} s:\n{log.read_text()[-4000:]}")
+    raise RuntimeError(f"{proc.args[:4]} was not ready after {timeout:.0f} s:\n{log.read_text()[-4000:]}")
+
+
+@contextlib.contextmanager
+def server_process(cmd: list[str], health: str, log: Path, env: dict, timeout: float = 90):
+    """Start a server (`cmd`, in the project root, with exactly `env`), wait until `health` answers 200,
+    yield the process; stop it by its PID afterwards."""
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
+    try:
+        _wait_ready(health, proc, log, timeout)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="session")
@@ -168,20 +187,10 @@ def running_service(log: Path, prediction_log: Path, token: str | None = None, e
     env.pop("CXRLT_API_TOKEN", None)
     if token:
         env["CXRLT_API_TOKEN"] = token
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "service.service:CXRService",
-                                 "--host", "127.0.0.1", "--port", str(port)],
-                                cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
-    try:
-        _wait_ready(url, proc, log, timeout=90)
+    cmd = [sys.executable, "-m", "bentoml", "serve", "service.service:CXRService", "--host", "127.0.0.1",
+           "--port", str(port)]
+    with server_process(cmd, f"{url}/readyz", log, env, timeout=90):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
 
 
 def image_bytes(fmt: str = "PNG", size=(96, 120), seed: int = 0, mode: str = "L") -> bytes:
@@ -242,3 +251,18 @@ def make_dvc_project(repo: Path, demo: Path, params: dict) -> Path:
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "project")
     return repo
+
+
+def drift_reports(folder: Path, shift: float, model_tag: str) -> Path:
+    """Two drift reports in `folder` (a calm one, then one whose Edema predictions and mean intensity are
+    shifted by `shift`) against 80 reference studies: the web app's Monitoring page has a history to show."""
+    from cxrlt.monitoring import drift_report
+
+    rng = np.random.default_rng(0)
+    ref = pd.DataFrame({"p_Edema": rng.beta(2, 5, 80), "p_Hernia": rng.beta(2, 5, 80),
+                        "mean_intensity": rng.normal(120, 10, 80)})
+    for s in (0.0, shift):
+        cur = pd.DataFrame({"p_Edema": rng.beta(2 + s, 5, 40), "p_Hernia": rng.beta(2, 5, 40),
+                            "mean_intensity": rng.normal(120 + 10 * s, 10, 40)})
+        drift_report(cur, ref, folder, model_tag=model_tag, synthetic=True)
+    return folder

@@ -12,12 +12,10 @@ import sys
 import tomllib
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from conftest import SERVICE_TOKEN, free_port, image_bytes
+from conftest import SERVICE_TOKEN, drift_reports, free_port, image_bytes
 
 UI = Path(__file__).resolve().parents[1] / "ui"
 APP = str(UI / "app.py")
@@ -322,15 +320,7 @@ def test_monitoring_page_without_report(monkeypatch, tmp_path):
 
 
 def test_monitoring_page_shows_drift_over_time(monkeypatch, tmp_path):
-    from cxrlt.monitoring import drift_report
-
-    rng = np.random.default_rng(0)
-    ref = pd.DataFrame({"p_Edema": rng.beta(2, 5, 80), "p_Hernia": rng.beta(2, 5, 80),
-                        "mean_intensity": rng.normal(120, 10, 80)})
-    for shift in (0.0, 3.0):
-        cur = pd.DataFrame({"p_Edema": rng.beta(2 + shift, 5, 40), "p_Hernia": rng.beta(2, 5, 40),
-                            "mean_intensity": rng.normal(120 + 10 * shift, 10, 40)})
-        drift_report(cur, ref, tmp_path, model_tag="cxrlt:abc", synthetic=True)
+    drift_reports(tmp_path, shift=3.0, model_tag="cxrlt:abc")
     at = app(monkeypatch, f"http://127.0.0.1:{free_port()}", reports=tmp_path, page="views/monitoring.py")
     assert not at.exception, at.exception
     metrics = {m.label: m.value for m in at.metric}

@@ -13,18 +13,15 @@ import contextlib
 import os
 import re
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-import numpy as np
 import pandas as pd
 import pytest
-import requests
 
-from conftest import ROOT, SERVICE_TOKEN, free_port
+from conftest import SERVICE_TOKEN, drift_reports, free_port, server_process
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.access("/usr/bin/chromium", os.X_OK) else None)
 LOCAL = {"127.0.0.1", "localhost", "::1"}
@@ -70,34 +67,10 @@ def screenshot(page, name: str) -> None:
     page.set_viewport_size(size)
 
 
-@contextlib.contextmanager
 def server(cmd: list[str], health: str, log: Path, env: dict, timeout: float = 120):
-    """Start a server process (`env` over this one's; None removes a variable); wait until `health` answers
-    200; stop it by its PID afterwards."""
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env={k: v for k, v in {**os.environ, **env}.items() if v is not None},
-                                stdout=fh, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{cmd[:4]} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if requests.get(health, timeout=5).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{cmd[:4]} not up after {timeout:.0f} s:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+    """conftest's server_process with `env` over this process's (None removes a variable)."""
+    merged = {k: v for k, v in {**os.environ, **env}.items() if v is not None}
+    return server_process(cmd, health, log, merged, timeout)
 
 
 def demo_study(root: Path) -> list[Path]:
@@ -115,19 +88,6 @@ def demo_study(root: Path) -> list[Path]:
     raise AssertionError("the demo has no frontal + lateral study")
 
 
-def drift_reports(folder: Path) -> Path:
-    from cxrlt.monitoring import drift_report
-
-    rng = np.random.default_rng(0)
-    ref = pd.DataFrame({"p_Edema": rng.beta(2, 5, 80), "p_Hernia": rng.beta(2, 5, 80),
-                        "mean_intensity": rng.normal(120, 10, 80)})
-    for shift in (0.0, 2.0):
-        cur = pd.DataFrame({"p_Edema": rng.beta(2 + shift, 5, 40), "p_Hernia": rng.beta(2, 5, 40),
-                            "mean_intensity": rng.normal(120 + 10 * shift, 10, 40)})
-        drift_report(cur, ref, folder, model_tag="cxrlt:demo", synthetic=True)
-    return folder
-
-
 def visible_text(page) -> str:
     return page.evaluate("document.body.innerText")
 
@@ -137,7 +97,8 @@ def test_web_app_in_chromium(service_url, served_tag, tmp_path):
     study = demo_study(tmp_path / "demo")
     port = free_port()
     env = {"CXRLT_SERVICE_URL": service_url, "CXRLT_API_TOKEN": SERVICE_TOKEN,
-           "CXRLT_MODEL_NAME": served_tag.split(":")[0], "CXRLT_REPORTS_DIR": str(drift_reports(tmp_path / "drift")),
+           "CXRLT_MODEL_NAME": served_tag.split(":")[0],
+           "CXRLT_REPORTS_DIR": str(drift_reports(tmp_path / "drift", 2.0, "cxrlt:demo")),
            "CXRLT_COMPARE_DIR": str(tmp_path / "compare")}
     cmd = [sys.executable, "-m", "streamlit", "run", "ui/app.py", "--server.headless", "true",
            "--server.address", "127.0.0.1", "--server.port", str(port)]

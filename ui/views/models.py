@@ -9,6 +9,8 @@ import json
 import pandas as pd
 import streamlit as st
 
+from cxrlt.bootstrap import with_interval
+
 from common import admin_allowed, model_name, service_info
 
 METRICS = ("mAP", "mAUC", "mF1", "mAP_head", "mAP_medium", "mAP_tail", "ece")
@@ -20,20 +22,13 @@ def _registry():
     return registry
 
 
-def _cell(m: dict, key: str) -> str:
-    v = m.get(key)
-    if v is None:
-        return ""
-    lo, hi = m.get(f"{key}_ci95_low"), m.get(f"{key}_ci95_high")
-    return f"{v:.3f} [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else f"{v:.3f}"
-
-
 def metrics_table(metrics: dict) -> pd.DataFrame:
     """One row per split; each metric with its 95% bootstrap interval where evaluation computed one."""
     rows = []
     for split, m in metrics.items():
         if isinstance(m, dict) and any(k in m for k in METRICS):
-            rows.append({"split": split, **{k: _cell(m, k) for k in METRICS if k in m},
+            cells = {k: with_interval(m, k, missing="") for k in METRICS if k in m}
+            rows.append({"split": split, **cells,
                          "images": m.get("n_images", "")})
     return pd.DataFrame(rows)
 
