@@ -4,7 +4,7 @@ Two comparisons in one run:
   1. speed: the vectorised bootstrap (one sort per label, resamples as row weights) against calling
      compute_metrics on each materialised resample, for the same resamples (identical replicates);
   2. coverage: the basic and the percentile interval on simulated long-tailed test sets with a known
-     population mAP (cxrlt.simulation), on the same test sets and resamples.
+     population mAP (cxrlt.evaluation.simulation), on the same test sets and resamples.
 
     python bench/bench_bootstrap.py [--images 5000] [--boot 200] [--sets 40]
 """
@@ -16,10 +16,10 @@ import time
 
 import numpy as np
 
-from cxrlt.bootstrap import bootstrap_ci, draw_resamples
+from cxrlt.evaluation.bootstrap import bootstrap_ci, draw_resamples
 from cxrlt.labels import LabelSpace
-from cxrlt.metrics import compute_metrics
-from cxrlt.simulation import LongTailPopulation, coverage
+from cxrlt.evaluation.metrics import compute_metrics
+from cxrlt.evaluation.simulation import LongTailPopulation, coverage
 
 
 def main(argv=None):

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cxrlt.checkpoint import save_artefact
+from cxrlt.artefact.checkpoint import save_artefact
 from cxrlt.inference import Predictor
 from cxrlt.labels import LabelSpace
 from cxrlt.models import create_model

@@ -90,7 +90,7 @@ def largest_batch(make_model, views, size, device, start, limit, steps, compile_
 def serving_rate(name, size, views, device, n=64, batch=32) -> dict:
     from PIL import Image
 
-    from cxrlt.checkpoint import load_artefact, save_artefact
+    from cxrlt.artefact.checkpoint import load_artefact, save_artefact
     from cxrlt.inference import Predictor
     from cxrlt.labels import LabelSpace
 

@@ -2,7 +2,7 @@
 
 A synthetic release of the full size (258,871 training images, 39,293 development, 78,946 test; label
 files only, no pixels) is planned with the demo's study/patient structure and long-tailed labels
-(`cxrlt.data.demo.plan_demo`, re-split to exact split sizes). At 1x, 2x and 4x of a base size (the full size
+(`cxrlt.data.demo.plan.plan_demo`, re-split to exact split sizes). At 1x, 2x and 4x of a base size (the full size
 times --base-fraction, 1/4 by default, so 4x is the full release) it times, with peak memory:
 
   manifest   build_manifest on the written label CSVs (read, validate, split, write, load back; no images)
@@ -45,14 +45,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cxrlt.bootstrap import bootstrap_ci
-from cxrlt.data.demo import IMAGE_COLUMNS, plan_demo
+from cxrlt.evaluation.bootstrap import bootstrap_ci
+from cxrlt.data.demo.generate import IMAGE_COLUMNS
+from cxrlt.data.demo.plan import plan_demo
 from cxrlt.data.manifest import build_manifest
 from cxrlt.data.splits import merge_linked_patients, overlap_notes, split_test, split_validation
 from cxrlt.labels import TASK1_LABELS
 from cxrlt.losses import class_aware_sampler_weights
-from cxrlt.metrics import compute_metrics
-from cxrlt.monitoring import drift_report, prediction_record, read_log
+from cxrlt.evaluation.metrics import compute_metrics
+from cxrlt.monitoring.drift import drift_report
+from cxrlt.monitoring.log import prediction_record, read_log
 
 FULL = {"train": 258_871, "dev": 39_293, "test": 78_946}      # CXR-LT 2024 images per split
 FULL_LOG = 50_000                                            # logged studies for the drift report at 4x

@@ -144,8 +144,8 @@ class Service:
                     "CXRLT_PREDICTION_LOG": str(self.tmp / "predictions.jsonl"), "HF_HUB_OFFLINE": "1",
                     **(env or {})}
         py = sys.executable
-        code = ("import sys; from cxrlt import registry; t = registry.register(sys.argv[1]); "
-                "registry.set_serving(t, 'bench'); print(t)")
+        code = ("import sys; from cxrlt.registry import store; t = store.register(sys.argv[1]); "
+                "store.set_serving(t, 'bench'); print(t)")
         self.tag = subprocess.run([py, "-c", code, str(artefact)], env=self.env, cwd=ROOT, check=True,
                                   capture_output=True, text=True).stdout.strip().splitlines()[-1]
         self.url = f"http://127.0.0.1:{port}"

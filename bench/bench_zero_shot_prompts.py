@@ -20,11 +20,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from cxrlt.checkpoint import load_artefact
+from cxrlt.artefact.checkpoint import load_artefact
 from cxrlt.data.manifest import load_manifest
 from cxrlt.engine import make_dataset, per_image
 from cxrlt.labels import LabelSpace
-from cxrlt.metrics import compute_metrics
+from cxrlt.evaluation.metrics import compute_metrics
 from cxrlt.models.text import TextEncoderSpec, encode_findings
 
 

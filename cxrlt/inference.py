@@ -15,11 +15,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .checkpoint import Artefact, load_artefact
-from .data.dataset import VIEW_CODES, choose_views, pad_study
-from .data.transforms import image_to_tensor
-from .labels import is_normal
-
+from cxrlt.artefact.checkpoint import Artefact, load_artefact
+from cxrlt.data.dataset import choose_views, pad_study
+from cxrlt.data.transforms import image_to_tensor
+from cxrlt.labels import is_normal
+from cxrlt.views import VIEW_CODES
 
 FINDINGS = "findings"  # in `explain`: the labels at or over their threshold
 MAX_EXPLAIN = 5        # findings per `explain` call (each costs one forward and backward pass)
@@ -67,10 +67,10 @@ class Predictor:
 
     @classmethod
     def from_registry(cls, tag: str | None = None, device: str = "cpu") -> "Predictor":
-        from . import registry
+        from cxrlt.registry import store
 
-        tag = tag or registry.serving_tag()
-        return cls.from_path(registry.model_path(tag), tag=tag, device=device)
+        tag = tag or store.serving_tag()
+        return cls.from_path(store.model_path(tag), tag=tag, device=device)
 
     @property
     def label_names(self) -> tuple[str, ...]:
@@ -96,8 +96,8 @@ class Predictor:
     def ood_gate(self):
         """The artefact's OOD gate (`cxrlt.gate.OODGate`), or None when it carries none."""
         if not hasattr(self, "_ood_gate"):
-            from .gate import load_gate
-            from .gate.ood import GateError, feature_name
+            from cxrlt.gate import load_gate
+            from cxrlt.gate.ood import GateError, feature_name
 
             gate, want = load_gate(self.artefact.path), (feature_name(self.artefact.model), self.image_size)
             if gate is not None and (gate.feature, gate.image_size) != want:
@@ -113,8 +113,8 @@ class Predictor:
         backbone, as in `predict`), so a score never depends on the other images. A model without a gate
         gets checks that did not run, saying so. A refused image whose negative would pass is reported as
         inverted. Combine with the rules: `cxrlt.gate.check_image(info, image) + [check]`."""
-        from .gate.ood import features
-        from .gate.rules import GateCheck
+        from cxrlt.gate.ood import features
+        from cxrlt.gate.rules import GateCheck
 
         views = list(views) if views is not None else [None] * len(images)
         if len(views) != len(images):
@@ -205,8 +205,8 @@ class Predictor:
         exactly what training used. `ensemble` averages several phrasings of each new finding. The study
         is scored as `predict` scores it: its views go with its images, and a single-view model averages
         its images. Returns finding text -> probability (uncalibrated for findings never trained on)."""
-        from .models.prompts import parse_finding
-        from .models.text import TextEncoderSpec, encode_findings
+        from cxrlt.models.prompts import parse_finding
+        from cxrlt.models.text import TextEncoderSpec, encode_findings
 
         rec = self.artefact.meta.get("text_encoder")
         if not rec:
@@ -240,7 +240,7 @@ class Predictor:
         order: {"finding", "image" (0-based upload index), "method": "gradcam", "map": float32 [S, S] in
         [0, 1] at the model's input size, "width", "height"}. The maps of one finding share one scale over
         the study. Computed for this study alone: other studies never change them."""
-        from .explain import gradcam, normalise
+        from cxrlt.explain import gradcam, normalise
 
         names = self.explain_targets(images, views, findings, probs)
         if not names:  # "findings" and none over threshold

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from .labels import LABELS_2023, TASK1_LABELS, TASK3_LABELS
+from cxrlt.labels import LABELS_2023, TASK1_LABELS, TASK3_LABELS
 
 # NIH ChestX-ray14 (Data_Entry_2017_v2020.csv): its 14 findings + "No Finding" -> the project's names.
 # Effusion and Pleural_Thickening are the CXR-LT findings of the same meaning; "No Finding" keeps the

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 
-from cxrlt.bootstrap import with_interval
+from cxrlt.evaluation.bootstrap import with_interval
 
 SPLITS = ("val", "dev", "test")
 COLUMNS = ("mAP", "mAUC", "mF1", "mAP_head", "mAP_medium", "mAP_tail")

@@ -1,5 +1,5 @@
 """The `drift-report` flow: Evidently drift of the logged studies against the served model's validation split
-(the work lives in cxrlt.monitoring), published and signalled.
+(the work lives in cxrlt.monitoring.log), published and signalled.
 
 Each run writes its report into reports/drift/runs/<UTC time>/ and one line of reports/drift/history.jsonl,
 then publishes three artifacts (keys `drift-summary` markdown, `drift-report` link, `drift-columns` table;
@@ -20,14 +20,14 @@ TOP_COLUMNS = 10
 
 @task(name="drift-report")
 def drift_task(log_path: str | None, out_dir: str, last_n: int | None, tag: str | None = None) -> dict:
-    from cxrlt.monitoring import run_drift
+    from cxrlt.monitoring.drift import run_drift
 
     return run_drift(log_path=log_path, out_dir=out_dir, tag=tag, last_n=last_n)
 
 
 def summary_markdown(summary: dict, link: str, top: int = TOP_COLUMNS) -> str:
     """The run in a few lines: counts for predictions and inputs, notes, the most drifted columns."""
-    from cxrlt.monitoring import drift_table
+    from cxrlt.monitoring.drift import drift_table
 
     def part(name: str) -> str:
         p = summary.get(name) or {}
@@ -58,14 +58,14 @@ def report_link(summary: dict, out_dir: str, reports_url: str | None = None) -> 
     rel = f"{summary['run']}/drift.html"
     if reports_url:
         return f"{reports_url.rstrip('/')}/{rel}"
-    from cxrlt.monitoring import reports_dir
+    from cxrlt.monitoring.history import reports_dir
 
     return (reports_dir(out_dir) / rel).resolve().as_uri()
 
 
 def drift_payload(summary: dict) -> dict:
     """What the event carries: the history line of the run (counts, drifted columns, scores, run folder)."""
-    from cxrlt.monitoring_history import history_record
+    from cxrlt.monitoring.history import history_record
 
     return history_record(summary)
 
@@ -76,7 +76,7 @@ def publish(summary: dict, out_dir: str, threshold: float, reports_url: str | No
     from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
     from prefect.events import emit_event
 
-    from cxrlt.monitoring import drift_table
+    from cxrlt.monitoring.drift import drift_table
 
     link = report_link(summary, out_dir, reports_url)
     create_markdown_artifact(summary_markdown(summary, link), key="drift-summary",

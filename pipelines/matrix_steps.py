@@ -11,7 +11,7 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
-from cxrlt.artefact_meta import LINEAGE
+from cxrlt.artefact.meta import LINEAGE
 from cxrlt.config import load_config
 from pipelines import artifacts
 

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 from prefect import flow, get_run_logger, task
 
-from cxrlt.artefact_meta import LINEAGE
+from cxrlt.artefact.meta import LINEAGE
 from cxrlt.config import load_config
 from pipelines import artifacts
 from pipelines import dvc_steps as dvc
@@ -109,15 +109,15 @@ def evaluate_task(variant: str, stage2: bool, project: str) -> dict:
 @task(name="register", retries=2, retry_delay_seconds=2, task_run_name="register-{artefact}")
 def register_task(artefact: str, model_name: str) -> str:
     """Register the artefact, unless a model built from the same dvc.lock entries is registered already."""
-    from cxrlt import registry
+    from cxrlt.registry import store
 
     digest = _lock_digest(Path(artefact))
     variant = json.loads((Path(artefact) / "artefact.json").read_text()).get("variant")
-    for row in registry.list_registered(model_name) if digest else []:
-        if row["variant"] == variant and _lock_digest(registry.model_path(row["tag"])) == digest:
+    for row in store.list_registered(model_name) if digest else []:
+        if row["variant"] == variant and _lock_digest(store.model_path(row["tag"])) == digest:
             get_run_logger().info("%s: already registered as %s (same dvc.lock entries)", variant, row["tag"])
             return row["tag"]
-    return registry.register(artefact, name=model_name)
+    return store.register(artefact, name=model_name)
 
 
 def _lock_digest(folder: Path) -> str | None:
@@ -130,21 +130,21 @@ def _lock_digest(folder: Path) -> str | None:
 @task(name="promote-best")
 def promote_task(model_name: str, manifest: str) -> str:
     """The best of the models validated on this run's data (other data sets' mAPs are not comparable)."""
-    from cxrlt import registry
+    from cxrlt.registry import store
     from cxrlt.provenance import data_version
 
-    old = registry.serving_tag(required=False, name=model_name)
-    before = registry.last_event(model_name)
-    new = registry.promote_best(model_name, data_version(manifest)["manifest_md5"])
-    after = registry.last_event(model_name)
+    old = store.serving_tag(required=False, name=model_name)
+    before = store.last_event(model_name)
+    new = store.promote_best(model_name, data_version(manifest)["manifest_md5"])
+    after = store.last_event(model_name)
     event = after if after != before else None  # None: nothing changed, the best already served
-    artifacts.publish_promotion(model_name, old, new, event, registry.list_registered(model_name))
+    artifacts.publish_promotion(model_name, old, new, event, store.list_registered(model_name))
     return new
 
 
 @task(name="comparison-report")
 def report_task(artefacts: list[str], manifest: str, out_dir: str) -> str:
-    from cxrlt.report import write_report
+    from cxrlt.evaluation.report import write_report
 
     return str(write_report(artefacts, out_dir, manifest=manifest))
 

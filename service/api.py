@@ -1,7 +1,8 @@
 """The entry service's HTTP routes, as a FastAPI app mounted by BentoML (so /docs lists them with their
 fields and answers). The handlers stay thin: a study's way through admission, upload checks, the gate's
 rules and the model service is `service/flow.py`; /predict adds the prediction log and, on request,
-heatmaps (service/explain_route.py); /score_text is service/text_route.py; /docs is service/docs_page.py.
+heatmaps (service/explain_route.py); /score_text is service/text_route.py. /docs (service/docs_page.py) is
+added by service/service.py, which holds the spec it shows.
 
 Answers: 200 a prediction; 4xx `{"error": ...}` for input the client can fix (422 when the input gate
 refuses an image, with `gate` saying which checks ran and why); 503 with Retry-After when the service is
@@ -15,7 +16,6 @@ import bentoml
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from service.docs_page import install_docs
 from service.explain_route import explain_job, raise_study_error
 from service.flow import call_model, error_response, score_study, server_timing
 from service.schemas import ERRORS, PREDICT_FORM, ErrorBody, Prediction
@@ -62,4 +62,3 @@ async def status() -> dict:
 
 
 app.include_router(text_router)
-install_docs(app, "cxrlt: chest X-ray findings")

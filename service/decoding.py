@@ -19,7 +19,8 @@ from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 
-from cxrlt.data.images import ImageDecodeError, ImageInfo, read_image
+from cxrlt.data.image_info import ImageDecodeError, ImageInfo
+from cxrlt.data.images import read_image
 
 MAX_IMAGE_BYTES = 20 * 1024 * 1024     # per uploaded file
 MAX_PIXELS = 40_000_000                # per image (width x height), far below PIL's bomb limit

@@ -13,6 +13,7 @@ The routes of this FastAPI app are matched before BentoML's own `/` (BentoML mou
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 from fastapi import FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html
@@ -47,8 +48,9 @@ def docs_html(title: str) -> str:
     ).body.decode()
 
 
-def install_docs(app: FastAPI, title: str) -> None:
-    """Serve the self-contained Swagger UI at `/` and `/docs` of `app`."""
+def install_docs(app: FastAPI, title: str, openapi_spec: Callable[[], dict]) -> None:
+    """Serve the self-contained Swagger UI at `/` and `/docs` of `app`, and at /docs.json the spec that
+    `openapi_spec()` gives (the BentoML service's, which lists the mounted routes)."""
     page = docs_html(title)
     app.mount(ASSETS, StaticFiles(directory=swagger_assets()), name="docs-assets")
 
@@ -56,9 +58,7 @@ def install_docs(app: FastAPI, title: str) -> None:
         return HTMLResponse(page)
 
     async def spec() -> JSONResponse:
-        from service.service import CXRService  # imported by now: it mounts this app
-
-        body = CXRService.openapi_spec.asdict()
+        body = openapi_spec()
         body.setdefault("info", {})["description"] = DESCRIPTION
         return JSONResponse(body)
 

@@ -5,7 +5,7 @@ Two services, one process each (BentoML's model-composition pattern):
 * `CXRService`, the entry point on the HTTP port (service/api.py): admission control (503 + Retry-After
   when full, service/admission.py), reads and checks uploads, decodes and resizes them to the model's input
   size and runs the input gate's rules (service/uploads.py), answers bad input with a 4xx JSON
-  `{"error": ...}`, logs every prediction (cxrlt.monitoring), and calls
+  `{"error": ...}`, logs every prediction (cxrlt.monitoring.log), and calls
 * `CXRModel`, which holds the model and exposes ONE API that scores a batch of studies with
   `cxrlt.inference.Predictor` in a single forward pass, with the gate's out-of-distribution score. The
   entry service groups concurrent studies into those batches (service/batching.py; sizes in /status).
@@ -39,6 +39,7 @@ from service.admission import Admission
 from service.api import app, call_model
 from service.batching import Batcher
 from service.decoding import DecodePool
+from service.docs_page import install_docs
 from service.auth import TokenAuth
 
 logger = logging.getLogger("cxrlt.service")
@@ -65,17 +66,17 @@ MODEL_RESOURCES = {"gpu": 1} if GPU else {"cpu": str(os.cpu_count() or 1)}
 def served_model_tag() -> str:
     """CXRLT_MODEL_TAG, else the registry's serving mark, else the newest cxrlt model (inside a built
     bento, whose model store holds exactly the model packaged at build time)."""
-    from cxrlt import registry
+    from cxrlt.registry import store
 
-    tag = os.environ.get("CXRLT_MODEL_TAG") or registry.serving_tag(required=False)
+    tag = os.environ.get("CXRLT_MODEL_TAG") or store.serving_tag(required=False)
     if tag:
         return tag
     try:
-        if bentoml.models.list(registry.MODEL_NAME):
-            return f"{registry.MODEL_NAME}:latest"
+        if bentoml.models.list(store.MODEL_NAME):
+            return f"{store.MODEL_NAME}:latest"
     except bentoml.exceptions.NotFound:
         pass
-    return registry.serving_tag()  # raises: no model is marked for serving, and how to make one
+    return store.serving_tag()  # raises: no model is marked for serving, and how to make one
 
 
 MODEL_TAG = served_model_tag()
@@ -135,7 +136,8 @@ class CXRService:
     model_ref = bentoml.models.BentoModel(MODEL_TAG)
 
     def __init__(self) -> None:
-        from cxrlt.checkpoint import Artefact, read_meta
+        from cxrlt.artefact.checkpoint import Artefact
+        from cxrlt.artefact.meta import read_meta
 
         from cxrlt.inference import MAX_EXPLAIN
 
@@ -174,7 +176,7 @@ class CXRService:
             return False
 
     def log(self, body: dict, study) -> None:
-        from cxrlt.monitoring import log_prediction, prediction_record
+        from cxrlt.monitoring.log import log_prediction, prediction_record
 
         try:
             log_prediction(prediction_record(model_tag=body["model_tag"], probabilities=body["probabilities"],
@@ -190,3 +192,7 @@ class CXRService:
 
 
 CXRService.add_asgi_middleware(TokenAuth)
+
+
+# after the class: the page serves the spec BentoML builds for it
+install_docs(app, "cxrlt: chest X-ray findings", lambda: CXRService.openapi_spec.asdict())

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cxrlt.data.dataset import VIEW_CODES
-from cxrlt.data.images import ImageInfo
+from cxrlt.views import VIEW_CODES
+from cxrlt.data.image_info import ImageInfo
 from cxrlt.gate import GateResult, check_image
 from cxrlt.inference import StudyInputError, view_code
 

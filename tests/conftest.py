@@ -74,7 +74,7 @@ def write_val_predictions(path: Path, names, n_studies: int = 60, seed: int = 0)
 def tiny_artefact(session_tmp, label_space) -> Path:
     import torch
 
-    from cxrlt.checkpoint import save_artefact
+    from cxrlt.artefact.checkpoint import save_artefact
     from cxrlt.models import create_model
 
     torch.manual_seed(0)
@@ -90,20 +90,20 @@ def tiny_artefact(session_tmp, label_space) -> Path:
 
 @pytest.fixture(scope="session")
 def served_tag(tiny_artefact) -> str:
-    from cxrlt import registry
+    from cxrlt.registry import store
 
     # its own model name: registry tests that pick the best "cxrlt" model never see this fixture
-    tag = registry.register(tiny_artefact, name="cxrlt-fixture")
-    registry.set_serving(tag, reason="tests")
+    tag = store.register(tiny_artefact, name="cxrlt-fixture")
+    store.set_serving(tag, reason="tests")
     return tag
 
 
 @pytest.fixture
 def serving(served_tag) -> str:
     """The tiny model, marked for serving again (other tests share the model store and may move the mark)."""
-    from cxrlt import registry
+    from cxrlt.registry import store
 
-    return registry.set_serving(served_tag, reason="tests")
+    return store.set_serving(served_tag, reason="tests")
 
 
 def tiny_demo_project(root: Path, params: dict) -> Path:
@@ -111,7 +111,7 @@ def tiny_demo_project(root: Path, params: dict) -> Path:
     the resume and distributed tests."""
     import yaml
 
-    from cxrlt.data.demo import generate_demo
+    from cxrlt.data.demo.generate import generate_demo
     from cxrlt.data.manifest import build_manifest
 
     generate_demo(root / "demo", n_studies=60, seed=3, progress=False)
@@ -169,9 +169,9 @@ def prediction_log(session_tmp) -> Path:
 @pytest.fixture(scope="session")
 def service_url(served_tag, session_tmp, prediction_log):
     """`bentoml serve` of the real service on a free 127.0.0.1 port; stopped by its PID afterwards."""
-    from cxrlt import registry
+    from cxrlt.registry import store
 
-    registry.set_serving(served_tag, reason="tests: service fixture")  # the service reads the mark at start
+    store.set_serving(served_tag, reason="tests: service fixture")  # the service reads the mark at start
     with running_service(session_tmp / "service.log", prediction_log, token=SERVICE_TOKEN) as url:
         yield url
 
@@ -256,7 +256,7 @@ def make_dvc_project(repo: Path, demo: Path, params: dict) -> Path:
 def drift_reports(folder: Path, shift: float, model_tag: str) -> Path:
     """Two drift reports in `folder` (a calm one, then one whose Edema predictions and mean intensity are
     shifted by `shift`) against 80 reference studies: the web app's Monitoring page has a history to show."""
-    from cxrlt.monitoring import drift_report
+    from cxrlt.monitoring.drift import drift_report
 
     rng = np.random.default_rng(0)
     ref = pd.DataFrame({"p_Edema": rng.beta(2, 5, 80), "p_Hernia": rng.beta(2, 5, 80),

@@ -86,7 +86,7 @@ ENCODABLE: tuple[str, ...] = _encodable()
 
 def chest_pixels(h: int = 256, w: int = 256, seed: int = 0) -> np.ndarray:
     """A chest-like frontal radiograph as float32 [h, w] in 0..1, dense structures (bone) bright."""
-    from cxrlt.data.demo_draw import render_image
+    from cxrlt.data.demo.draw import render_image
 
     return render_image("frontal", [], seed, size=(h, w)).astype(np.float32) / 255.0
 

@@ -9,7 +9,7 @@ covers it far less often (it was the method before; measured here so the reason 
 
 import pytest
 
-from cxrlt.simulation import LongTailPopulation, coverage
+from cxrlt.evaluation.simulation import LongTailPopulation, coverage
 
 
 @pytest.mark.slow

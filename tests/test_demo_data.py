@@ -7,8 +7,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from cxrlt.data.demo import IMAGE_COLUMNS, LATERAL_ONLY, ZERO_SHOT, generate_demo, plan_demo
-from cxrlt.data.demo_draw import ALL_FINDINGS, render_image
+from cxrlt.data.demo.draw import LATERAL_ONLY
+from cxrlt.data.demo.generate import IMAGE_COLUMNS, generate_demo
+from cxrlt.data.demo.plan import ZERO_SHOT, plan_demo
+from cxrlt.data.demo.draw import ALL_FINDINGS, render_image
 from cxrlt.labels import TASK1_COUNTS, TASK1_LABELS, TASK2_LABELS, TASK3_LABELS
 
 IMG = list(IMAGE_COLUMNS)

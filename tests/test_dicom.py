@@ -13,8 +13,10 @@ import pydicom
 import pytest
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-from cxrlt.data.dicom import VIEW_CODES_FRONTAL, VIEW_CODES_LATERAL, view_from_position
-from cxrlt.data.images import ImageDecodeError, read_image
+from cxrlt.data.dicom import view_from_position
+from cxrlt.views import FRONTAL_POSITIONS, LATERAL_POSITIONS
+from cxrlt.data.image_info import ImageDecodeError
+from cxrlt.data.images import read_image
 from dicom_factory import ENCODABLE, PHI_VALUES, chest_pixels, make_dicom, to_stored
 
 
@@ -202,9 +204,9 @@ def test_view_codes_agree_with_the_manifest():
     """The service must route a view as training did: the manifest's view_type on the same codes."""
     from cxrlt.data.manifest import view_type
 
-    for code in VIEW_CODES_FRONTAL:
+    for code in FRONTAL_POSITIONS:
         assert view_type(code) == "frontal", code
-    for code in VIEW_CODES_LATERAL:
+    for code in LATERAL_POSITIONS:
         assert view_type(code) == "lateral", code
 
 

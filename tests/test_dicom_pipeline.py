@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from cxrlt.cli import main
-from cxrlt.data.demo import generate_demo
+from cxrlt.cli.main import main
+from cxrlt.data.demo.generate import generate_demo
 from cxrlt.data.images import load_grayscale, read_image
 from cxrlt.data.manifest import build_manifest, load_manifest
 from cxrlt.data.prepare import READER, cache_pixels, prepare_cache

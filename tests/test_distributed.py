@@ -27,9 +27,9 @@ import numpy as np
 import pytest
 import torch
 
-from cxrlt import metrics as M
-from cxrlt.checkpoint import load_artefact
-from cxrlt.cli import main
+from cxrlt.evaluation import metrics as M
+from cxrlt.artefact.checkpoint import load_artefact
+from cxrlt.cli.main import main
 from cxrlt.config import load_config
 from cxrlt.data.manifest import load_manifest
 from cxrlt.engine import make_dataset, per_image, predict, read_history, train

@@ -8,7 +8,9 @@ import time
 import numpy as np
 import pytest
 
-from cxrlt import monitoring as mon
+from cxrlt.monitoring.history import drift_history
+from cxrlt.monitoring.log import log_prediction, prediction_record
+from cxrlt.monitoring.reference import reference_frame
 
 
 def log_studies(path, tag, label_space, *, like_reference=None, seed=0, n=40):
@@ -20,7 +22,7 @@ def log_studies(path, tag, label_space, *, like_reference=None, seed=0, n=40):
              for _ in range(n)])
     for r in rows:
         probs = {k[2:]: v for k, v in r.items() if k.startswith("p_")}
-        mon.log_prediction(mon.prediction_record(model_tag=tag, probabilities=probs, views=["frontal"],
+        log_prediction(prediction_record(model_tag=tag, probabilities=probs, views=["frontal"],
                                                  image_stats=[]), path)
     return path
 
@@ -62,7 +64,7 @@ def drift_events(tag: str, want: int, timeout: float = 30.0) -> list:
 def test_flow_publishes_and_signals_only_over_the_threshold(prefect_harness, serving, tiny_artefact, label_space,
                                                            tmp_path):
     tag = serving
-    same = log_studies(tmp_path / "same.jsonl", tag, label_space, like_reference=mon.reference_frame(tiny_artefact))
+    same = log_studies(tmp_path / "same.jsonl", tag, label_space, like_reference=reference_frame(tiny_artefact))
     calm, calm_run = run_flow(log_path=str(same), out_dir=str(tmp_path / "calm"), tag=tag, threshold=0.3)
     assert calm["share_drifted"] == 0.0 and calm["drift_detected"] is False
     assert calm["input"]["n_columns"] == 0 and "image_stats_val.csv" in calm["notes"][0]  # an older artefact
@@ -70,7 +72,7 @@ def test_flow_publishes_and_signals_only_over_the_threshold(prefect_harness, ser
     shifted = log_studies(tmp_path / "shifted.jsonl", tag, label_space, seed=1)
     hot, hot_run = run_flow(log_path=str(shifted), out_dir=str(tmp_path / "hot"), tag=tag, threshold=0.3)
     assert hot["share_drifted"] == 1.0 and hot["drift_detected"] is True
-    assert (tmp_path / "hot" / hot["run"] / "drift.html").exists() and len(mon.drift_history(tmp_path / "hot")) == 1
+    assert (tmp_path / "hot" / hot["run"] / "drift.html").exists() and len(drift_history(tmp_path / "hot")) == 1
 
     arts = artifacts_of(hot_run)
     assert {"drift-summary", "drift-report", "drift-columns"} <= set(arts)

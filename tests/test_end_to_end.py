@@ -8,7 +8,7 @@ import pytest
 from conftest import make_dvc_project, running_service
 
 from cxrlt.client import post_study, send_studies
-from cxrlt.data.demo import generate_demo
+from cxrlt.data.demo.generate import generate_demo
 from cxrlt.data.manifest import load_manifest
 
 PARAMS = {
@@ -24,7 +24,7 @@ PARAMS = {
 
 @pytest.mark.slow
 def test_demo_data_to_flow_to_service_to_drift_report(tmp_path, monkeypatch, prefect_harness):
-    from cxrlt import registry
+    from cxrlt.registry import store
     from pipelines.drift import drift_report
     from pipelines.train_eval import train_eval
 
@@ -34,8 +34,8 @@ def test_demo_data_to_flow_to_service_to_drift_report(tmp_path, monkeypatch, pre
 
     res = train_eval(model_name="cxrlt-e2e")  # dvc.yaml's stages, through DVC
     served = res["serving"]
-    assert served == registry.serving_tag() and served.startswith("cxrlt-e2e:")
-    assert {r["tag"] for r in registry.list_registered("cxrlt-e2e")} == {res["e2e-single"]["tag"], res["e2e-fusion"]["tag"]}
+    assert served == store.serving_tag() and served.startswith("cxrlt-e2e:")
+    assert {r["tag"] for r in store.list_registered("cxrlt-e2e")} == {res["e2e-single"]["tag"], res["e2e-fusion"]["tag"]}
 
     m = load_manifest("prepared/manifest")
     study_id, rows = next((s, r) for s, r in m.studies("test") if len(r) >= 2)

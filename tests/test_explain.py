@@ -139,7 +139,7 @@ def test_gradcam_runs_on_every_variant(name):
 
 @pytest.fixture(scope="module")
 def predictor(tmp_path_factory, label_space):
-    from cxrlt.checkpoint import save_artefact
+    from cxrlt.artefact.checkpoint import save_artefact
 
     torch.manual_seed(0)
     model = create_model("chexfusion_test", num_labels=len(label_space))
@@ -191,7 +191,7 @@ def test_predictor_explain_findings_word_and_bad_names(predictor):
 
 
 def test_single_image_model_explains_each_image_on_one_scale(tmp_path, label_space):
-    from cxrlt.checkpoint import save_artefact
+    from cxrlt.artefact.checkpoint import save_artefact
 
     torch.manual_seed(0)
     model = create_model("single_test", num_labels=len(label_space))

@@ -37,7 +37,7 @@ VARIANTS = ("tiny-single", "tiny-fusion")
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    from cxrlt.data.demo import generate_demo
+    from cxrlt.data.demo.generate import generate_demo
 
     root = tmp_path_factory.mktemp("demo")
     generate_demo(root, n_studies=60, seed=3, progress=False)
@@ -56,7 +56,7 @@ def flow_runs(demo, tmp_path_factory, prefect_harness):
 
 
 def test_every_model_is_in_dvc_lock_and_registered_with_its_entry(flow_runs):
-    from cxrlt import registry
+    from cxrlt.registry import store
 
     repo, first, _ = flow_runs
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
@@ -65,25 +65,25 @@ def test_every_model_is_in_dvc_lock_and_registered_with_its_entry(flow_runs):
     for v, stages in (("tiny-single", ("train@tiny-single", "evaluate@tiny-single")),
                       ("tiny-fusion", ("train-stage2@tiny-fusion", "evaluate-stage2@tiny-fusion"))):
         assert first[v]["trained"] is True
-        lineage = json.loads((registry.model_path(first[v]["tag"]) / "lineage.json").read_text())
+        lineage = json.loads((store.model_path(first[v]["tag"]) / "lineage.json").read_text())
         assert lineage["dvc_lock"] == {"train": lock[stages[0]], "evaluate": lock[stages[1]]}
         weights = next(o for o in lock[stages[0]]["outs"] if o["path"].endswith("weights.safetensors"))
         from cxrlt.provenance import file_md5
-        assert file_md5(registry.model_path(first[v]["tag"]) / "weights.safetensors") == weights["md5"]
+        assert file_md5(store.model_path(first[v]["tag"]) / "weights.safetensors") == weights["md5"]
         assert lineage["rebuild"].endswith(f"dvc repro {stages[1]}") and lineage["git_commit"] in lineage["rebuild"]
-        assert f"`{stages[0]}`" in registry.model_card(first[v]["tag"])  # the card shows the lineage
+        assert f"`{stages[0]}`" in store.model_card(first[v]["tag"])  # the card shows the lineage
         assert first[v]["metrics"] == json.loads((repo / "models" / v / "metrics.json").read_text())
     assert "didn't change" in sh(repo, BIN / "dvc", "status") or "up to date" in sh(repo, BIN / "dvc", "status")
 
 
 def test_unchanged_variants_are_neither_retrained_nor_registered_again(flow_runs):
-    from cxrlt import registry
+    from cxrlt.registry import store
 
     _, first, second = flow_runs
     for v in VARIANTS:
         assert second[v]["trained"] is False
         assert second[v]["tag"] == first[v]["tag"]
-    assert len(registry.list_registered("flowdvc")) == 2
+    assert len(store.list_registered("flowdvc")) == 2
     assert second["serving"] == first["serving"]
 
 
@@ -107,7 +107,7 @@ def test_a_params_file_dvc_does_not_read_trains_outside_the_lock(flow_runs, demo
     """Another params file (as experiments/demo-matrix.yaml) with a seeded variant: trained with the library
     into its own folders, registered with a lineage naming the file; params.yaml and dvc.lock untouched;
     a wrong flow argument fails before anything is written."""
-    from cxrlt import registry
+    from cxrlt.registry import store
     from pipelines.train_eval import train_eval
 
     repo = flow_runs[0]
@@ -123,7 +123,7 @@ def test_a_params_file_dvc_does_not_read_trains_outside_the_lock(flow_runs, demo
     for k in (0, 1):
         v = f"tiny-seeded-seed{k}"
         assert res[v]["artefact"].endswith(f"models/other/{v}")
-        lineage = json.loads((registry.model_path(res[v]["tag"]) / "lineage.json").read_text())
+        lineage = json.loads((store.model_path(res[v]["tag"]) / "lineage.json").read_text())
         assert lineage["dvc_lock"] is None and lineage["params_file"].endswith("other.yaml")
     with pytest.raises(ValueError, match="seeded runs"):  # through DVC, seeds cannot expand
         (repo / "params.yaml").write_text(yaml.safe_dump(other))

@@ -20,7 +20,8 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from cxrlt.data.images import ImageInfo, read_image
+from cxrlt.data.image_info import ImageInfo
+from cxrlt.data.images import read_image
 from cxrlt.gate import (GateError, GateResult, OODGate, check_body_part, check_geometry, check_image,
                         check_metadata, check_modality, check_pixels, fit_gate, load_gate)
 from cxrlt.gate.ood import QUANTILES, conformal_rank
@@ -93,7 +94,7 @@ def test_colour_threshold_and_real_files():
     for im in samples("photo", 5, (320, 256)):                   # colour scenes, as JPEG uploads
         img, inf = read_image(encode(im))
         assert check_image(inf, img).code == "colour"
-    from cxrlt.data.demo_draw import render_image
+    from cxrlt.data.demo.draw import render_image
 
     chest = Image.fromarray(render_image("frontal", [], 1, (320, 256)))
     for data in (encode(chest), encode(chest.convert("RGB"), "JPEG", quality=80)):  # grey, and grey stored RGB
@@ -105,7 +106,7 @@ def test_flat_images_are_refused_and_radiographs_are_not():
     for im in samples("flat", 5, (320, 256)):
         (c,) = check_pixels(im)
         assert (c.passed, c.code) == (False, "flat")
-    from cxrlt.data.demo_draw import render_image
+    from cxrlt.data.demo.draw import render_image
 
     (c,) = check_pixels(Image.fromarray(render_image("lateral", [], 2, (320, 256))))
     assert c.passed and c.value > 100
@@ -160,7 +161,7 @@ def demo(tmp_path_factory):
     """A 1000-study demo (80 x 64 px images), a single-image model trained one epoch at 32 px, evaluated by
     the engine (which fits and stores the gate at the default 1% false-rejection rate)."""
     from cxrlt.config import DataConfig, EvalConfig, TrainConfig, VariantConfig
-    from cxrlt.data.demo import generate_demo
+    from cxrlt.data.demo.generate import generate_demo
     from cxrlt.data.manifest import build_manifest
     from cxrlt.engine import evaluate, train
 
@@ -193,7 +194,7 @@ def _read(path) -> Image.Image:
 
 
 def test_evaluation_stores_a_small_gate_that_the_meta_exposes(demo, predictor):
-    from cxrlt.checkpoint import read_meta
+    from cxrlt.artefact.meta import read_meta
 
     ev = demo["artefact"] / "eval"
     assert (ev / "gate.json").stat().st_size + (ev / "gate.safetensors").stat().st_size < 1_000_000
@@ -315,10 +316,10 @@ def test_a_model_without_a_gate_still_predicts_and_says_the_check_did_not_run(ti
 
 
 def test_cli_recalibrates_and_a_failed_fit_leaves_no_stale_gate(demo, tmp_path):
-    from cxrlt.cli import main
+    from cxrlt.cli.main import main
     from cxrlt.config import EvalConfig
     from cxrlt.engine.evaluation import fit_ood_gate
-    from cxrlt.checkpoint import load_artefact
+    from cxrlt.artefact.checkpoint import load_artefact
 
     art = shutil.copytree(demo["artefact"], tmp_path / "art")
     before = json.loads((art / "eval/gate.json").read_text())

@@ -17,10 +17,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from cxrlt.checkpoint import load_artefact
+from cxrlt.artefact.checkpoint import load_artefact
 from cxrlt.config import TrainConfig, config_from_dict
 from cxrlt.data.dataset import CXRDataset
-from cxrlt.data.demo import generate_demo
+from cxrlt.data.demo.generate import generate_demo
 from cxrlt.data.manifest import build_manifest, load_manifest
 from cxrlt.data.prepare import prepare_cache
 from cxrlt.data.transforms import IMAGENET_STD, JpegViews, decode_views, first_non_jpeg, is_jpeg

@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from cxrlt.data import images, transforms
-from cxrlt.data.images import ImageDecodeError, ImageInfo, is_dicom, load_grayscale, read_image
+from cxrlt.data.image_info import ImageDecodeError, ImageInfo
+from cxrlt.data.images import is_dicom, load_grayscale, read_image
 from dicom_factory import make_dicom
 
 

@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from cxrlt.cli import main
+from cxrlt.cli.main import main
 from cxrlt.data.dataset import CXRDataset
-from cxrlt.data.demo import generate_demo
+from cxrlt.data.demo.generate import generate_demo
 from cxrlt.data.layouts import build_layout_manifest, detect_layout
 from cxrlt.data.manifest import MANIFEST_COLUMNS, ManifestError, build_manifest, load_manifest
 from cxrlt.data.nih import build_nih_manifest

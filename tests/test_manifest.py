@@ -8,8 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cxrlt.data.demo import generate_demo
-from cxrlt.data.manifest import (MANIFEST_COLUMNS, VIEW_CODES, ManifestError, build_manifest, load_manifest,
+from cxrlt.data.demo.generate import generate_demo
+from cxrlt.views import VIEW_CODES
+from cxrlt.data.manifest import (MANIFEST_COLUMNS, ManifestError, build_manifest, load_manifest,
                                  view_type)
 from cxrlt.labels import LABELS_2023, TASK1_LABELS, TASK2_LABELS, TASK3_LABELS
 

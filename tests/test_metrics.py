@@ -8,9 +8,8 @@ import pytest
 from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
 from cxrlt.labels import LabelSpace
-from cxrlt.metrics import (_prepare, _Ranked, _stable_argsort, bootstrap_ci, bootstrap_interval, compute_metrics,
-                           draw_resamples, expand_to_images, expected_calibration_error, summary, tune_thresholds,
-                           write_submission)
+from cxrlt.evaluation.bootstrap import bootstrap_ci, bootstrap_interval, draw_resamples
+from cxrlt.evaluation.metrics import (_prepare, _Ranked, _stable_argsort, compute_metrics, expand_to_images, expected_calibration_error, summary, tune_thresholds, write_submission)
 
 # 8 trained labels spanning the share groups (N = 1000: head >= 100, tail < 10) plus one zero-shot label.
 NAMES = ("A", "B", "C", "D", "E", "F", "G", "H", "Z")

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from cxrlt.checkpoint import ArtefactError, load_artefact, save_artefact
+from cxrlt.artefact.checkpoint import load_artefact, save_artefact
+from cxrlt.artefact.meta import ArtefactError
 from cxrlt.labels import LabelSpace
 from cxrlt.models import create_model, list_models
 from cxrlt.models.fusion import sincos_2d

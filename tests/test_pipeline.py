@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cxrlt.cli import main
-from cxrlt.data.demo import generate_demo
+from cxrlt.cli.main import main
+from cxrlt.data.demo.generate import generate_demo
 
 TINY_PARAMS = {
     "paths": {"labels": "data/demo/cxr-lt-2024", "images": "data/demo/mimic-cxr-jpg",
@@ -41,7 +41,7 @@ def assert_metrics_match_predictions(art: Path, manifest_dir: Path, splits=("val
     import pandas as pd
 
     from cxrlt.data.manifest import load_manifest
-    from cxrlt.metrics import compute_metrics
+    from cxrlt.evaluation.metrics import compute_metrics
 
     man = load_manifest(manifest_dir)
     names = list(man.label_space.names)
@@ -72,7 +72,7 @@ def test_cli_manifest_prepare_train_evaluate_register(project, capsys):
         assert run_cli("train", "--variant", v, "--manifest", p / "cli/cache", "--out", art,
                        "--params", params, "--quiet") == 0
     # stage 2 started from stage 1's backbone and kept it frozen (weights and batch-norm statistics)
-    from cxrlt.checkpoint import load_artefact
+    from cxrlt.artefact.checkpoint import load_artefact
     s1, s2 = load_artefact(p / "cli/models/tiny-single"), load_artefact(art)
     for k, v in s1.model.backbone.state_dict().items():
         assert (s2.model.backbone.state_dict()[k] == v).all(), k

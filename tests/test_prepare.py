@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from cxrlt.data.demo import generate_demo, run_chunked
+from cxrlt.data.demo.generate import generate_demo
+from cxrlt.data.parallel import run_chunked
 from cxrlt.data.manifest import ManifestError, build_manifest, load_manifest
 from cxrlt.data.prepare import _resize_chunk, prepare_cache
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cxrlt.checkpoint import save_artefact
+from cxrlt.artefact.checkpoint import save_artefact
 from cxrlt.inference import Predictor, StudyInputError
 from cxrlt.labels import LabelSpace
 from cxrlt.models import create_model

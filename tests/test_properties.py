@@ -18,14 +18,14 @@ import pytest
 import torch
 from PIL import Image
 
-from cxrlt.checkpoint import load_artefact, save_artefact
+from cxrlt.artefact.checkpoint import load_artefact, save_artefact
 from cxrlt.config import DataConfig, EvalConfig, TrainConfig, VariantConfig
 from cxrlt.data.dataset import CXRDataset, build_items
 from cxrlt.data.transforms import image_to_tensor
 from cxrlt.data.manifest import MANIFEST_COLUMNS, load_manifest
 from cxrlt.labels import LabelSpace
 from cxrlt.losses import create_loss, list_losses
-from cxrlt.metrics import compute_metrics, tune_thresholds
+from cxrlt.evaluation.metrics import compute_metrics, tune_thresholds
 from cxrlt.models import create_model
 from cxrlt.models.fusion import ViewTokenizer, sincos_2d
 
@@ -417,18 +417,18 @@ def test_engine_copies_a_fusion_models_study_prediction_to_its_images(manifest, 
 # --------------------------------- 6. promotion: best validation mAP among the same data's models
 
 def _registered(tmp_path, name, val_map, data_md5):
-    from cxrlt import registry
+    from cxrlt.registry import store
 
     ls = LabelSpace(("A", "B"), (5, 3), 10)
     m = create_model("single_test", num_labels=2)
     art = save_artefact(tmp_path / f"{name}-{val_map}-{data_md5}", m, model_name="single_test", label_space=ls,
                         data={"image_size": SIZE}, metrics={"val": {"mAP": val_map, "mAUC": 0.5}},
                         data_version={"manifest_md5": data_md5, "dvc_md5": None})
-    return registry.register(art, name=name)
+    return store.register(art, name=name)
 
 
 def test_promotion_picks_the_best_validation_map_on_the_same_data(tmp_path):
-    from cxrlt import registry
+    from cxrlt.registry import store
 
     name = "cxrlt-props-promote"
     tags = {}
@@ -436,24 +436,24 @@ def test_promotion_picks_the_best_validation_map_on_the_same_data(tmp_path):
     for key, val_map, data in (("v1-mid", 0.55, "v1"), ("v1-best", 0.61, "v1"), ("v2-top", 0.90, "v2"),
                                ("v1-low", 0.20, "v1"), ("v2-low", 0.30, "v2")):
         tags[key] = _registered(tmp_path, name, val_map, data)
-    assert registry.best_tag(name, data_version="v1") == tags["v1-best"]
-    assert registry.best_tag(name, data_version="v2") == tags["v2-top"]
-    assert registry.best_tag(name) == tags["v2-top"]                  # no data version: all models
-    with pytest.raises(registry.RegistryError, match="on data v3"):
-        registry.best_tag(name, data_version="v3")
-    assert registry.promote_best(name, data_version="v1") == tags["v1-best"]
-    assert registry.serving_tag() == tags["v1-best"]
-    assert registry.promote_best(name, data_version="v2") == tags["v2-top"]
-    assert registry.serving_tag() == tags["v2-top"] and registry.rollback(name=name) == tags["v1-best"]
+    assert store.best_tag(name, data_version="v1") == tags["v1-best"]
+    assert store.best_tag(name, data_version="v2") == tags["v2-top"]
+    assert store.best_tag(name) == tags["v2-top"]                  # no data version: all models
+    with pytest.raises(store.RegistryError, match="on data v3"):
+        store.best_tag(name, data_version="v3")
+    assert store.promote_best(name, data_version="v1") == tags["v1-best"]
+    assert store.serving_tag() == tags["v1-best"]
+    assert store.promote_best(name, data_version="v2") == tags["v2-top"]
+    assert store.serving_tag() == tags["v2-top"] and store.rollback(name=name) == tags["v1-best"]
     # promoting the model already served changes nothing
-    assert registry.promote_best(name, data_version="v1") == tags["v1-best"]
-    assert [h["tag"] for h in registry.history(name)] == [tags["v1-best"], tags["v2-top"], tags["v1-best"]]
+    assert store.promote_best(name, data_version="v1") == tags["v1-best"]
+    assert [h["tag"] for h in store.history(name)] == [tags["v1-best"], tags["v2-top"], tags["v1-best"]]
 
 
 def test_best_tag_with_fixed_rows(monkeypatch):
     """best_tag over fixed registry rows with distinct creation times: neither the newest, the oldest nor
     the first listed, nor the best of another data version, nor a model without a validation mAP wins."""
-    from cxrlt import registry
+    from cxrlt.registry import store
 
     rows = [  # list_registered order: newest first
         {"tag": "m:new-low", "val_mAP": 0.31, "created": "2024-05-05T00:00:00", "data_version": "v1"},
@@ -463,30 +463,30 @@ def test_best_tag_with_fixed_rows(monkeypatch):
         {"tag": "m:old-mid", "val_mAP": 0.50, "created": "2024-05-01T00:00:00", "data_version": "v1"},
         {"tag": "m:tie-older", "val_mAP": 0.62, "created": "2024-04-01T00:00:00", "data_version": "v1"},
     ]
-    monkeypatch.setattr(registry, "list_registered", lambda name=registry.MODEL_NAME: [dict(r) for r in rows])
-    assert registry.best_tag("m", data_version="v1") == "m:best"          # tie on mAP: the newer one
-    assert registry.best_tag("m", data_version="v2") == "m:other-data"
-    assert registry.best_tag("m") == "m:other-data"
+    monkeypatch.setattr(store, "list_registered", lambda name=store.MODEL_NAME: [dict(r) for r in rows])
+    assert store.best_tag("m", data_version="v1") == "m:best"          # tie on mAP: the newer one
+    assert store.best_tag("m", data_version="v2") == "m:other-data"
+    assert store.best_tag("m") == "m:other-data"
 
 
 def test_promote_without_a_data_version_stays_on_one_data_set(monkeypatch):
     """`cxrlt registry promote` with no tag: the best on the served model's data, never a higher mAP
     validated on other data; with nothing served and several data sets, a clear refusal."""
-    from cxrlt import registry
+    from cxrlt.registry import store
 
     rows = [{"tag": "m:v1-low", "val_mAP": 0.30, "created": "2024-05-03", "data_version": "v1", "serving": True},
             {"tag": "m:v2-top", "val_mAP": 0.90, "created": "2024-05-02", "data_version": "v2", "serving": False},
             {"tag": "m:v1-best", "val_mAP": 0.55, "created": "2024-05-01", "data_version": "v1", "serving": False}]
     served = []
-    monkeypatch.setattr(registry, "list_registered", lambda name=registry.MODEL_NAME: [dict(r) for r in rows])
-    monkeypatch.setattr(registry, "serving_tag", lambda required=True: next(r["tag"] for r in rows if r["serving"]))
-    monkeypatch.setattr(registry, "set_serving", lambda tag, reason="", action="": served.append(tag) or tag)
-    assert registry.promote_best("m") == "m:v1-best" and served == ["m:v1-best"]
-    assert registry.promote_best("m", data_version="v2") == "m:v2-top"
+    monkeypatch.setattr(store, "list_registered", lambda name=store.MODEL_NAME: [dict(r) for r in rows])
+    monkeypatch.setattr(store, "serving_tag", lambda required=True: next(r["tag"] for r in rows if r["serving"]))
+    monkeypatch.setattr(store, "set_serving", lambda tag, reason="", action="": served.append(tag) or tag)
+    assert store.promote_best("m") == "m:v1-best" and served == ["m:v1-best"]
+    assert store.promote_best("m", data_version="v2") == "m:v2-top"
     rows[0]["serving"] = False
-    monkeypatch.setattr(registry, "serving_tag", lambda required=True: None)
-    with pytest.raises(registry.RegistryError, match="2 different data sets"):
-        registry.promote_best("m")
+    monkeypatch.setattr(store, "serving_tag", lambda required=True: None)
+    with pytest.raises(store.RegistryError, match="2 different data sets"):
+        store.promote_best("m")
 
 
 # ------------------------------------- 7. the positional encoding: the formula, in token order

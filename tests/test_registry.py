@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from cxrlt.cli import main
+from cxrlt.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -30,7 +30,7 @@ MANIFEST_MD5 = "feedc0ffee0123456789abcdef012345"
 def evaluated(tiny_artefact, tmp_path_factory) -> Path:
     """The session's tiny artefact, evaluated as `cxrlt evaluate` leaves one: metrics.json with bootstrap
     intervals per group, thresholds tuned on val, a data version and a code commit."""
-    from cxrlt.checkpoint import write_evaluation
+    from cxrlt.artefact.checkpoint import write_evaluation
 
     art = tmp_path_factory.mktemp("registry") / "tiny-evaluated"
     shutil.copytree(tiny_artefact, art)
@@ -50,9 +50,9 @@ def name() -> str:
 
 
 def register_n(art: Path, name: str, n: int) -> list[str]:
-    from cxrlt import registry
+    from cxrlt.registry import store
 
-    return [registry.register(art, name=name) for _ in range(n)]
+    return [store.register(art, name=name) for _ in range(n)]
 
 
 def in_store(home: Path, code: str) -> dict:
@@ -67,47 +67,47 @@ def in_store(home: Path, code: str) -> dict:
 # ------------------------------------------------------------------------------ history and rollback
 
 def test_rollback_walks_back_one_model_at_a_time(evaluated, name):
-    from cxrlt import registry
+    from cxrlt.registry import store
 
     a, b, c = register_n(evaluated, name, 3)
     for tag in (a, b, c):
-        registry.set_serving(tag, reason="test", action="promote")
-    assert registry.rollback(name=name) == b
-    assert registry.serving_tag(name=name) == b
-    assert registry.rollback(name=name) == a
-    with pytest.raises(registry.RegistryError, match="nothing earlier"):
-        registry.rollback(name=name)
-    hist = registry.history(name)
+        store.set_serving(tag, reason="test", action="promote")
+    assert store.rollback(name=name) == b
+    assert store.serving_tag(name=name) == b
+    assert store.rollback(name=name) == a
+    with pytest.raises(store.RegistryError, match="nothing earlier"):
+        store.rollback(name=name)
+    hist = store.history(name)
     assert [h["tag"] for h in hist] == [a, b, c, b, a]
     assert [h["action"] for h in hist] == ["promote", "promote", "promote", "rollback", "rollback"]
     assert [h["previous"] for h in hist] == [None, a, b, c, b]
     assert hist[3]["reason"] == f"rollback from {c}"
-    assert registry.last_event(name) == hist[-1]
+    assert store.last_event(name) == hist[-1]
     assert hist == sorted(hist, key=lambda h: h["time"])  # oldest first
 
 
 def test_rollback_to_any_earlier_model(evaluated, name):
-    from cxrlt import registry
+    from cxrlt.registry import store
 
     a, b, c, never = register_n(evaluated, name, 4)
     for tag in (a, b, c):
-        registry.set_serving(tag)
-    assert registry.rollback(to=a) == a and registry.serving_tag(name=name) == a
-    with pytest.raises(registry.RegistryError, match="nothing earlier"):  # C and B came after A
-        registry.rollback(name=name)
-    assert registry.rollback(to=c) == c                                  # forward again, by name
-    with pytest.raises(registry.RegistryError, match="never served"):
-        registry.rollback(to=never)
-    with pytest.raises(registry.RegistryError, match="already"):
-        registry.rollback(to=c)
-    with pytest.raises(registry.RegistryError, match="no registered model"):
-        registry.rollback(to=f"{name}:doesnotexist")
+        store.set_serving(tag)
+    assert store.rollback(to=a) == a and store.serving_tag(name=name) == a
+    with pytest.raises(store.RegistryError, match="nothing earlier"):  # C and B came after A
+        store.rollback(name=name)
+    assert store.rollback(to=c) == c                                  # forward again, by name
+    with pytest.raises(store.RegistryError, match="never served"):
+        store.rollback(to=never)
+    with pytest.raises(store.RegistryError, match="already"):
+        store.rollback(to=c)
+    with pytest.raises(store.RegistryError, match="no registered model"):
+        store.rollback(to=f"{name}:doesnotexist")
 
 
 def test_promote_best_records_why_and_what_it_replaced(evaluated, name, tmp_path):
-    from cxrlt import registry
+    from cxrlt.registry import store
 
-    assert registry.last_event(name) is None and registry.history(name) == []
+    assert store.last_event(name) is None and store.history(name) == []
     (a,) = register_n(evaluated, name, 1)
     better = tmp_path / "better"
     shutil.copytree(evaluated, better)
@@ -115,29 +115,29 @@ def test_promote_best_records_why_and_what_it_replaced(evaluated, name, tmp_path
     metrics["val"]["mAP"] = 0.9
     (better / "metrics.json").write_text(json.dumps(metrics))
     (b,) = register_n(better, name, 1)
-    registry.set_serving(a)
-    assert registry.promote_best(name, data_version=MANIFEST_MD5) == b
-    ev = registry.last_event(name)
+    store.set_serving(a)
+    assert store.promote_best(name, data_version=MANIFEST_MD5) == b
+    ev = store.last_event(name)
     assert ev["tag"] == b and ev["previous"] == a and ev["action"] == "promote"
     assert "validation mAP" in ev["reason"]
-    assert registry.promote_best(name, data_version=MANIFEST_MD5) == b
-    assert len(registry.history(name)) == 2  # promoting the served model again records nothing
+    assert store.promote_best(name, data_version=MANIFEST_MD5) == b
+    assert len(store.history(name)) == 2  # promoting the served model again records nothing
 
 
 def test_concurrent_promotions_lose_no_entry(evaluated, name):
     """Two processes moving the mark at once: every move is in the history, each naming what it replaced."""
     a, b = register_n(evaluated, name, 2)
-    code = ("import sys; from cxrlt import registry\n"
-            f"for i in range(8): registry.set_serving(({a!r}, {b!r})[i % 2], reason='writer ' + sys.argv[1])")
+    code = ("import sys; from cxrlt.registry import store\n"
+            f"for i in range(8): store.set_serving(({a!r}, {b!r})[i % 2], reason='writer ' + sys.argv[1])")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen([sys.executable, "-c", code, str(k)], env=env, stderr=subprocess.PIPE, text=True)
              for k in range(2)]
     for p in procs:
         _, err = p.communicate(timeout=120)
         assert p.returncode == 0, err[-3000:]
-    from cxrlt import registry
+    from cxrlt.registry import store
 
-    hist = registry.history(name)
+    hist = store.history(name)
     assert sorted(h["reason"] for h in hist) == ["writer 0"] * 8 + ["writer 1"] * 8
     for before, after in zip(hist, hist[1:]):  # every entry names the model it really replaced
         assert after["previous"] == before["tag"]
@@ -146,35 +146,35 @@ def test_concurrent_promotions_lose_no_entry(evaluated, name):
 # -------------------------------------------------------------------------------------------- stages
 
 def test_stages_and_one_production_per_name(evaluated, name):
-    from cxrlt import registry
+    from cxrlt.registry import store
 
     a, b, c = register_n(evaluated, name, 3)
-    assert {registry.stage_of(t) for t in (a, b, c)} == {"candidate"}
-    registry.set_serving(a)
-    assert registry.stage_of(a) == "production"
-    registry.set_stage(b, "production")  # by hand: B is served, A is archived
-    assert (registry.stage_of(a), registry.stage_of(b), registry.stage_of(c)) == ("archived", "production",
+    assert {store.stage_of(t) for t in (a, b, c)} == {"candidate"}
+    store.set_serving(a)
+    assert store.stage_of(a) == "production"
+    store.set_stage(b, "production")  # by hand: B is served, A is archived
+    assert (store.stage_of(a), store.stage_of(b), store.stage_of(c)) == ("archived", "production",
                                                                                   "candidate")
-    assert registry.serving_tag(name=name) == b and registry.last_event(name)["action"] == "manual"
-    registry.set_stage(c, "archived")
-    registry.set_stage(a, "candidate")
-    rows = {r["tag"]: r for r in registry.list_registered(name)}
+    assert store.serving_tag(name=name) == b and store.last_event(name)["action"] == "manual"
+    store.set_stage(c, "archived")
+    store.set_stage(a, "candidate")
+    rows = {r["tag"]: r for r in store.list_registered(name)}
     assert {t: r["stage"] for t, r in rows.items()} == {a: "candidate", b: "production", c: "archived"}
     assert [r["stage"] for r in rows.values()].count("production") == 1
-    with pytest.raises(registry.RegistryError, match="production"):
-        registry.set_stage(b, "archived")  # the served model leaves production only by another's promotion
-    with pytest.raises(registry.RegistryError, match="unknown stage 'staging'.*candidate, production, archived"):
-        registry.set_stage(c, "staging")
-    registry.rollback(name=name)
-    assert (registry.stage_of(a), registry.stage_of(b)) == ("production", "archived")
+    with pytest.raises(store.RegistryError, match="production"):
+        store.set_stage(b, "archived")  # the served model leaves production only by another's promotion
+    with pytest.raises(store.RegistryError, match="unknown stage 'staging'.*candidate, production, archived"):
+        store.set_stage(c, "staging")
+    store.rollback(name=name)
+    assert (store.stage_of(a), store.stage_of(b)) == ("production", "archived")
 
 
 def test_describe_is_json_and_complete(evaluated, name):
-    from cxrlt import registry
+    from cxrlt.registry import store
 
     (tag,) = register_n(evaluated, name, 1)
-    registry.set_serving(tag)
-    d = registry.describe(tag)
+    store.set_serving(tag)
+    d = store.describe(tag)
     json.dumps(d)
     assert d["tag"] == tag and d["stage"] == "production" and d["serving"] is True
     assert d["variant"] == "tiny" and d["loss"] == "asl" and d["synthetic"] is True
@@ -185,11 +185,11 @@ def test_describe_is_json_and_complete(evaluated, name):
 # ----------------------------------------------------------------------------------------- model card
 
 def test_model_card_is_stored_with_the_model_and_says_what_matters(evaluated, name):
-    from cxrlt import registry
+    from cxrlt.registry import store
 
     (tag,) = register_n(evaluated, name, 1)
-    card = registry.model_card(tag)
-    assert (registry.model_path(tag) / "MODEL_CARD.md").read_text() == card
+    card = store.model_card(tag)
+    assert (store.model_path(tag) / "MODEL_CARD.md").read_text() == card
     assert tag in card and MANIFEST_MD5 in card and COMMIT in card
     assert "WARNING: SYNTHETIC DATA" in card.splitlines()[2]  # loud: right under the title
     assert "0.412 [0.350, 0.470]" in card               # val mAP with its bootstrap interval
@@ -201,8 +201,8 @@ def test_model_card_is_stored_with_the_model_and_says_what_matters(evaluated, na
 
 
 def test_model_card_of_real_data_is_not_flagged(evaluated):
-    from cxrlt.checkpoint import read_meta
-    from cxrlt.model_card import render_model_card
+    from cxrlt.artefact.meta import read_meta
+    from cxrlt.registry.model_card import render_model_card
 
     meta = read_meta(evaluated)
     assert "WARNING: SYNTHETIC DATA" in render_model_card(meta, "m:1")
@@ -220,32 +220,32 @@ def test_model_card_of_real_data_is_not_flagged(evaluated):
 def test_history_travels_with_exported_models(evaluated, name, tmp_path):
     import bentoml
 
-    from cxrlt import registry
+    from cxrlt.registry import store
 
     a, b, c = register_n(evaluated, name, 3)
     for tag in (a, b, c):
-        registry.set_serving(tag)
-    registry.set_stage(a, "archived")
+        store.set_serving(tag)
+    store.set_stage(a, "archived")
     exported = [bentoml.models.export_model(t, str(tmp_path / f"{t.replace(':', '-')}.bentomodel"))
                 for t in (c, b)]  # the served model and one earlier one; A stays behind
     out = in_store(tmp_path / "other-home", f"""
         import json, bentoml
-        from cxrlt import registry
+        from cxrlt.registry import store
         for p in {exported!r}:
             bentoml.models.import_model(p)
-        before = dict(serving=registry.serving_tag(), history=registry.history({name!r}),
-                      stages=[registry.stage_of(t) for t in ({c!r}, {b!r})], card=registry.model_card({c!r}))
+        before = dict(serving=store.serving_tag(), history=store.history({name!r}),
+                      stages=[store.stage_of(t) for t in ({c!r}, {b!r})], card=store.model_card({c!r}))
         try:
-            registry.rollback(to={a!r})
-        except registry.RegistryError as e:
+            store.rollback(to={a!r})
+        except store.RegistryError as e:
             before["missing"] = str(e)
-        before["rolled_back"] = registry.rollback(name={name!r})
+        before["rolled_back"] = store.rollback(name={name!r})
         print(json.dumps(before))
     """)
     assert out["serving"] == c
-    assert out["history"] == registry.history(name)
+    assert out["history"] == store.history(name)
     assert out["stages"] == ["production", "archived"]
-    assert out["card"] == registry.model_card(c)
+    assert out["card"] == store.model_card(c)
     assert a in out["missing"] and "import" in out["missing"]  # A was served once but is not in that store
     assert out["rolled_back"] == b
 
@@ -255,8 +255,8 @@ def test_old_serving_file_is_migrated_once(evaluated, tmp_path):
     home = tmp_path / "home"
     out = in_store(home, f"""
         import json
-        from cxrlt import registry
-        a, b = registry.register({str(evaluated)!r}), registry.register({str(evaluated)!r})
+        from cxrlt.registry import store
+        a, b = store.register({str(evaluated)!r}), store.register({str(evaluated)!r})
         print(json.dumps([a, b]))
     """)
     a, b = out
@@ -265,9 +265,9 @@ def test_old_serving_file_is_migrated_once(evaluated, tmp_path):
         {"tag": b, "time": "2025-01-03T10:00:00+0000", "reason": "manual"}]}))
     out = in_store(home, f"""
         import json
-        from cxrlt import registry
-        print(json.dumps(dict(serving=registry.serving_tag(), history=registry.history({name!r}),
-                              stage=registry.stage_of({a!r}))))
+        from cxrlt.registry import store
+        print(json.dumps(dict(serving=store.serving_tag(), history=store.history({name!r}),
+                              stage=store.stage_of({a!r}))))
     """)
     assert out["serving"] == b and out["stage"] == "archived"
     assert [(h["tag"], h["action"], h["previous"]) for h in out["history"]] == [(a, "promote", None),
@@ -276,8 +276,8 @@ def test_old_serving_file_is_migrated_once(evaluated, tmp_path):
     assert not (home / "cxrlt-serving.json").exists()  # read once: the store holds it now
     out = in_store(home, """
         import json
-        from cxrlt import registry
-        print(json.dumps(dict(rolled_back=registry.rollback(), n=len(registry.history()))))
+        from cxrlt.registry import store
+        print(json.dumps(dict(rolled_back=store.rollback(), n=len(store.history()))))
     """)
     assert out == {"rolled_back": a, "n": 3}
 
@@ -285,7 +285,7 @@ def test_old_serving_file_is_migrated_once(evaluated, tmp_path):
 # ----------------------------------------------------------------------------------------------- CLI
 
 def test_cli_show_stage_rollback_history(evaluated, name, capsys):
-    from cxrlt import registry
+    from cxrlt.registry import store
 
     a, b = register_n(evaluated, name, 2)
     assert main(["registry", "promote", a]) == 0
@@ -300,7 +300,7 @@ def test_cli_show_stage_rollback_history(evaluated, name, capsys):
     assert main(["registry", "rollback", "--name", name]) == 0
     assert capsys.readouterr().out.strip() == f"serving {a} (was {b})"
     assert main(["registry", "stage", b, "candidate"]) == 0
-    assert registry.stage_of(b) == "candidate"
+    assert store.stage_of(b) == "candidate"
     assert main(["registry", "list", "--name", name]) == 0
     listed = capsys.readouterr().out
     assert "production" in listed and "candidate" in listed
@@ -309,7 +309,7 @@ def test_cli_show_stage_rollback_history(evaluated, name, capsys):
     assert main(["registry", "show", b, "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["stage"] == "production" and shown["tag"] == b and shown["history"][-1]["tag"] == b
-    assert shown["card"] == registry.model_card(b)
+    assert shown["card"] == store.model_card(b)
 
 
 def test_cli_errors_are_one_clear_line(evaluated, name, capsys):

@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 
 from conftest import tiny_demo_project
 
-from cxrlt.cli import main
+from cxrlt.cli.main import main
 from cxrlt.config import EvalConfig, config_from_dict, load_config
 from cxrlt.data.manifest import load_manifest
 from cxrlt.engine import TRAIN_STATE, evaluate, make_dataset, per_image, predict, read_history, train
@@ -197,7 +197,7 @@ def test_evaluate_uses_the_artefacts_image_size(runs, project, capsys):
     assert cli("evaluate", "--artefact", art, "--manifest", project / "manifest", "--params", project / "params.yaml",
                "--set", "data.image_size=48", "--quiet") == 0
     written = pd.read_csv(art / "eval/predictions_val.csv", dtype={"dicom_id": str, "study_id": str})
-    from cxrlt.checkpoint import load_artefact
+    from cxrlt.artefact.checkpoint import load_artefact
     model = load_artefact(art).model
     names = list(manifest.label_space.names)
     for size, same in ((SIZE, True), (48, False)):

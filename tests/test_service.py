@@ -52,7 +52,7 @@ def test_predict_png_and_jpeg(service_url, served_tag, label_space):
     # images read at the model's size as the training cache reads them (JPEG: downscaled in the decoder)
     from cxrlt.data.images import read_image
     from cxrlt.inference import Predictor
-    from cxrlt.registry import model_path
+    from cxrlt.registry.store import model_path
 
     predictor = Predictor.from_path(model_path(served_tag))
     imgs = [read_image(png(1)[1], size=predictor.image_size)[0],
@@ -148,7 +148,7 @@ def test_concurrent_requests_are_batched_and_batch_independent(service_url):
 
 
 def test_prediction_log_has_no_identifiers(service_url, prediction_log, label_space):
-    from cxrlt.monitoring import RECORD_KEYS, read_log
+    from cxrlt.monitoring.log import RECORD_KEYS, read_log
 
     name = "patient-JohnDoe-123456.png"
     assert post(service_url, [png(5, name=name)], views=["frontal"]).status_code == 200

@@ -41,7 +41,7 @@ def decoded(images, size):
 
 def test_explain_adds_heatmaps_and_changes_nothing_else(service_url, served_tag, label_space):
     from cxrlt.inference import Predictor
-    from cxrlt.registry import model_path
+    from cxrlt.registry.store import model_path
 
     study = [png(1), png(2)]
     plain = post(service_url, "/predict", study, VIEWS)
@@ -137,8 +137,8 @@ def text_service(session_tmp, served_tag, label_space):
 
     import torch
 
-    from cxrlt import registry
-    from cxrlt.checkpoint import save_artefact
+    from cxrlt.registry import store
+    from cxrlt.artefact.checkpoint import save_artefact
     from cxrlt.models import create_model
     from cxrlt.models.text import TextEncoderSpec, embedding_id, encode_labels
 
@@ -150,15 +150,15 @@ def text_service(session_tmp, served_tag, label_space):
                         label_space=label_space, data={"image_size": 64}, variant="tiny-text", synthetic=True,
                         text_encoder={**asdict(spec), "embedding_id": embedding_id(label_space.names, spec)},
                         metrics={"val": {"mAP": 0.5, "mAUC": 0.6, "mF1": 0.1}}, thresholds=[0.5] * len(label_space))
-    tag = registry.register(art, name="cxrlt-text-fixture")
-    registry.set_serving(tag, reason="tests: text-head service")
+    tag = store.register(art, name="cxrlt-text-fixture")
+    store.set_serving(tag, reason="tests: text-head service")
     try:
         with running_service(session_tmp / "text-service.log", session_tmp / "var" / "text-predictions.jsonl",
                              token=SERVICE_TOKEN) as url:
-            registry.set_serving(served_tag, reason="tests")  # both processes have read the mark by now
+            store.set_serving(served_tag, reason="tests")  # both processes have read the mark by now
             yield url, art
     finally:
-        registry.set_serving(served_tag, reason="tests")
+        store.set_serving(served_tag, reason="tests")
 
 
 def test_score_text_scores_each_text_as_the_library_does(text_service):

@@ -138,7 +138,7 @@ def test_same_chest_in_any_encoding_scores_alike(answers):
 
 
 def test_no_identifier_anywhere(answers, service_url, session_tmp, prediction_log, served_tag, tmp_path):
-    from cxrlt.monitoring import run_drift
+    from cxrlt.monitoring.drift import run_drift
 
     texts = {f"answer {n}": r.text for n, r in answers.items()}
     texts["prediction log"] = prediction_log.read_text()

@@ -24,9 +24,9 @@ STUDY = [("a.png", image_bytes("PNG", seed=1), "image/png"), ("b.jpg", image_byt
 @pytest.fixture(scope="module")
 def busy_service(served_tag, session_tmp):
     """A service with small admission limits, so that 32 clients overflow it on purpose."""
-    from cxrlt import registry
+    from cxrlt.registry import store
 
-    registry.set_serving(served_tag, reason="tests: load")
+    store.set_serving(served_tag, reason="tests: load")
     log = session_tmp / "load" / "predictions.jsonl"
     log.parent.mkdir(exist_ok=True)
     env = {"CXRLT_MAX_ACTIVE": "4", "CXRLT_MAX_WAITING": "8", "CXRLT_MAX_BATCH_SIZE": "4"}

@@ -139,14 +139,14 @@ def run_open(app):
 
 
 def record(i=0, p=0.5):
-    from cxrlt.monitoring import prediction_record
+    from cxrlt.monitoring.log import prediction_record
 
     return prediction_record(model_tag="cxrlt:x", probabilities={"A": p, "B": 1 - p}, views=["frontal"],
                              image_stats=[{"width": 10, "height": 10, "mean_intensity": 0.4, "std_intensity": 0.1}])
 
 
 def test_prediction_log_rotates_and_reads_every_file(tmp_path):
-    from cxrlt.monitoring import log_prediction, read_log, rotated_logs
+    from cxrlt.monitoring.log import log_prediction, read_log, rotated_logs
 
     log = tmp_path / "p.jsonl"
     for i in range(7):  # a limit under one line: every write fills a file, which then rotates
@@ -162,7 +162,7 @@ def test_prediction_log_rotates_and_reads_every_file(tmp_path):
 
 
 def test_damaged_log_lines_never_break_reading(tmp_path):
-    from cxrlt.monitoring import log_prediction, read_log
+    from cxrlt.monitoring.log import log_prediction, read_log
 
     log = tmp_path / "p.jsonl"
     log_prediction(record(p=0.25), log)

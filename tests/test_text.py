@@ -9,8 +9,9 @@ import torch
 
 from cxrlt.labels import LABELS_2023, TASK1_LABELS, TASK2_LABELS, TASK3_LABELS
 from cxrlt.models import text
+from cxrlt.models.prompts import load_descriptions
 from cxrlt.models.text import (EncoderUnavailableError, TextEncoderSpec, available_encoders, embedding_id,
-                               encode_labels, load_descriptions, prompts_for)
+                               encode_labels, prompts_for)
 
 ALL45 = list(TASK1_LABELS) + list(TASK3_LABELS)
 TINY = TextEncoderSpec("tiny")

@@ -262,12 +262,12 @@ def test_models_page_lists_the_registry_with_metrics_and_card(monkeypatch, servi
 
 
 def test_models_actions_need_the_admin_token(monkeypatch, service_url, served_tag, tiny_artefact):
-    from cxrlt import registry
+    from cxrlt.registry import store
 
     name = "cxrlt-ui-admin"
-    first, second = registry.register(tiny_artefact, name=name), registry.register(tiny_artefact, name=name)
+    first, second = store.register(tiny_artefact, name=name), store.register(tiny_artefact, name=name)
     try:
-        registry.set_serving(first, reason="tests: ui")
+        store.set_serving(first, reason="tests: ui")
         at = app(monkeypatch, service_url, token="", page="views/models.py", CXRLT_MODEL_NAME=name)
         assert "disabled: no admin token is configured" in texts(at, "info") and "CXRLT_API_TOKEN" in texts(at, "info")
         assert at.button(key="promote").disabled and at.button(key="rollback").disabled
@@ -279,19 +279,19 @@ def test_models_actions_need_the_admin_token(monkeypatch, service_url, served_ta
         at.text_input(key="admin_token").input(SERVICE_TOKEN).run()
         assert not at.button(key="promote").disabled
         at.button(key="promote").click().run()
-        assert not at.exception and registry.stage_of(second) == "production"
+        assert not at.exception and store.stage_of(second) == "production"
         assert f"{second} is now marked for serving" in texts(at, "success")
         at.button(key="rollback").click().run()
         assert not at.exception and "Rolled back" in texts(at, "success")
-        assert registry.stage_of(first) == "production" and registry.stage_of(second) != "production"
+        assert store.stage_of(first) == "production" and store.stage_of(second) != "production"
     finally:
-        registry.set_serving(served_tag, reason="tests: the fixture's model again")
+        store.set_serving(served_tag, reason="tests: the fixture's model again")
 
 
 # ------------------------------------------------------------------------------------------- Experiments
 
 def test_experiments_page_builds_the_comparison_report(monkeypatch, tmp_path, service_url):
-    from cxrlt import registry
+    from cxrlt.registry import store
     from test_report import _artefact, _manifest, noisy
 
     man = _manifest(tmp_path)
@@ -299,7 +299,7 @@ def test_experiments_page_builds_the_comparison_report(monkeypatch, tmp_path, se
     for variant, strength in (("fusion-asl", 0.5), ("single-bce", 0.2)):
         d = _artefact(tmp_path / "art", variant, noisy(strength))
         (d / "metrics.json").write_text(json.dumps({"val": {"mAP": strength, "mAUC": 0.6, "mF1": 0.2}}))
-        registry.register(d, name=name)
+        store.register(d, name=name)
     at = app(monkeypatch, service_url, page="views/experiments.py", CXRLT_MODEL_NAME=name,
              CXRLT_MANIFEST=man, CXRLT_COMPARE_DIR=tmp_path / "compare")
     assert not at.exception and len(at.multiselect(key="exp_tags").value) == 2

@@ -75,15 +75,15 @@ def server(cmd: list[str], health: str, log: Path, env: dict, timeout: float = 1
 
 def demo_study(root: Path) -> list[Path]:
     """A two-image study (frontal, then lateral) of the synthetic demo."""
-    from cxrlt.data.demo import generate_demo
-    from cxrlt.data.dicom import VIEW_CODES_FRONTAL, VIEW_CODES_LATERAL
+    from cxrlt.data.demo.generate import generate_demo
+    from cxrlt.views import FRONTAL_POSITIONS, LATERAL_POSITIONS
 
     generate_demo(root, n_studies=20, progress=False, workers=1)
     frame = pd.read_csv(root / "cxr-lt-2024" / "train_labeled.csv").fillna({"ViewPosition": ""})
     for _, s in frame.groupby("study_id"):
         codes = list(s["ViewPosition"])
-        if len(s) == 2 and any(c in VIEW_CODES_FRONTAL for c in codes) and any(c in VIEW_CODES_LATERAL for c in codes):
-            s = s.sort_values("ViewPosition", key=lambda v: v.isin(VIEW_CODES_LATERAL))
+        if len(s) == 2 and any(c in FRONTAL_POSITIONS for c in codes) and any(c in LATERAL_POSITIONS for c in codes):
+            s = s.sort_values("ViewPosition", key=lambda v: v.isin(LATERAL_POSITIONS))
             return [root / "mimic-cxr-jpg" / p for p in s["fpath"]]
     raise AssertionError("the demo has no frontal + lateral study")
 

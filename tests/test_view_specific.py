@@ -7,7 +7,7 @@ import pytest
 import timm
 import torch
 
-from cxrlt.checkpoint import load_artefact, save_artefact
+from cxrlt.artefact.checkpoint import load_artefact, save_artefact
 from cxrlt.engine import init_backbone
 from cxrlt.labels import LabelSpace
 from cxrlt.models import create_model, list_models

@@ -6,8 +6,8 @@ import json
 import pytest
 import yaml
 
-from cxrlt.cli import main
-from cxrlt.data.demo import generate_demo
+from cxrlt.cli.main import main
+from cxrlt.data.demo.generate import generate_demo
 from cxrlt.labels import TASK3_LABELS
 
 PARAMS = {
@@ -52,7 +52,7 @@ def test_held_out_findings_are_never_trained_but_scored(trained):
 
     from cxrlt.data.manifest import load_manifest
     from cxrlt.labels import LabelSpace
-    from cxrlt.metrics import compute_metrics
+    from cxrlt.evaluation.metrics import compute_metrics
 
     man = load_manifest(trained / "manifest")
     assert (man.frame.loc[man.frame["split"].isin(["train", "val"]), list(TASK3_LABELS)] == -1).all().all()

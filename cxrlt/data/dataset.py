@@ -20,10 +20,8 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from .manifest import VIEW_CODES
-from .transforms import augment, collate_views, image_to_tensor, load_grayscale, read_view
-
-UNKNOWN_VIEW = VIEW_CODES["unknown"]
+from cxrlt.data.transforms import augment, collate_views, image_to_tensor, load_grayscale, read_view
+from cxrlt.views import UNKNOWN_VIEW, VIEW_CODES
 
 
 @dataclass(frozen=True)

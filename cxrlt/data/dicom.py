@@ -27,13 +27,9 @@ from functools import lru_cache
 
 import numpy as np
 
-from .images import ImageDecodeError, ImageInfo, too_many_pixels
+from cxrlt.data.image_info import ImageDecodeError, ImageInfo, too_many_pixels
+from cxrlt.views import FRONTAL_POSITIONS, LATERAL_POSITIONS
 
-# ViewPosition codes as training routes them (`cxrlt.data.manifest.view_type`, MIMIC-CXR's values);
-# decubitus films (LLD / RLD) are frontal projections taken lying on one side.
-VIEW_CODES_FRONTAL = frozenset({"PA", "AP", "AP AXIAL", "PA AXIAL", "AP LLD", "AP RLD", "PA LLD", "PA RLD",
-                                "LLD", "RLD", "LAO", "RAO", "LPO", "RPO"})
-VIEW_CODES_LATERAL = frozenset({"LATERAL", "LL", "RL", "LAT", "XTABLE LATERAL", "SWIMMERS"})
 _CODE = re.compile(r"[A-Z0-9_ ]{1,16}")
 _UID = re.compile(r"[0-9.]{1,64}")
 _FIX = "send the original file, or export it again from the PACS or viewer as a DICOM Part 10 file"
@@ -48,9 +44,9 @@ _PACKAGES = {"JPEG 2000": "pylibjpeg pylibjpeg-openjpeg", "HTJ2K": "pylibjpeg py
 def view_from_position(view_position) -> str | None:
     """'frontal' / 'lateral' for a known DICOM ViewPosition code, else None (unknown)."""
     code = _code(view_position)
-    if code in VIEW_CODES_FRONTAL:
+    if code in FRONTAL_POSITIONS:
         return "frontal"
-    if code in VIEW_CODES_LATERAL:
+    if code in LATERAL_POSITIONS:
         return "lateral"
     return None
 

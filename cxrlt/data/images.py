@@ -16,49 +16,21 @@ what is wrong and what to do.
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from cxrlt.data.dicom import read_dicom
+from cxrlt.data.image_info import SEND as _SEND
+from cxrlt.data.image_info import ImageDecodeError, ImageInfo, too_many_pixels
+
 FORMATS = ("PNG", "JPEG", "DICOM")
 _PIL_FORMATS = ("PNG", "JPEG")          # PIL opens nothing else for us (fewer decoders reachable from uploads)
-_SEND = "send the radiograph as a PNG, a JPEG or a DICOM Part 10 file"
 Source = str | Path | bytes | bytearray | memoryview | BinaryIO
-
-
-class ImageDecodeError(ValueError):
-    """The input is not an image this project can read; the message says what is wrong and what to do."""
-
-    def __init__(self, problem: str, todo: str = _SEND, kind: str = "unreadable"):
-        # kind: "unreadable" | "unsupported" (a format or encoding this reader refuses) | "too_large";
-        # the service maps it to 400 / 415 / 413
-        self.problem, self.todo, self.kind = problem, todo, kind
-        super().__init__(f"{problem}. What to do: {todo}.")
-
-
-@dataclass(frozen=True)
-class ImageInfo:
-    """Technical facts about a decoded image; by design it has no field that could hold an identifier."""
-
-    format: str                         # "DICOM" | "PNG" | "JPEG"
-    width: int                          # of the source pixels
-    height: int
-    chroma: float                       # mean colourfulness 0..1 before grey conversion (0 for grey / DICOM)
-    modality: str | None = None         # DICOM Modality, upper-case ("CR", "DX", "CT", ...)
-    body_part: str | None = None        # DICOM BodyPartExamined, upper-case ("CHEST", ...)
-    view: str | None = None             # "frontal" | "lateral" | None, from DICOM ViewPosition
-    photometric: str | None = None      # DICOM PhotometricInterpretation
-    bits_stored: int | None = None      # DICOM BitsStored; 8 or 16 for PNG / JPEG
-    transfer_syntax: str | None = None  # DICOM transfer syntax name
-
-    def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 def is_dicom(head: bytes) -> bool:
@@ -82,8 +54,6 @@ def read_image(src: Source, size: int | None = None,
     data, path = _source(src)
     head = data[:132] if data is not None else _head(path)
     if is_dicom(head):
-        from .dicom import read_dicom
-
         pixels, info = read_dicom(data if data is not None else path, max_pixels)
         img = Image.fromarray(pixels, mode="L")
         if size is not None and img.size != (size, size):
@@ -109,12 +79,6 @@ def to_grayscale(img: Image.Image) -> Image.Image:
         a = (a - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(a)
         return Image.fromarray(a.astype(np.uint8), mode="L")
     return img.convert("L")
-
-
-def too_many_pixels(width: int, height: int, limit: int) -> ImageDecodeError:
-    return ImageDecodeError(f"the image is too large: {width} x {height} = {width * height} pixels, over the "
-                            f"limit of {limit} pixels", "send a smaller image (a downscaled export of the "
-                            "radiograph is enough: the model reads it at a few hundred pixels)", kind="too_large")
 
 
 # ------------------------------------------------------------------ sources

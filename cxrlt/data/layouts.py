@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .manifest import build_manifest
-from .manifest_io import Manifest, ManifestError
-from .nih import DATA_ENTRY, SPLIT_FILES, build_nih_manifest, find_data_entry
-from .padchest import LABELS_FILE, build_padchest_manifest, find_labels_file
+from cxrlt.data.manifest import build_manifest
+from cxrlt.data.manifest_io import Manifest, ManifestError
+from cxrlt.data.nih import DATA_ENTRY, SPLIT_FILES, build_nih_manifest, find_data_entry
+from cxrlt.data.padchest import LABELS_FILE, build_padchest_manifest, find_labels_file
 
 LAYOUTS = ("cxr-lt-2024", "nih", "padchest")
 NEEDS = {

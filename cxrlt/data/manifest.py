@@ -16,17 +16,26 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..labels import LABELS_2023, TASK1_LABELS, TASK2_LABELS, TASK3_LABELS
-from .manifest_io import (MANIFEST_COLUMNS, SPLITS, SYNTHETIC_MARKER, Manifest, ManifestError, check_images_exist,
-                          examples, file_md5, load_manifest, write_manifest)
-from .splits import check_fraction, overlap_notes, split_validation, studies_with_several_patients
+from cxrlt.data.manifest_io import (
+    MANIFEST_COLUMNS,
+    SPLITS,
+    SYNTHETIC_MARKER,
+    Manifest,
+    ManifestError,
+    check_images_exist,
+    examples,
+    file_md5,
+    load_manifest,
+    write_manifest,
+)
+from cxrlt.data.splits import check_fraction, overlap_notes, split_validation, studies_with_several_patients
+from cxrlt.labels import LABELS_2023, TASK1_LABELS, TASK2_LABELS, TASK3_LABELS
+from cxrlt.views import LATERAL_POSITIONS
 
-__all__ = ["MANIFEST_COLUMNS", "SPLITS", "SYNTHETIC_MARKER", "VIEW_CODES", "Manifest", "ManifestError",
+__all__ = ["MANIFEST_COLUMNS", "SPLITS", "SYNTHETIC_MARKER", "Manifest", "ManifestError",
            "build_manifest", "load_manifest", "view_type"]
 
-VIEW_CODES = {"frontal": 0, "lateral": 1, "unknown": 2}
-LATERAL_VIEWS = frozenset({"LATERAL", "LL", "RL", "LAT", "XTABLE LATERAL", "SWIMMERS"})   # as cxrlt.data.dicom
-DEMO_TRUTH = "demo_truth_task3.csv"      # demo-only Task 3 truth (see cxrlt.data.demo)
+DEMO_TRUTH = "demo_truth_task3.csv"      # demo-only Task 3 truth (see cxrlt.data.demo.generate)
 # MIMIC-CXR metadata columns a label file may carry besides the ones we read; never taken for labels.
 _KNOWN_EXTRA = {"ViewCodeSequence_CodeMeaning", "Rows", "Columns", "StudyDate", "StudyTime",
                 "PerformedProcedureStepDescription", "ProcedureCodeSequence_CodeMeaning",
@@ -41,7 +50,7 @@ def view_type(view_position) -> str:
     v = str(view_position).strip().upper()
     if not v or v == "NAN":
         return "unknown"
-    return "lateral" if v in LATERAL_VIEWS else "frontal"
+    return "lateral" if v in LATERAL_POSITIONS else "frontal"
 
 
 # One source file: the split its rows go to, the label columns it must / may have, and its role:

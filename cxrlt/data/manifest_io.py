@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from ..labels import LabelSpace
+from cxrlt.labels import LabelSpace
 
 MANIFEST_COLUMNS = ("dicom_id", "subject_id", "study_id", "ViewPosition", "view", "path", "split")
 SPLITS = ("train", "val", "dev", "test")

@@ -18,10 +18,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..label_sets import NIH_LABELS, NIH_NAME_MAP
-from .manifest_io import (Manifest, ManifestError, check_images_exist, examples, file_md5, find_label_file,
-                          write_manifest)
-from .splits import check_fraction, shared_patients, split_test, split_validation
+from cxrlt.data.manifest_io import (
+    Manifest,
+    ManifestError,
+    check_images_exist,
+    examples,
+    file_md5,
+    find_label_file,
+    write_manifest,
+)
+from cxrlt.data.splits import check_fraction, shared_patients, split_test, split_validation
+from cxrlt.label_sets import NIH_LABELS, NIH_NAME_MAP
 
 DATA_ENTRY = "Data_Entry_2017_v2020.csv"     # also read gzipped (.csv.gz), as torchxrayvision ships it
 SPLIT_FILES = ("train_val_list.txt", "test_list.txt")

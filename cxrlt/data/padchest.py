@@ -23,10 +23,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..label_sets import PADCHEST_NOT_FINDINGS, canonical_finding
-from .manifest_io import (Manifest, ManifestError, check_images_exist, examples, file_md5, find_label_file,
-                          write_manifest)
-from .splits import check_fraction, merge_linked_patients, split_test, split_validation
+from cxrlt.data.manifest_io import (
+    Manifest,
+    ManifestError,
+    check_images_exist,
+    examples,
+    file_md5,
+    find_label_file,
+    write_manifest,
+)
+from cxrlt.data.splits import check_fraction, merge_linked_patients, split_test, split_validation
+from cxrlt.label_sets import PADCHEST_NOT_FINDINGS, canonical_finding
 
 LABELS_FILE = "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv"    # or .csv.gz
 COLUMNS = ("ImageID", "ImageDir", "StudyID", "PatientID", "Projection", "Labels")

@@ -13,7 +13,7 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
-from .manifest_io import examples
+from cxrlt.data.manifest_io import examples
 
 TEST_STREAM = 1          # the test draw uses its own stream of the seed, so val and test draws never collide
 

@@ -18,7 +18,8 @@ from PIL import Image
 from torch.utils.data import default_collate
 
 # The one reader lives in images.py (PNG / JPEG / DICOM); these names stay importable from here.
-from .images import ImageDecodeError, load_grayscale, read_image, to_grayscale
+from cxrlt.data.image_info import ImageDecodeError
+from cxrlt.data.images import load_grayscale, read_image, to_grayscale
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ImageDecodeError", "JpegViews", "augment", "augment_batch",
            "collate_views", "decode_views", "first_non_jpeg", "image_stats", "image_to_pixels", "image_to_tensor",

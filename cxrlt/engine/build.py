@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import load_artefact
-from ..config import VariantConfig
-from ..models import create_model
+from cxrlt.artefact.checkpoint import load_artefact
+from cxrlt.config import VariantConfig
+from cxrlt.models import create_model
 
 
 def resolve_init(init_from: str, models_dir: str | Path = "models") -> Path:
@@ -18,7 +18,7 @@ def resolve_init(init_from: str, models_dir: str | Path = "models") -> Path:
         if (cand / "artefact.json").exists():
             return cand
     if ":" in init_from:
-        from ..registry import model_path
+        from cxrlt.registry.store import model_path
         return model_path(init_from)
     raise FileNotFoundError(f"stage-1 artefact {init_from!r} not found (looked in {models_dir}/ and as a "
                             "folder); train that variant first or give a registry tag")
@@ -58,7 +58,7 @@ def label_embeddings_for(variant: VariantConfig, label_names) -> tuple[torch.Ten
         return None, None
     from dataclasses import asdict
 
-    from ..models.text import TextEncoderSpec, embedding_id, encode_labels
+    from cxrlt.models.text import TextEncoderSpec, embedding_id, encode_labels
 
     spec = TextEncoderSpec(**dict(variant.text_encoder))
     record = {**asdict(spec), "embedding_id": embedding_id(label_names, spec)}

@@ -26,9 +26,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from ..checkpoint import WEIGHTS
-from ..config import DataConfig, VariantConfig, to_dict
-from ..provenance import file_md5
+from cxrlt.artefact.meta import WEIGHTS
+from cxrlt.config import DataConfig, VariantConfig, to_dict
+from cxrlt.provenance import file_md5
 
 TRAIN_STATE = "train_state.pt"
 FORMAT = 2  # 2: class-aware draws by multinomial counts (linear time); a format-1 run drew another order

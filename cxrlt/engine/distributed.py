@@ -35,9 +35,10 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Subset
 
-from ..config import TrainConfig
-from .checkpointing import EpochSampler
-from .evaluation import predict, resolve_device
+from cxrlt.artefact.checkpoint import resolve_device
+from cxrlt.config import TrainConfig
+from cxrlt.engine.checkpointing import EpochSampler
+from cxrlt.engine.evaluation import predict
 
 
 @dataclass(frozen=True)

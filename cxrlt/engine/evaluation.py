@@ -17,17 +17,12 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .. import metrics as M
-from ..checkpoint import EVAL_DIR, load_artefact, write_evaluation
-from ..config import EvalConfig
-from ..data.dataset import CXRDataset, targets_for
-from ..data.manifest import Manifest
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+from cxrlt.artefact.checkpoint import load_artefact, resolve_device, write_evaluation
+from cxrlt.artefact.meta import EVAL_DIR, trained_image_size
+from cxrlt.config import EvalConfig
+from cxrlt.data.dataset import CXRDataset, targets_for
+from cxrlt.data.manifest import Manifest
+from cxrlt.evaluation import metrics as M
 
 
 def unit_of(model) -> str:
@@ -80,19 +75,6 @@ def per_image(dataset: CXRDataset, item_probs: np.ndarray, frame: pd.DataFrame) 
     return out
 
 
-def trained_image_size(meta: dict, requested: int | None = None) -> int:
-    """The image size the artefact was trained at; a caller asking for another one is refused."""
-    trained = (meta.get("data") or {}).get("image_size")
-    if trained is None:
-        raise ValueError(f"the artefact records no training image size (data.image_size in artefact.json): "
-                         "retrain it with `cxrlt train`, which records it")
-    if requested is not None and int(requested) != int(trained):
-        raise ValueError(f"the artefact was trained on {trained}px images but evaluation was asked for "
-                         f"{requested}px: scores at another size describe a model that was never trained. Leave "
-                         "the image size out (the artefact's own is used), or train a variant at that size")
-    return int(trained)
-
-
 def evaluate(artefact_dir: str | Path, manifest: Manifest, ec: EvalConfig, image_size: int | None = None,
              splits: tuple[str, ...] = ("val", "dev", "test"), progress: bool = True, device: str = "auto") -> dict:
     """Score the artefact on each available split; thresholds are tuned on validation (`ec.split`).
@@ -121,16 +103,19 @@ def evaluate(artefact_dir: str | Path, manifest: Manifest, ec: EvalConfig, image
             thresholds = M.tune_thresholds(probs, targets, ls.names)
         m = M.compute_metrics(probs, targets, ls, thresholds=thresholds)
         if ec.bootstrap:
+            # imported here: training imports this module, and its DVC deps should not list the bootstrap
+            from cxrlt.evaluation.bootstrap import bootstrap_ci
+
             # patients are the independent unit: all their studies and images are resampled together
-            m["ci95"] = M.bootstrap_ci(probs, targets, ls, frame["subject_id"].astype(str).to_numpy(),
-                                       n_boot=ec.bootstrap)
+            m["ci95"] = bootstrap_ci(probs, targets, ls, frame["subject_id"].astype(str).to_numpy(),
+                                     n_boot=ec.bootstrap)
         out = Path(artefact_dir) / EVAL_DIR
         out.mkdir(exist_ok=True)
         m["per_label"].to_csv(out / f"per_label_{split}.csv", index=False)
         img.to_csv(out / f"predictions_{split}.csv", index=False, float_format="%.6f")
         results[split] = M.summary(m)
         if hasattr(art.model, "predict_views"):  # view-specific: how well unknown views get routed
-            from ..models.views import view_classifier_accuracy
+            from cxrlt.models.views import view_classifier_accuracy
             results[split]["view_classifier_accuracy"] = view_classifier_accuracy(art.model, ds)
     write_image_stats(artefact_dir, manifest, ec.split, size, progress)
     write_evaluation(artefact_dir, results, thresholds, ec.split)
@@ -140,7 +125,7 @@ def evaluate(artefact_dir: str | Path, manifest: Manifest, ec: EvalConfig, image
 
 def write_image_stats(artefact_dir, manifest: Manifest, split: str, size: int, progress: bool = True) -> Path:
     """eval/image_stats_<split>.csv: per image (dicom_id, study_id) the statistics the service logs for each
-    uploaded image (`cxrlt.monitoring.image_statistics`), the reference of input drift.
+    uploaded image (`cxrlt.monitoring.log.image_statistics`), the reference of input drift.
 
     Stage: the 8-bit grayscale at the model's input size that `read_image(file, size)` returns, before
     normalisation, i.e. what the service computes its statistics on. A manifest of a resized cache
@@ -148,7 +133,7 @@ def write_image_stats(artefact_dir, manifest: Manifest, split: str, size: int, p
     the model's size, as the pipeline makes it); its files are not the sources, so width and height (the
     source's size in the service's log) are left empty there and input drift compares the intensities only.
     """
-    from ..monitoring import image_stats_frame
+    from cxrlt.monitoring.reference import image_stats_frame
 
     stats = image_stats_frame(manifest.split(split), manifest.image_root, size,
                               source_sizes="cache" not in manifest.meta, progress=progress)
@@ -163,7 +148,7 @@ def fit_ood_gate(artefact_dir, art, manifest: Manifest, ec: EvalConfig, dev, pro
     the service reports that the check did not run."""
     import warnings
 
-    from ..gate import GateError, calibrate_artefact, remove_gate
+    from cxrlt.gate import GateError, calibrate_artefact, remove_gate
 
     try:
         calibrate_artefact(artefact_dir, manifest, frr=ec.gate_frr, max_train=ec.gate_max_train, device=str(dev),

@@ -22,19 +22,19 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .. import metrics as M
-from ..checkpoint import save_artefact
-from ..config import DataConfig, TrainConfig, VariantConfig, to_dict
-from ..data.manifest import Manifest
-from ..data.transforms import augment_batch
-from ..losses import class_aware_sampler_weights, create_loss
-from ..provenance import data_version, git_commit
-from . import checkpointing as ck
-from . import distributed as dist
-from . import performance as perf
-from .build import build_model
-from .evaluation import make_dataset, per_image, resolve_device, targets_of, unit_of
-from .live import write_history
+from cxrlt.artefact.checkpoint import resolve_device, save_artefact
+from cxrlt.config import DataConfig, TrainConfig, VariantConfig, to_dict
+from cxrlt.data.manifest import Manifest
+from cxrlt.data.transforms import augment_batch
+from cxrlt.engine import checkpointing as ck
+from cxrlt.engine import distributed as dist
+from cxrlt.engine import performance as perf
+from cxrlt.engine.build import build_model
+from cxrlt.engine.evaluation import make_dataset, per_image, targets_of, unit_of
+from cxrlt.engine.live import write_history
+from cxrlt.evaluation import metrics as M
+from cxrlt.losses import class_aware_sampler_weights, create_loss
+from cxrlt.provenance import data_version, git_commit
 
 
 @contextlib.contextmanager

@@ -30,8 +30,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..config import TrainConfig
-from ..data.transforms import JpegViews, first_non_jpeg
+from cxrlt.config import TrainConfig
+from cxrlt.data.transforms import JpegViews, first_non_jpeg
 
 _PREFIXES = ("_orig_mod.", "module.")  # torch.compile's and DistributedDataParallel's wrappers
 

@@ -11,10 +11,18 @@ Two parts, both JSON-able through `GateResult.as_dict()` / `GateCheck.as_dict()`
 `synthetic.py` draws non-chest inputs (photographs, noise, flat, knee, hand) to measure the gate with.
 """
 
-from .calibrate import calibrate, calibrate_artefact, load_gate, remove_gate
-from .ood import GateError, OODGate, fit_gate
-from .rules import (GateCheck, GateResult, check_body_part, check_geometry, check_image, check_metadata,
-                    check_modality, check_pixels)
+from cxrlt.gate.calibrate import calibrate, calibrate_artefact, load_gate, remove_gate
+from cxrlt.gate.ood import GateError, OODGate, fit_gate
+from cxrlt.gate.rules import (
+                    GateCheck,
+                    GateResult,
+                    check_body_part,
+                    check_geometry,
+                    check_image,
+                    check_metadata,
+                    check_modality,
+                    check_pixels,
+)
 
 __all__ = ["GateCheck", "GateError", "GateResult", "OODGate", "calibrate", "calibrate_artefact", "check_body_part",
            "check_geometry", "check_image", "check_metadata", "check_modality", "check_pixels", "fit_gate",

@@ -10,10 +10,23 @@ from typing import Callable
 
 import numpy as np
 
-from ..data.dataset import VIEW_CODES
-from ..data.transforms import load_grayscale
-from .ood import (GATE_JSON, GATE_TENSORS, QUANTILES, GateError, OODGate, conformal_rank, feature_name, features,
-                  fit_gate, grey_at, image_quantiles)
+from cxrlt.artefact.checkpoint import load_artefact, resolve_device
+from cxrlt.artefact.meta import EVAL_DIR, trained_image_size
+from cxrlt.data.transforms import load_grayscale
+from cxrlt.gate.ood import (
+    GATE_JSON,
+    GATE_TENSORS,
+    QUANTILES,
+    GateError,
+    OODGate,
+    conformal_rank,
+    feature_name,
+    features,
+    fit_gate,
+    grey_at,
+    image_quantiles,
+)
+from cxrlt.views import VIEW_CODES
 
 MAX_TRAIN, MAX_VAL = 4000, 10000
 
@@ -77,8 +90,6 @@ def calibrate(model, manifest, image_size: int, frr: float = 0.01, max_train: in
 
 def remove_gate(artefact_dir: str | Path) -> None:
     """Delete a stored gate (its model changed, or a new fit failed): a stale gate must never be served."""
-    from ..checkpoint import EVAL_DIR
-
     for name in (GATE_JSON, GATE_TENSORS):
         (Path(artefact_dir) / EVAL_DIR / name).unlink(missing_ok=True)
 
@@ -88,9 +99,6 @@ def calibrate_artefact(artefact_dir: str | Path, manifest, frr: float = 0.01, ma
                        log: Callable[[str], None] | None = None, artefact=None) -> OODGate:
     """Fit the artefact's gate and write it to <artefact>/eval/gate.{json,safetensors}; returns it.
     `artefact`: the already loaded Artefact of that folder (saves loading it again)."""
-    from ..checkpoint import EVAL_DIR, load_artefact
-    from ..engine.evaluation import resolve_device, trained_image_size
-
     dev = resolve_device(device)
     art = artefact if artefact is not None else load_artefact(artefact_dir, dev)
     size = trained_image_size(art.meta)
@@ -102,6 +110,4 @@ def calibrate_artefact(artefact_dir: str | Path, manifest, frr: float = 0.01, ma
 
 def load_gate(artefact_dir: str | Path) -> OODGate | None:
     """The artefact's stored gate, or None when it has none (evaluated before gates existed, or fit failed)."""
-    from ..checkpoint import EVAL_DIR
-
     return OODGate.load(Path(artefact_dir) / EVAL_DIR)

@@ -9,9 +9,9 @@ from typing import Sequence
 
 import numpy as np
 
-from ..data.images import read_image
-from .rules import GateCheck, GateResult, check_image
-from .synthetic import CATEGORIES, PRESERVING, encode, samples
+from cxrlt.data.images import read_image
+from cxrlt.gate.rules import GateCheck, GateResult, check_image
+from cxrlt.gate.synthetic import CATEGORIES, PRESERVING, encode, samples
 
 
 def screen(files: Sequence[bytes], predictor=None, views: Sequence[str | None] | None = None,

@@ -40,7 +40,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, to_grayscale
+from cxrlt.data.transforms import IMAGENET_MEAN, IMAGENET_STD, to_grayscale
 
 GATE_JSON, GATE_TENSORS = "gate.json", "gate.safetensors"
 FEATURE = "stages_avgpool_histmatched"

@@ -27,7 +27,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageFilter
 
-from ..data.demo_anatomy import ellipse, segment
+from cxrlt.data.demo.anatomy import ellipse, segment
 
 
 def _rng(seed, salt: int) -> np.random.Generator:

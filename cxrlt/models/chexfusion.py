@@ -17,11 +17,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .backbone import create_backbone
-from .fusion import StudyFusion, ViewTokenizer
-from .heads import QueryHead
-from .registry import register_model
-from .views import LATERAL, MODES, UNKNOWN, ViewBackbones, ViewClassifier
+from cxrlt.models.backbone import create_backbone
+from cxrlt.models.fusion import StudyFusion, ViewTokenizer
+from cxrlt.models.heads import QueryHead
+from cxrlt.models.registry import register_model
+from cxrlt.models.views import LATERAL, MODES, UNKNOWN, ViewBackbones, ViewClassifier
 
 
 @dataclass(frozen=True)

@@ -26,9 +26,8 @@ from typing import Mapping, Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
-from .prompts import (DEFAULT_TEMPLATE, PROMPTS, _packaged_descriptions, build_prompts, finding_prompts,
-                      load_descriptions)
-from .prompts import check_names as _check_names
+from cxrlt.models.prompts import DEFAULT_TEMPLATE, PROMPTS, _packaged_descriptions, build_prompts, finding_prompts
+from cxrlt.models.prompts import check_names as _check_names
 
 HUB_IDS = {
     "pubmedbert": "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract-fulltext",

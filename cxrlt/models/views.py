@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..data.dataset import VIEW_CODES
+from cxrlt.views import VIEW_CODES
 
 FRONTAL, LATERAL, UNKNOWN = VIEW_CODES["frontal"], VIEW_CODES["lateral"], VIEW_CODES["unknown"]
 BRANCHES = ("frontal", "lateral")  # branch i serves view code i

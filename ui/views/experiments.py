@@ -68,11 +68,11 @@ def show(out: Path) -> None:
 
 
 def main() -> None:
-    from cxrlt import registry
+    from cxrlt.registry import store
 
     st.header("Experiments")
     name = model_name()
-    rows = [r for r in registry.list_registered(name) if r.get("val_mAP") is not None]
+    rows = [r for r in store.list_registered(name) if r.get("val_mAP") is not None]
     if not rows:
         st.info(f"No evaluated model named '{name}' is registered: run `make demo`, or set CXRLT_MODEL_NAME.")
         return
@@ -102,7 +102,7 @@ def main() -> None:
                      "evaluated on (the pipeline's is params.yaml's paths.cache).")
             return
         with st.spinner(f"Scoring {len(tags)} model(s) with {n_boot} bootstrap resamples..."):
-            ok, log = build([registry.model_path(t) for t in tags], manifest, split, n_boot, out)
+            ok, log = build([store.model_path(t) for t in tags], manifest, split, n_boot, out)
         if not ok:
             st.error("`cxrlt compare` failed:")
             st.code(log)

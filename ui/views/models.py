@@ -9,7 +9,7 @@ import json
 import pandas as pd
 import streamlit as st
 
-from cxrlt.bootstrap import with_interval
+from cxrlt.evaluation.bootstrap import with_interval
 
 from common import admin_allowed, model_name, service_info
 
@@ -17,9 +17,9 @@ METRICS = ("mAP", "mAUC", "mF1", "mAP_head", "mAP_medium", "mAP_tail", "ece")
 
 
 def _registry():
-    from cxrlt import registry  # bentoml is imported lazily inside it
+    from cxrlt.registry import store  # bentoml is imported lazily inside it
 
-    return registry
+    return store
 
 
 def metrics_table(metrics: dict) -> pd.DataFrame:

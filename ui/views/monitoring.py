@@ -55,13 +55,13 @@ def _part(summary: dict, part: str) -> str:
 
 
 def _history(folder) -> pd.DataFrame:
-    from cxrlt.monitoring import drift_history
+    from cxrlt.monitoring.history import drift_history
 
     return drift_history(folder)
 
 
 def main() -> None:
-    from cxrlt.monitoring import reports_dir
+    from cxrlt.monitoring.history import reports_dir
 
     st.header("Monitoring")
     folder = reports_dir()

@@ -1,7 +1,7 @@
 """The model card: what a registered model is, what it was trained and checked on, how well it did, and
 what it must not be used for, as markdown written into the stored model's folder (MODEL_CARD.md).
 
-A pure function of the artefact's metadata (`cxrlt.artefact_meta.read_meta`: artefact.json plus metrics.json,
+A pure function of the artefact's metadata (`cxrlt.artefact.meta.read_meta`: artefact.json plus metrics.json,
 eval/thresholds.json and eval/gate.json), so it renders and tests without a model store.
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .bootstrap import with_interval
-from .labels import LabelSpace
+from cxrlt.evaluation.bootstrap import with_interval
+from cxrlt.labels import LabelSpace
 
 SPLITS = ("val", "dev", "test")
 # (column, metric key): the headline macro scores, then mAP per frequency group (CXR-LT's head/medium/tail)

@@ -1,6 +1,6 @@
 """Drift reports over time: every run keeps its own report, one history line, and the latest at the top.
 
-Layout of the reports folder (`cxrlt.monitoring.reports_dir()`, default reports/drift):
+Layout of the reports folder (`reports_dir()`, default reports/drift):
 
     runs/<UTC time>/drift.html, drift.json, summary.json   one folder per run (e.g. runs/20261128T101530Z)
     history.jsonl                                           one JSON line per run, appended, never rewritten
@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pandas as pd
 
+DEFAULT_REPORTS = Path("reports/drift")
 RUNS = "runs"
 HISTORY = "history.jsonl"
 REPORT_FILES = ("drift.html", "drift.json", "summary.json")  # summary last: it names a complete set
@@ -37,6 +38,14 @@ try:
     import fcntl
 except ImportError:  # pragma: no cover - not on Linux/macOS
     fcntl = None
+
+
+def reports_dir(path: str | Path | None = None) -> Path:
+    """`path`, else $CXRLT_REPORTS_DIR (where the web app looks), else reports/drift."""
+    return Path(path or os.environ.get("CXRLT_REPORTS_DIR") or DEFAULT_REPORTS)
+
+
+_reports_dir = reports_dir  # drift_history takes an argument of that name
 
 
 def keep_runs(keep: int | None = None) -> int:
@@ -128,8 +137,6 @@ def drift_history(reports_dir: str | Path | None = None) -> pd.DataFrame:
     Torn or foreign lines are skipped (a run killed while appending must not hide the others). No
     history yet: an empty frame with these columns. Per-column scores over time:
     `pd.DataFrame(list(h["scores"]), index=h["time"])`."""
-    from .monitoring import reports_dir as _reports_dir
-
     path = _reports_dir(reports_dir) / HISTORY
     rows = []
     if path.exists():

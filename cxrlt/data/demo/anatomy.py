@@ -1,8 +1,8 @@
-"""Anatomy and drawing primitives for the synthetic chest radiographs of `cxrlt.data.demo`.
+"""Anatomy and drawing primitives for the synthetic chest radiographs of `cxrlt.data.demo.generate`.
 
 A cartoon of a chest X-ray: body outline, dark lung fields cut by domed diaphragms, vessels fanning from the
 hila, heart and mediastinum that fill in the lung where they overlap it, ribs, clavicles, spine, and a side
-profile for lateral views. Findings (`demo_draw.py`) change the geometry before it is drawn (a larger heart,
+profile for lateral views. Findings (`signs.py`) change the geometry before it is drawn (a larger heart,
 a curved spine) or draw on top of it. Every primitive works on a bounding box, so one image costs a few ms.
 """
 
@@ -14,6 +14,7 @@ from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageFilter
+
 
 # ---------------------------------------------------------------- primitives (all act on a bounding box)
 def box(img, cy, cx, ry, rx):

@@ -1,5 +1,5 @@
 """`cxrlt registry ...`: the model registry's subcommands (list, register, promote, rollback, stage, show,
-history, serving). Errors are RegistryError / ValueError, which `cxrlt.cli.main` prints as one line."""
+history, serving). Errors are RegistryError / ValueError, which `cxrlt.cli.main.main` prints as one line."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ NAME_HELP = "model name in the store (default: cxrlt)"
 
 
 def _list(a):
-    from . import registry
+    from cxrlt.registry import store
 
-    rows = registry.list_registered(a.name)
+    rows = store.list_registered(a.name)
     if not rows:
         print(f"no registered {a.name} models (train and register some: `make demo`)")
     for r in rows:
@@ -23,40 +23,40 @@ def _list(a):
 
 
 def _register(a):
-    from . import registry
+    from cxrlt.registry import store
 
-    print(registry.register(a.artefact, name=a.name))
+    print(store.register(a.artefact, name=a.name))
 
 
 def _promote(a):
-    from . import registry
+    from cxrlt.registry import store
 
     if a.tag:
-        print(f"serving {registry.set_serving(a.tag, reason='promoted by hand')}")
+        print(f"serving {store.set_serving(a.tag, reason='promoted by hand')}")
         return
-    # the best among models validated on one data set (see registry.promote_best)
-    from .provenance import data_version
+    # the best among models validated on one data set (see store.promote_best)
+    from cxrlt.provenance import data_version
 
     version = data_version(a.manifest)["manifest_md5"] if a.manifest else None
     if a.manifest and version is None:
         raise ValueError(f"no manifest.csv in {a.manifest}: pass the manifest folder the models were "
                          "validated on (e.g. prepared/cache)")
-    print(f"serving {registry.promote_best(a.name, data_version=version)}")
+    print(f"serving {store.promote_best(a.name, data_version=version)}")
 
 
 def _rollback(a):
-    from . import registry
+    from cxrlt.registry import store
 
-    tag = registry.rollback(to=a.to, name=a.name)
-    ev = registry.last_event(tag.split(":", 1)[0])
+    tag = store.rollback(to=a.to, name=a.name)
+    ev = store.last_event(tag.split(":", 1)[0])
     print(f"serving {tag} (was {ev['previous']})")
 
 
 def _stage(a):
-    from . import registry
+    from cxrlt.registry import store
 
-    registry.set_stage(a.tag, a.stage)
-    print(f"{a.tag}: {registry.stage_of(a.tag)}")
+    store.set_stage(a.tag, a.stage)
+    print(f"{a.tag}: {store.stage_of(a.tag)}")
 
 
 def _history_lines(hist: list[dict]) -> list[str]:
@@ -65,25 +65,25 @@ def _history_lines(hist: list[dict]) -> list[str]:
 
 
 def _show(a):
-    from . import registry
+    from cxrlt.registry import store
 
-    d = registry.describe(a.tag)
-    hist = registry.history(d["name"])
+    d = store.describe(a.tag)
+    hist = store.history(d["name"])
     if a.json:
-        print(json.dumps({**d, "card": registry.model_card(d["tag"]), "history": hist}, indent=2))
+        print(json.dumps({**d, "card": store.model_card(d["tag"]), "history": hist}, indent=2))
         return
     print(f"{d['tag']}  stage: {d['stage']}" + ("  (served)" if d["serving"] else ""))
     print()
-    print(registry.model_card(d["tag"]))
+    print(store.model_card(d["tag"]))
     print(f"## Serving history of {d['name']} (oldest first)")
     print()
     print("\n".join(_history_lines(hist)) or "never served")
 
 
 def _history(a):
-    from . import registry
+    from cxrlt.registry import store
 
-    hist = registry.history(a.name)
+    hist = store.history(a.name)
     if a.json:
         print(json.dumps(hist, indent=2))
         return
@@ -93,12 +93,12 @@ def _history(a):
 
 
 def _serving(a):
-    from . import registry
+    from cxrlt.registry import store
 
-    print(registry.serving_tag(name=a.name))
+    print(store.serving_tag(name=a.name))
 
 
-def add_registry_parser(sub) -> None:
+def add_parsers(sub) -> None:
     """`cxrlt registry ACTION ...`: one sub-parser per action, each with its own --help."""
     desc = ("the model registry on the BentoML model store: stages (candidate, production = served, archived), "
             "serving history with rollback, a model card per model")

@@ -9,7 +9,7 @@
   eval/                 thresholds.json, per_label_<split>.csv,             } (a separate DVC stage,
                         predictions_<split>.csv,                            }  so separate files)
                         gate.json + gate.safetensors (OOD gate, cxrlt.gate) }
-`read_meta` merges both halves, so callers see one record.
+`cxrlt.artefact.meta.read_meta` merges both halves, so callers see one record.
 """
 
 from __future__ import annotations
@@ -24,13 +24,19 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .artefact_meta import EVAL_DIR, META, METRICS, WEIGHTS, ArtefactError, read_meta
-from .labels import LabelSpace
-from .models import create_model
+from cxrlt.artefact.meta import EVAL_DIR, META, METRICS, WEIGHTS, ArtefactError, read_meta
+from cxrlt.labels import LabelSpace
+from cxrlt.models import create_model
 
 FORMAT = 1
-__all__ = ["EVAL_DIR", "META", "METRICS", "WEIGHTS", "Artefact", "ArtefactError", "load_artefact", "read_meta",
-           "save_artefact", "write_evaluation"]
+__all__ = ["Artefact", "load_artefact", "resolve_device", "save_artefact", "write_evaluation"]
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """The device a model runs on: "auto" is the GPU when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 @dataclass

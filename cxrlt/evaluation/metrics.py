@@ -22,8 +22,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-__all__ = ["compute_metrics", "summary", "tune_thresholds", "expected_calibration_error", "bootstrap_ci",
-           "draw_resamples", "bootstrap_interval", "expand_to_images", "write_submission"]
+__all__ = ["compute_metrics", "summary", "tune_thresholds", "expected_calibration_error", "expand_to_images",
+           "write_submission"]
 
 GROUP_NAMES = ("head", "medium", "tail")
 DEFAULT_BOOT_METRICS = ("mAP", "mAUC", "mF1", "mAP_head", "mAP_medium", "mAP_tail")
@@ -371,16 +371,3 @@ def write_submission(path, dicom_ids, probs, label_names: Sequence[str]) -> Path
     frame = pd.DataFrame(p, columns=names, index=ids).reset_index()
     frame.to_csv(path, index=False)
     return path
-
-
-_BOOTSTRAP_NAMES = ("bootstrap_ci", "bootstrap_interval", "draw_resamples")
-
-
-def __getattr__(name):
-    """The bootstrap lives in cxrlt.bootstrap (it builds on the ranking above); its names stay reachable
-    here, resolved on first use because that module imports this one."""
-    if name in _BOOTSTRAP_NAMES:
-        from . import bootstrap
-
-        return getattr(bootstrap, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,34 +1,20 @@
-"""Synthetic stand-in for CXR-LT 2024: the same files, columns and folder layout as the real release.
+"""The synthetic demo's plan: patients, studies, images, views and labels, before anything is drawn.
 
-The real labels and images need PhysioNet credentials, so tests, CI and the demo pipeline use this.
-Labels follow the published training frequencies (long tail kept, every label present a few times);
-each finding draws a visual sign related to its meaning (`demo_draw.py`) so that a model can learn it
-at 64 px. The five Task 3 findings are drawn but never labelled in training files: their truth is only
-in `demo_truth_task3.csv`, so zero-shot scoring works on the demo.
+Labels follow the published CXR-LT 2024 training frequencies (long tail kept, every label present a few
+times in each split); studies per patient, images per study and ViewPosition codes follow MIMIC-CXR's
+counts. The same plan is written in the CXR-LT layout (`generate`) or the NIH / PadChest ones (`layouts`).
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import os
-import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
-from ..labels import TASK1_COUNTS, TASK1_LABELS, TASK1_N_TRAIN, TASK2_LABELS, TASK3_LABELS
-from .demo_draw import ALL_FINDINGS, LATERAL_ONLY, render_image
-
-__all__ = ["generate_demo", "plan_demo", "render_image", "LATERAL_ONLY", "ZERO_SHOT", "IMAGE_COLUMNS"]
+from cxrlt.labels import TASK1_COUNTS, TASK1_LABELS, TASK1_N_TRAIN, TASK3_LABELS
 
 ZERO_SHOT = TASK3_LABELS
-IMAGE_COLUMNS = ("dicom_id", "subject_id", "study_id", "ViewPosition", "ViewCodeSequence_CodeMeaning", "fpath")
-LABELS_DIR, IMAGES_DIR = "cxr-lt-2024", "mimic-cxr-jpg"
-TRUTH_FILE = "demo_truth_task3.csv"
 MARKER = "SYNTHETIC.md"
 # Not published: chosen so that a demo of a few thousand studies has dev/test positives for each.
 TASK3_PREVALENCE = {"Bulla": 0.02, "Cardiomyopathy": 0.03, "Hilum": 0.04, "Osteopenia": 0.03, "Scoliosis": 0.03}
@@ -140,52 +126,6 @@ def plan_demo(n_studies: int = 3000, seed: int = 0) -> pd.DataFrame:
     return df
 
 
-def _render_chunk(jobs: list[tuple], root: str, size: tuple[int, int]) -> int:
-    """Draw and save a chunk of images (runs in a worker process)."""
-    for rel, view, findings, image_seed, patient_seed in jobs:
-        path = os.path.join(root, rel)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        arr = render_image(view, findings, image_seed, size, patient_seed=patient_seed)
-        Image.fromarray(arr).save(path, format="JPEG", quality=90)
-    return len(jobs)
-
-
-def default_workers() -> int:
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(n, 16))
-
-
-def run_chunked(fn, jobs: list, root: Path, arg, workers: int, progress: bool, desc: str) -> list:
-    """Results of `fn(chunk, str(root), arg)` over chunks of `jobs`, in worker processes when worth it.
-
-    Shared by the demo and the image cache; `fn` must be a module-level function (it is pickled).
-    """
-    from tqdm.auto import tqdm
-
-    chunks = [jobs[i:i + 32] for i in range(0, len(jobs), 32)]
-    results = []
-    with tqdm(total=len(jobs), desc=desc, unit="img", disable=not progress) as bar:
-        if workers <= 1 or len(jobs) < 128:      # a pool costs more than it saves on tiny sets
-            for c in chunks:
-                results.append(fn(c, str(root), arg))
-                bar.update(len(c))
-            return results
-        # spawn, not fork: callers may hold torch threads, and forking those can deadlock
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
-            futures = {ex.submit(fn, c, str(root), arg): len(c) for c in chunks}
-            for fut in as_completed(futures):
-                results.append(fut.result())
-                bar.update(futures[fut])
-    return results
-
-
-def _write(df: pd.DataFrame, path: Path, labels: Sequence[str] = ()) -> None:
-    out = df[list(IMAGE_COLUMNS)].copy()
-    for name in labels:
-        out[name] = df[name].astype(int)
-    out.to_csv(path, index=False)
-
-
 def check_demo_target(labels_dir: Path, label_file: str, image_size) -> tuple[int, int]:
     """Refuse to write over what looks like a real release (its label file without the SYNTHETIC marker)
     and image sizes too small to draw on; returns (height, width)."""
@@ -196,60 +136,3 @@ def check_demo_target(labels_dir: Path, label_file: str, image_size) -> tuple[in
     if h < 32 or w < 32:
         raise ValueError(f"image_size={image_size} is too small: use (height, width) of at least 32 px each")
     return h, w
-
-
-def generate_demo(out_dir: str | Path, n_studies: int = 3000, seed: int = 0, image_size: tuple[int, int] = (320, 256),
-                  workers: int | None = None, progress: bool = True, layout: str = "cxr-lt-2024") -> dict:
-    """Write a synthetic CXR-LT 2024 data set under `out_dir`; returns a summary.
-
-    `out_dir/cxr-lt-2024/` gets the label files, `out_dir/mimic-cxr-jpg/files/...` the JPEGs (8-bit
-    grayscale, `image_size` = (height, width)). The same seed gives the same bytes; files of an earlier,
-    larger demo in the same folder are left in place, so use a fresh folder when changing `n_studies`.
-    `layout='nih'` or `'padchest'` writes the same plan and drawings in that release's layout instead
-    (`cxrlt.data.demo_layouts`).
-    """
-    if layout != "cxr-lt-2024":
-        from .demo_layouts import generate_layout_demo
-
-        return generate_layout_demo(out_dir, layout, n_studies, seed, image_size, workers, progress)
-    t0 = time.perf_counter()
-    out = Path(out_dir)
-    labels_dir, image_root = out / LABELS_DIR, out / IMAGES_DIR
-    h, w = check_demo_target(labels_dir, "train_labeled.csv", image_size)
-    df = plan_demo(n_studies, seed)
-    labels_dir.mkdir(parents=True, exist_ok=True)
-    (labels_dir / MARKER).write_text(
-        "# SYNTHETIC DATA\n\nGenerated by `cxrlt demo-data` (cxrlt.data.demo). Same layout as the CXR-LT 2024 "
-        "release, but every label and image is synthetic. Not for any clinical or scientific claim.\n"
-        f"{TRUTH_FILE} is demo-only: the Task 3 truth for the dev and test images.\n")
-    (out / "README.md").write_text("Synthetic CXR-LT 2024 stand-in written by `cxrlt demo-data`; see "
-                                   f"{LABELS_DIR}/{MARKER}. Not real patient data.\n")
-    task2 = df["task2_subset"]
-    for split, name in (("train", "train_labeled"), ("dev", "development"), ("test", "test")):
-        part = df[df["split"] == split]
-        if split == "train":
-            _write(part, labels_dir / "train_labeled.csv", TASK1_LABELS)
-            continue
-        _write(part, labels_dir / f"{name}_labeled_task1.csv", TASK1_LABELS)
-        sub = part[task2[part.index]].copy()
-        # Task 2 keeps its own column order (Normal before Nodule); values are the Task 1 ones by name
-        _write(sub, labels_dir / f"{name}_labeled_task2.csv", TASK2_LABELS)
-        if split == "dev":
-            _write(part, labels_dir / "development_task3.csv")
-    df.loc[df["split"] != "train", ["dicom_id", *TASK3_LABELS]].to_csv(labels_dir / TRUTH_FILE, index=False)
-    pd.DataFrame({"label": TASK1_LABELS + TASK3_LABELS,
-                  "task1": [int(n in TASK1_LABELS) for n in TASK1_LABELS + TASK3_LABELS],
-                  "task2": [int(n in TASK2_LABELS) for n in TASK1_LABELS + TASK3_LABELS],
-                  "task3": [int(n in TASK3_LABELS) for n in TASK1_LABELS + TASK3_LABELS]}
-                 ).to_csv(labels_dir / "labels.csv", index=False)
-    names = np.array(ALL_FINDINGS)
-    hits = df[list(ALL_FINDINGS)].to_numpy().astype(bool)
-    jobs = [(rel, view, tuple(names[row]), (seed, i), (seed, int(subj)))
-            for i, (rel, view, row, subj) in enumerate(zip(df["fpath"], df["view"], hits, df["subject_id"]))]
-    run_chunked(_render_chunk, jobs, image_root, (h, w), workers or default_workers(), progress, "demo images")
-    counts = {s: {"patients": int(g["subject_id"].nunique()), "studies": int(g["study_id"].nunique()),
-                  "images": len(g)} for s, g in df.groupby("split")}
-    return {"out_dir": str(out), "labels_dir": str(labels_dir), "image_root": str(image_root),
-            "n_studies": n_studies, "n_images": len(df), "splits": counts, "image_size": [h, w], "seed": seed,
-            "seconds": round(time.perf_counter() - t0, 2)}
-

@@ -1,8 +1,8 @@
 """Bootstrap confidence intervals for the challenge's metrics: patients resampled, basic intervals.
 
-Every replicate reuses the per-label sort of `cxrlt.metrics._Ranked`: a resample drawn with replacement is
+Every replicate reuses the per-label sort of `cxrlt.evaluation.metrics._Ranked`: a resample drawn with replacement is
 a set of integer row weights, and duplicated rows tie with themselves, so weighted AP/AUROC equal those of
-the materialised resample (see cxrlt.metrics).
+the materialised resample (see cxrlt.evaluation.metrics).
 """
 
 from __future__ import annotations
@@ -13,8 +13,15 @@ from typing import Sequence
 
 import numpy as np
 
-from .metrics import (DEFAULT_BOOT_METRICS, _aggregate, _check_thresholds, _label_sets, _metric_names, _prepare,
-                      _Ranked)
+from cxrlt.evaluation.metrics import (
+    DEFAULT_BOOT_METRICS,
+    _aggregate,
+    _check_thresholds,
+    _label_sets,
+    _metric_names,
+    _prepare,
+    _Ranked,
+)
 
 __all__ = ["draw_resamples", "bootstrap_interval", "bootstrap_ci", "INTERVAL_METHODS"]
 
@@ -153,7 +160,7 @@ def bootstrap_ci(probs, targets, label_space, groups_ids, n_boot: int = 200, see
 
 def with_interval(m: dict, key: str, digits: int = 3, missing: str = "-") -> str:
     """`m[key]` with its 95% interval as evaluation stores it (`<key>_ci95_low` / `_high`, see
-    cxrlt.metrics), e.g. "0.130 [0.081, 0.139]"; `missing` when the value is absent or not finite."""
+    cxrlt.evaluation.metrics), e.g. "0.130 [0.081, 0.139]"; `missing` when the value is absent or not finite."""
     v = m.get(key)
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return missing

@@ -1,34 +1,25 @@
-"""Synthetic chest radiographs for `cxrlt.data.demo`: one visual sign per finding, and `render_image`.
+"""The visual sign each finding paints on a synthetic radiograph (`cxrlt.data.demo.draw.render_image` calls them).
 
 Each finding's sign follows its meaning, so related findings look related: Nodule / Mass / Granuloma are
 round opacities of different size and density; Pneumothorax, Emphysema and Bulla are dark air; Consolidation,
 Pneumonia, Lung Opacity, Infiltration and Edema are hazy patches of different extent. Some findings change the
-anatomy itself (`_modify`: heart size, mediastinum, spine, bone density). `LATERAL_ONLY` findings show only on
-lateral views.
-
-Randomness is split on purpose: the anatomy uses the patient's and the image's generators, each finding its
-own generator, so the same image with and without a finding differs only by that finding's sign.
+anatomy itself (`modify`: heart size, mediastinum, spine, bone density) before the anatomy is drawn; the rest
+register a painter in `SIGNS`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, Sequence
+from typing import Callable
 
 import numpy as np
 
-from ..labels import TASK1_LABELS, TASK3_LABELS
-from .demo_anatomy import base, curve, ellipse, finish, geometry, layout, ring, segment
-
-ALL_FINDINGS: tuple[str, ...] = TASK1_LABELS + TASK3_LABELS
-# Signs drawn only on lateral views (a frontal image of such a study shows nothing of them).
-LATERAL_ONLY: tuple[str, ...] = ("Hernia", "Kyphosis", "Pneumomediastinum", "Pneumoperitoneum")
-VIEWS = ("frontal", "lateral")
+from cxrlt.data.demo.anatomy import curve, ellipse, ring, segment
 
 
 # ---------------------------------------------------------------- findings
-def _modify(g, name, r):
-    """Findings that change the anatomy itself (then drawn by `demo_anatomy.base`)."""
+def modify(g, name, r):
+    """Findings that change the anatomy itself (then drawn by `anatomy.base`)."""
     if name == "Cardiomegaly":
         g.heart_sx *= r.uniform(1.3, 1.45)
         g.heart_sy *= 1.05
@@ -392,34 +383,3 @@ def _pneumomediastinum(img, g, r):            # air outlining the heart and in t
     for dx in (0.02, 0.05):
         x = g.cx - 0.3 * g.W + dx * g.W
         segment(img, g.top + 0.15 * g.H, x, g.top + 0.4 * g.H, x + 0.02 * g.W, max(1.0, 0.005 * g.W), -35)
-
-
-def render_image(view: str, findings: Iterable[str], seed: int | Sequence[int], size: tuple[int, int] = (320, 256),
-                 patient_seed: int | Sequence[int] | None = None) -> np.ndarray:
-    """Draw one synthetic radiograph as uint8 [height, width].
-
-    `seed` fixes the image; `patient_seed` (default: `seed`) the patient's build, shared by their images.
-    """
-    if view not in VIEWS:
-        raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
-    findings = set(findings)
-    unknown = sorted(findings - set(ALL_FINDINGS))
-    if unknown:
-        raise ValueError(f"unknown findings {unknown}; known: {', '.join(ALL_FINDINGS)}")
-    seq = [int(v) for v in np.atleast_1d(seed)]
-    pseq = seq if patient_seed is None else [int(v) for v in np.atleast_1d(patient_seed)]
-    prng, irng = np.random.default_rng([*pseq, 99]), np.random.default_rng([*seq, 0])
-    H, W = (int(v) for v in size)
-    g = geometry(view, H, W, prng, irng)
-    # fixed order so the result never depends on set iteration order
-    active = [n for n in ALL_FINDINGS if n in findings and (view == "lateral" or n not in LATERAL_ONLY)]
-    rng_of = {n: (lambda n=n: np.random.default_rng([*seq, 1 + ALL_FINDINGS.index(n)])) for n in active}
-    for n in active:
-        _modify(g, n, rng_of[n]())
-    layout(g)
-    img = np.zeros((H, W), np.float32)
-    base(img, g, irng)
-    for n in active:
-        if n in SIGNS:
-            SIGNS[n](img, g, rng_of[n]())
-    return finish(img, g, irng)

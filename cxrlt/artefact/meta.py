@@ -1,5 +1,5 @@
 """An artefact folder's metadata, readable without torch: the registry, the model card and the web app
-read it in processes that never load a model (cxrlt.checkpoint, which loads and saves weights, re-exports
+read it in processes that never load a model (cxrlt.artefact.checkpoint, which loads and saves weights, re-exports
 these names)."""
 
 from __future__ import annotations
@@ -36,3 +36,16 @@ def read_meta(path: str | Path) -> dict:
     if (Path(path) / LINEAGE).exists():
         meta["lineage"] = json.loads((Path(path) / LINEAGE).read_text())
     return meta
+
+
+def trained_image_size(meta: dict, requested: int | None = None) -> int:
+    """The image size the artefact was trained at; a caller asking for another one is refused."""
+    trained = (meta.get("data") or {}).get("image_size")
+    if trained is None:
+        raise ValueError("the artefact records no training image size (data.image_size in artefact.json): "
+                         "retrain it with `cxrlt train`, which records it")
+    if requested is not None and int(requested) != int(trained):
+        raise ValueError(f"the artefact was trained on {trained}px images but evaluation was asked for "
+                         f"{requested}px: scores at another size describe a model that was never trained. Leave "
+                         "the image size out (the artefact's own is used), or train a variant at that size")
+    return int(trained)

@@ -1,4 +1,4 @@
-"""Presentation of the comparison report (`cxrlt.report` computes, this module shows): PNG figures drawn
+"""Presentation of the comparison report (`cxrlt.evaluation.report` computes, this module shows): PNG figures drawn
 on matplotlib's Agg canvas, and the markdown text.
 
 `Figure` + `FigureCanvasAgg` instead of pyplot: no global backend switch (the caller may be a notebook or a

@@ -4,13 +4,13 @@ at import time).
 Every registered model is a copy of an artefact folder (weights, artefact.json with config, labels,
 thresholds, metrics, data version, git commit, plus evaluation outputs), under one model name, with
 BentoML labels for the variant and metadata for the headline metrics, and a MODEL_CARD.md written at
-registration (cxrlt.model_card).
+registration (cxrlt.registry.model_card).
 
 Stages: a model is a `candidate` when registered, `production` while it is the one its name serves, and
 `archived` once another replaced it (or by hand). Each model name has exactly one production model and
 a serving history (every promotion, rollback and manual change: what, when, why, replacing what);
 rollback walks back through that history one model at a time, or to any earlier served model.
-The history and stages live inside the stored models' folders (cxrlt.registry_history says why there),
+The history and stages live inside the stored models' folders (cxrlt.registry.history says why there),
 so `bentoml models export` / `import` carry them. The service serves the production model marked most
 recently, whatever its name (one service, one model), as `serving_tag()` answers.
 """
@@ -21,8 +21,8 @@ import os
 import shutil
 from pathlib import Path
 
-from . import registry_history as rh
-from .registry_history import STAGES
+from cxrlt.registry import history as rh
+from cxrlt.registry.history import STAGES
 
 MODEL_NAME = "cxrlt"
 SELECT_METRIC = ("val", "mAP")  # the best model is the one with the highest validation mAP
@@ -45,8 +45,8 @@ def register(artefact_dir: str | Path, name: str = MODEL_NAME) -> str:
     """Copy an evaluated artefact into the model store; returns its tag (name:version)."""
     import bentoml
 
-    from .artefact_meta import read_meta
-    from .model_card import render_model_card
+    from cxrlt.artefact.meta import read_meta
+    from cxrlt.registry.model_card import render_model_card
 
     meta = read_meta(artefact_dir)
     if not meta.get("metrics"):
@@ -315,8 +315,8 @@ def model_card(tag: str) -> str:
     path = model_path(tag)
     if (path / CARD).exists():
         return (path / CARD).read_text()
-    from .artefact_meta import read_meta
-    from .model_card import render_model_card
+    from cxrlt.artefact.meta import read_meta
+    from cxrlt.registry.model_card import render_model_card
 
     return render_model_card(read_meta(path), str(_get(tag).tag))
 

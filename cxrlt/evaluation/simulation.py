@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .labels import LabelSpace
+from cxrlt.labels import LabelSpace
 
 __all__ = ["LongTailPopulation", "coverage"]
 
@@ -56,7 +56,7 @@ class LongTailPopulation:
 
     def population_metrics(self, n_studies: int = 1_000_000, seed: int = 12345) -> dict:
         """Macro metrics of a very large sample: the population values intervals should cover."""
-        from .metrics import compute_metrics
+        from cxrlt.evaluation.metrics import compute_metrics
 
         p, y, _ = self.sample(n_studies, seed)
         return compute_metrics(p, y, self.label_space)
@@ -69,7 +69,7 @@ def coverage(population: LongTailPopulation, n_studies: int = 1500, n_sets: int 
     Returns {"truth": value, method: {"coverage", "below" (interval entirely below the truth), "above",
     "mean_width"}}. Every method sees the same test sets and the same patient resamples.
     """
-    from .metrics import bootstrap_ci, draw_resamples
+    from cxrlt.evaluation.bootstrap import bootstrap_ci, draw_resamples
 
     truth = float(population.population_metrics()[metric]) if truth is None else float(truth)
     ls = population.label_space

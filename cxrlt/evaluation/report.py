@@ -3,7 +3,7 @@
 Every number is recomputed from each artefact's saved per-image predictions (eval/predictions_<split>.csv)
 and the manifest's targets, never copied from metrics.json, so all variants are scored the same way on
 the same images. Intervals are basic (reverse-percentile) bootstrap intervals over resampled PATIENTS, not
-stratified on outcomes (`cxrlt.bootstrap`). A difference between two variants uses a paired bootstrap: both
+stratified on outcomes (`cxrlt.evaluation.bootstrap`). A difference between two variants uses a paired bootstrap: both
 are scored on the same resampled patients and the interval is that of the difference, which decides whether
 they are distinguishable (two separate intervals may overlap although one variant is better on almost every
 resample, because both err on the same hard studies).
@@ -23,12 +23,12 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from . import report_plots as plots
-from .bootstrap import bootstrap_interval
-from .data.demo_draw import LATERAL_ONLY
-from .data.manifest import Manifest, load_manifest
-from .report_plots import LITERATURE
-from .report_runs import LEVEL, METHOD, NAN, Run, load_run, paired_difference, pool_seeds, score_runs
+from cxrlt.data.demo.draw import LATERAL_ONLY
+from cxrlt.data.manifest import Manifest, load_manifest
+from cxrlt.evaluation import plots as plots
+from cxrlt.evaluation.bootstrap import bootstrap_interval
+from cxrlt.evaluation.plots import LITERATURE
+from cxrlt.evaluation.runs import LEVEL, METHOD, NAN, Run, load_run, paired_difference, pool_seeds, score_runs
 
 __all__ = ["write_report", "load_run", "score_runs", "pool_seeds", "paired_difference", "Run", "LITERATURE"]
 

@@ -1,7 +1,7 @@
 """Evaluated artefacts as runs of the comparison report: loading, scoring on shared patient resamples,
-pooling the seeds of one variant, paired differences. `cxrlt.report` builds the report from these.
+pooling the seeds of one variant, paired differences. `cxrlt.evaluation.report` builds the report from these.
 
-Intervals are basic (reverse-percentile) bootstrap intervals over resampled patients (`cxrlt.bootstrap`).
+Intervals are basic (reverse-percentile) bootstrap intervals over resampled patients (`cxrlt.evaluation.bootstrap`).
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from .bootstrap import bootstrap_ci, bootstrap_interval, draw_resamples
-from .checkpoint import EVAL_DIR, read_meta
-from .data.dataset import targets_for
-from .data.manifest import Manifest
-from .labels import LabelSpace
-from .metrics import DEFAULT_BOOT_METRICS, compute_metrics
+from cxrlt.artefact.meta import EVAL_DIR, read_meta
+from cxrlt.data.dataset import targets_for
+from cxrlt.data.manifest import Manifest
+from cxrlt.evaluation.bootstrap import bootstrap_ci, bootstrap_interval, draw_resamples
+from cxrlt.evaluation.metrics import DEFAULT_BOOT_METRICS, compute_metrics
+from cxrlt.labels import LabelSpace
 
 __all__ = ["Run", "load_run", "score_runs", "pool_seeds", "paired_difference", "LEVEL", "METHOD"]
 
