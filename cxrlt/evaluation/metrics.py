@@ -1,4 +1,4 @@
-"""Evaluation as the CXR-LT challenge scores it, plus thresholds, calibration and bootstrap intervals.
+"""Evaluation as the CXR-LT challenge scores it, plus thresholds and calibration (intervals: `bootstrap`).
 
 Scoring is per image (`dicom_id`): a study-level prediction is copied to each of its images first
 (`expand_to_images`). Arrays are [N, L] in the label space's column order; a target of -1 (or a 0 in the
