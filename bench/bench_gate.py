@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from cxrlt.data.manifest import load_manifest
+from cxrlt.data.manifest_io import load_manifest
 from cxrlt.gate import calibrate_artefact, load_gate
 from cxrlt.gate.measure import measure
 from cxrlt.inference import Predictor

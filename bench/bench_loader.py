@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cxrlt.data.dataset import CXRDataset  # noqa: E402
-from cxrlt.data.manifest import load_manifest  # noqa: E402
+from cxrlt.data.manifest_io import load_manifest
 from cxrlt.data.transforms import augment_batch  # noqa: E402
 from cxrlt.engine.evaluation import unit_of  # noqa: E402
 from cxrlt.models import create_model  # noqa: E402

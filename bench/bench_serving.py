@@ -46,7 +46,7 @@ FULL_SIZE = (2544, 3056)  # width x height of a typical MIMIC-CXR-JPG frontal im
 def demo_studies(manifest_dir: Path, n: int, seed: int = 0) -> list[list[tuple[str, bytes, str]]]:
     """Up to n two-image studies (frontal + lateral when present) of the test split: [(name, bytes, view)]."""
     sys.path.insert(0, str(ROOT))
-    from cxrlt.data.manifest import load_manifest
+    from cxrlt.data.manifest_io import load_manifest
 
     m = load_manifest(manifest_dir)
     studies = [rows for _, rows in m.studies("test") if len(rows) >= 2]

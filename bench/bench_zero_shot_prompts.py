@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from cxrlt.artefact.checkpoint import load_artefact
-from cxrlt.data.manifest import load_manifest
+from cxrlt.data.manifest_io import load_manifest
 from cxrlt.engine import make_dataset, per_image
 from cxrlt.labels import LabelSpace
 from cxrlt.evaluation.metrics import compute_metrics

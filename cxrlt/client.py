@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import requests
 
-from cxrlt.data.manifest import load_manifest
+from cxrlt.data.manifest_io import load_manifest
 
 DEFAULT_URL = "http://127.0.0.1:3000"
 

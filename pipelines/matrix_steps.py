@@ -41,7 +41,7 @@ def prepare_task(manifest: str, out: str, image_size: int) -> str:
 def train_task(variant: str, manifest: str, out: str, params: str, overrides: dict, resume: bool = False) -> str:
     from prefect.runtime import task_run
 
-    from cxrlt.data.manifest import load_manifest
+    from cxrlt.data.manifest_io import load_manifest
     from cxrlt.engine import train
 
     cfg = load_config(params, overrides)
@@ -52,7 +52,7 @@ def train_task(variant: str, manifest: str, out: str, params: str, overrides: di
 
 @task(name="evaluate", task_run_name="evaluate-{variant}")
 def evaluate_task(variant: str, artefact: str, manifest: str, params: str, overrides: dict) -> dict:
-    from cxrlt.data.manifest import load_manifest
+    from cxrlt.data.manifest_io import load_manifest
     from cxrlt.engine import evaluate
     from cxrlt.provenance import git_commit
 

@@ -67,7 +67,7 @@ def train_task(variant: str, stage2: bool, project: str, resume: bool = False, t
 
 
 def _train_here_resuming(variant: str, project: str, log) -> None:
-    from cxrlt.data.manifest import load_manifest
+    from cxrlt.data.manifest_io import load_manifest
     from cxrlt.engine import train
 
     cfg = load_config(Path(project) / "params.yaml")

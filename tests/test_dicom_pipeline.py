@@ -10,7 +10,8 @@ from PIL import Image
 from cxrlt.cli.main import main
 from cxrlt.data.demo.generate import generate_demo
 from cxrlt.data.images import load_grayscale, read_image
-from cxrlt.data.manifest import build_manifest, load_manifest
+from cxrlt.data.manifest import build_manifest
+from cxrlt.data.manifest_io import load_manifest
 from cxrlt.data.prepare import READER, cache_pixels, prepare_cache
 from dicom_factory import ENCODABLE, make_dicom
 
@@ -74,7 +75,7 @@ def test_manifest_and_cache_from_dicom_sources(dicom_demo, tmp_path):
 
 
 def test_a_missing_dicom_is_named_by_the_manifest_check(dicom_demo, tmp_path):
-    from cxrlt.data.manifest import ManifestError
+    from cxrlt.data.manifest_io import ManifestError
 
     images = dicom_demo / "demo" / "mimic-cxr-jpg"
     victim = next(images.rglob("*.dcm"))

@@ -31,7 +31,7 @@ from cxrlt.evaluation import metrics as M
 from cxrlt.artefact.checkpoint import load_artefact
 from cxrlt.cli.main import main
 from cxrlt.config import load_config
-from cxrlt.data.manifest import load_manifest
+from cxrlt.data.manifest_io import load_manifest
 from cxrlt.engine import make_dataset, per_image, predict, read_history, train
 from cxrlt.engine import distributed
 from cxrlt.engine.checkpointing import EpochSampler, class_aware_draws

@@ -9,7 +9,7 @@ from conftest import make_dvc_project, running_service
 
 from cxrlt.client import post_study, send_studies
 from cxrlt.data.demo.generate import generate_demo
-from cxrlt.data.manifest import load_manifest
+from cxrlt.data.manifest_io import load_manifest
 
 PARAMS = {
     "paths": {"labels": "data/demo/cxr-lt-2024", "images": "data/demo/mimic-cxr-jpg",

@@ -21,7 +21,8 @@ from cxrlt.artefact.checkpoint import load_artefact
 from cxrlt.config import TrainConfig, config_from_dict
 from cxrlt.data.dataset import CXRDataset
 from cxrlt.data.demo.generate import generate_demo
-from cxrlt.data.manifest import build_manifest, load_manifest
+from cxrlt.data.manifest import build_manifest
+from cxrlt.data.manifest_io import load_manifest
 from cxrlt.data.prepare import prepare_cache
 from cxrlt.data.transforms import IMAGENET_STD, JpegViews, decode_views, first_non_jpeg, is_jpeg
 from cxrlt.engine import train

@@ -24,7 +24,8 @@ from torch.utils.data import DataLoader, default_collate
 from cxrlt.artefact.checkpoint import load_artefact
 from cxrlt.config import TrainConfig, config_from_dict
 from cxrlt.data.demo.generate import generate_demo
-from cxrlt.data.manifest import build_manifest, load_manifest
+from cxrlt.data.manifest import build_manifest
+from cxrlt.data.manifest_io import load_manifest
 from cxrlt.engine import TRAIN_STATE, make_dataset, per_image, predict, read_history, train
 from cxrlt.engine import performance as perf
 from cxrlt.engine.checkpointing import EpochDataset

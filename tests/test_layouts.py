@@ -15,7 +15,8 @@ from cxrlt.cli.main import main
 from cxrlt.data.dataset import CXRDataset
 from cxrlt.data.demo.generate import generate_demo
 from cxrlt.data.layouts import build_layout_manifest, detect_layout
-from cxrlt.data.manifest import MANIFEST_COLUMNS, ManifestError, build_manifest, load_manifest
+from cxrlt.data.manifest import build_manifest
+from cxrlt.data.manifest_io import MANIFEST_COLUMNS, ManifestError, load_manifest
 from cxrlt.data.nih import build_nih_manifest
 from cxrlt.data.padchest import build_padchest_manifest, parse_findings
 from cxrlt.data.splits import hold_out, shared_patients, split_validation, studies_with_several_patients

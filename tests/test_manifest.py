@@ -10,8 +10,8 @@ import pytest
 
 from cxrlt.data.demo.generate import generate_demo
 from cxrlt.views import VIEW_CODES
-from cxrlt.data.manifest import (MANIFEST_COLUMNS, ManifestError, build_manifest, load_manifest,
-                                 view_type)
+from cxrlt.data.manifest import build_manifest, view_type
+from cxrlt.data.manifest_io import MANIFEST_COLUMNS, ManifestError, load_manifest
 from cxrlt.labels import LABELS_2023, TASK1_LABELS, TASK2_LABELS, TASK3_LABELS
 
 

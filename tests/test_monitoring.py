@@ -264,7 +264,8 @@ def test_evaluation_writes_the_reference_image_stats(tmp_path, label_space):
     file uploaded to this model (width/height of the source; from a resized cache, intensities only)."""
     from cxrlt.config import DataConfig, EvalConfig, TrainConfig, VariantConfig
     from cxrlt.data.demo.generate import generate_demo
-    from cxrlt.data.manifest import build_manifest, load_manifest
+    from cxrlt.data.manifest import build_manifest
+    from cxrlt.data.manifest_io import load_manifest
     from cxrlt.data.prepare import prepare_cache
     from cxrlt.engine import evaluate, train
     from service.decoding import decode_image

@@ -40,7 +40,7 @@ def assert_metrics_match_predictions(art: Path, manifest_dir: Path, splits=("val
     import numpy as np
     import pandas as pd
 
-    from cxrlt.data.manifest import load_manifest
+    from cxrlt.data.manifest_io import load_manifest
     from cxrlt.evaluation.metrics import compute_metrics
 
     man = load_manifest(manifest_dir)

@@ -11,7 +11,8 @@ from PIL import Image
 
 from cxrlt.data.demo.generate import generate_demo
 from cxrlt.data.parallel import run_chunked
-from cxrlt.data.manifest import ManifestError, build_manifest, load_manifest
+from cxrlt.data.manifest import build_manifest
+from cxrlt.data.manifest_io import ManifestError, load_manifest
 from cxrlt.data.prepare import _resize_chunk, prepare_cache
 
 

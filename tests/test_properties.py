@@ -22,7 +22,7 @@ from cxrlt.artefact.checkpoint import load_artefact, save_artefact
 from cxrlt.config import DataConfig, EvalConfig, TrainConfig, VariantConfig
 from cxrlt.data.dataset import CXRDataset, build_items
 from cxrlt.data.transforms import image_to_tensor
-from cxrlt.data.manifest import MANIFEST_COLUMNS, load_manifest
+from cxrlt.data.manifest_io import MANIFEST_COLUMNS, load_manifest
 from cxrlt.labels import LabelSpace
 from cxrlt.losses import create_loss, list_losses
 from cxrlt.evaluation.metrics import compute_metrics, tune_thresholds
@@ -110,7 +110,7 @@ def evaluated(trained, manifest, tmp_path_factory):
 
     from safetensors.torch import save_file
 
-    from cxrlt.data.transforms import load_grayscale
+    from cxrlt.data.images import load_grayscale
     from cxrlt.engine import evaluate
 
     art = shutil.copytree(trained, tmp_path_factory.mktemp("props-eval") / "props-single")
@@ -383,7 +383,7 @@ def test_single_view_study_probability_is_the_mean_of_its_images(single_artefact
 def test_engine_scores_single_view_models_per_image(evaluated, manifest):
     """The engine's evaluation scores per image, as the challenge does: a single-view model's row for an
     image is that image's own prediction (not its study's), and equals the Predictor on that image."""
-    from cxrlt.data.transforms import load_grayscale
+    from cxrlt.data.images import load_grayscale
     from cxrlt.inference import Predictor
 
     _, _, pred = _split_arrays(evaluated, manifest, "test")

@@ -10,11 +10,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cxrlt.data.manifest import MANIFEST_COLUMNS, load_manifest
+from cxrlt.data.manifest_io import MANIFEST_COLUMNS, load_manifest
 from cxrlt.labels import LabelSpace
 from cxrlt.evaluation.bootstrap import bootstrap_ci, draw_resamples
 from cxrlt.evaluation.metrics import compute_metrics
-from cxrlt.evaluation.report import LITERATURE, load_run, paired_difference, pool_seeds, score_runs, write_report
+from cxrlt.evaluation.plots import LITERATURE
+from cxrlt.evaluation.report import write_report
+from cxrlt.evaluation.runs import load_run, paired_difference, pool_seeds, score_runs
 
 # n_train 1000: head >= 100, medium 10-99, tail < 10. Hernia and Kyphosis are lateral-only in the demo.
 COUNTS = {"Atelectasis": 400, "Cardiomegaly": 250, "Edema": 60, "Pneumothorax": 20, "Hernia": 6, "Kyphosis": 4}

@@ -30,7 +30,7 @@ from conftest import tiny_demo_project
 
 from cxrlt.cli.main import main
 from cxrlt.config import EvalConfig, config_from_dict, load_config
-from cxrlt.data.manifest import load_manifest
+from cxrlt.data.manifest_io import load_manifest
 from cxrlt.engine import TRAIN_STATE, evaluate, make_dataset, per_image, predict, read_history, train
 from cxrlt.engine.checkpointing import FORMAT, load_training_state, restore_rng, rng_state, save_training_state
 
@@ -50,7 +50,7 @@ STOP = (1, 3)  # killed in the second epoch (epoch index 1) after its step-3 che
 KILLED = r"""
 import sys
 from cxrlt.config import load_config
-from cxrlt.data.manifest import load_manifest
+from cxrlt.data.manifest_io import load_manifest
 from cxrlt.engine import train
 
 params, manifest, out, epoch, step = sys.argv[1:]

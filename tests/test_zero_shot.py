@@ -50,7 +50,7 @@ def test_held_out_findings_are_never_trained_but_scored(trained):
     import numpy as np
     import pandas as pd
 
-    from cxrlt.data.manifest import load_manifest
+    from cxrlt.data.manifest_io import load_manifest
     from cxrlt.labels import LabelSpace
     from cxrlt.evaluation.metrics import compute_metrics
 

@@ -12,7 +12,7 @@ from cxrlt.cli.common import add_command, add_params, overrides
 
 def cmd_train(a):
     from cxrlt.config import load_config
-    from cxrlt.data.manifest import load_manifest
+    from cxrlt.data.manifest_io import load_manifest
     from cxrlt.engine import distributed, train
 
     if a.gpus < 1:
@@ -31,7 +31,7 @@ def cmd_train(a):
 
 def cmd_evaluate(a):
     from cxrlt.config import load_config
-    from cxrlt.data.manifest import load_manifest
+    from cxrlt.data.manifest_io import load_manifest
     from cxrlt.engine import evaluate
 
     cfg = load_config(a.params, overrides(a.set))  # only `eval`: the image size is the artefact's own
@@ -43,7 +43,7 @@ def cmd_evaluate(a):
 
 
 def cmd_gate(a):
-    from cxrlt.data.manifest import load_manifest
+    from cxrlt.data.manifest_io import load_manifest
     from cxrlt.gate import calibrate_artefact
 
     g = calibrate_artefact(a.artefact, load_manifest(a.manifest), frr=a.frr, max_train=a.max_train, seed=a.seed,

@@ -20,7 +20,8 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from cxrlt.data.transforms import augment, collate_views, image_to_tensor, load_grayscale, read_view
+from cxrlt.data.images import load_grayscale
+from cxrlt.data.transforms import augment, collate_views, image_to_tensor, read_view
 from cxrlt.views import UNKNOWN_VIEW, VIEW_CODES
 
 

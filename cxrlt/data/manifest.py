@@ -16,24 +16,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cxrlt.data.manifest_io import (
-    MANIFEST_COLUMNS,
-    SPLITS,
-    SYNTHETIC_MARKER,
-    Manifest,
-    ManifestError,
-    check_images_exist,
-    examples,
-    file_md5,
-    load_manifest,
-    write_manifest,
-)
+from cxrlt.data.manifest_io import (MANIFEST_COLUMNS, Manifest, ManifestError, check_images_exist, examples, file_md5,
+                                    write_manifest)
 from cxrlt.data.splits import check_fraction, overlap_notes, split_validation, studies_with_several_patients
 from cxrlt.labels import LABELS_2023, TASK1_LABELS, TASK2_LABELS, TASK3_LABELS
 from cxrlt.views import LATERAL_POSITIONS
 
-__all__ = ["MANIFEST_COLUMNS", "SPLITS", "SYNTHETIC_MARKER", "Manifest", "ManifestError",
-           "build_manifest", "load_manifest", "view_type"]
+__all__ = ["build_manifest", "view_type"]
 
 DEMO_TRUTH = "demo_truth_task3.csv"      # demo-only Task 3 truth (see cxrlt.data.demo.generate)
 # MIMIC-CXR metadata columns a label file may carry besides the ones we read; never taken for labels.

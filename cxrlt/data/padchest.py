@@ -23,15 +23,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cxrlt.data.manifest_io import (
-    Manifest,
-    ManifestError,
-    check_images_exist,
-    examples,
-    file_md5,
-    find_label_file,
-    write_manifest,
-)
+from cxrlt.data.manifest_io import (Manifest, ManifestError, check_images_exist, examples, file_md5, find_label_file,
+                                    write_manifest)
 from cxrlt.data.splits import check_fraction, merge_linked_patients, split_test, split_validation
 from cxrlt.label_sets import PADCHEST_NOT_FINDINGS, canonical_finding
 

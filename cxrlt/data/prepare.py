@@ -23,7 +23,7 @@ from PIL import Image
 
 from cxrlt.data.image_info import ImageDecodeError
 from cxrlt.data.images import read_image
-from cxrlt.data.manifest import ManifestError, load_manifest
+from cxrlt.data.manifest_io import ManifestError, load_manifest
 from cxrlt.data.parallel import default_workers, run_chunked
 
 DEFAULT_SIZE = 1024      # CheXFusion's input side; the demo pipeline passes its own, much smaller size

@@ -17,14 +17,11 @@ import torch
 from PIL import Image
 from torch.utils.data import default_collate
 
-# The one reader lives in images.py (PNG / JPEG / DICOM); these names stay importable from here.
-from cxrlt.data.image_info import ImageDecodeError
-from cxrlt.data.images import load_grayscale, read_image, to_grayscale
+from cxrlt.data.images import load_grayscale, to_grayscale
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ImageDecodeError", "JpegViews", "augment", "augment_batch",
-           "collate_views", "decode_views", "first_non_jpeg", "image_stats", "image_to_pixels", "image_to_tensor",
-           "is_jpeg", "pixels_to_tensor", "read_view",
-           "load_grayscale", "read_image", "to_grayscale"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "JpegViews", "augment", "augment_batch", "collate_views", "decode_views",
+           "first_non_jpeg", "image_stats", "image_to_pixels", "image_to_tensor", "is_jpeg", "pixels_to_tensor",
+           "read_view"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -21,7 +21,7 @@ from cxrlt.artefact.checkpoint import load_artefact, resolve_device, write_evalu
 from cxrlt.artefact.meta import EVAL_DIR, trained_image_size
 from cxrlt.config import EvalConfig
 from cxrlt.data.dataset import CXRDataset, targets_for
-from cxrlt.data.manifest import Manifest
+from cxrlt.data.manifest_io import Manifest
 from cxrlt.evaluation import metrics as M
 
 

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from cxrlt.artefact.checkpoint import resolve_device, save_artefact
 from cxrlt.config import DataConfig, TrainConfig, VariantConfig, to_dict
-from cxrlt.data.manifest import Manifest
+from cxrlt.data.manifest_io import Manifest
 from cxrlt.data.transforms import augment_batch
 from cxrlt.engine import checkpointing as ck
 from cxrlt.engine import distributed as dist

@@ -13,15 +13,8 @@ from typing import Sequence
 
 import numpy as np
 
-from cxrlt.evaluation.metrics import (
-    DEFAULT_BOOT_METRICS,
-    _aggregate,
-    _check_thresholds,
-    _label_sets,
-    _metric_names,
-    _prepare,
-    _Ranked,
-)
+from cxrlt.evaluation.metrics import (DEFAULT_BOOT_METRICS, _aggregate, _check_thresholds, _label_sets, _metric_names,
+                                      _prepare, _Ranked)
 
 __all__ = ["draw_resamples", "bootstrap_interval", "bootstrap_ci", "INTERVAL_METHODS"]
 

@@ -24,13 +24,13 @@ import numpy as np
 import pandas as pd
 
 from cxrlt.data.demo.draw import LATERAL_ONLY
-from cxrlt.data.manifest import Manifest, load_manifest
-from cxrlt.evaluation import plots as plots
+from cxrlt.data.manifest_io import Manifest, load_manifest
+from cxrlt.evaluation import plots
 from cxrlt.evaluation.bootstrap import bootstrap_interval
 from cxrlt.evaluation.plots import LITERATURE
 from cxrlt.evaluation.runs import LEVEL, METHOD, NAN, Run, load_run, paired_difference, pool_seeds, score_runs
 
-__all__ = ["write_report", "load_run", "score_runs", "pool_seeds", "paired_difference", "Run", "LITERATURE"]
+__all__ = ["write_report"]
 
 # The proposal's comparisons (question 3, zero-shot, has its own section). Two runs are compared when they
 # differ in `attr` and agree on everything in `same`; `baseline` is shown as A, so B - A reads as "the change".

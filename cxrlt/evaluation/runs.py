@@ -16,7 +16,7 @@ import pandas as pd
 
 from cxrlt.artefact.meta import EVAL_DIR, read_meta
 from cxrlt.data.dataset import targets_for
-from cxrlt.data.manifest import Manifest
+from cxrlt.data.manifest_io import Manifest
 from cxrlt.evaluation.bootstrap import bootstrap_ci, bootstrap_interval, draw_resamples
 from cxrlt.evaluation.metrics import DEFAULT_BOOT_METRICS, compute_metrics
 from cxrlt.labels import LabelSpace

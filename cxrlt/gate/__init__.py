@@ -13,16 +13,8 @@ Two parts, both JSON-able through `GateResult.as_dict()` / `GateCheck.as_dict()`
 
 from cxrlt.gate.calibrate import calibrate, calibrate_artefact, load_gate, remove_gate
 from cxrlt.gate.ood import GateError, OODGate, fit_gate
-from cxrlt.gate.rules import (
-                    GateCheck,
-                    GateResult,
-                    check_body_part,
-                    check_geometry,
-                    check_image,
-                    check_metadata,
-                    check_modality,
-                    check_pixels,
-)
+from cxrlt.gate.rules import (GateCheck, GateResult, check_body_part, check_geometry, check_image, check_metadata,
+                              check_modality, check_pixels)
 
 __all__ = ["GateCheck", "GateError", "GateResult", "OODGate", "calibrate", "calibrate_artefact", "check_body_part",
            "check_geometry", "check_image", "check_metadata", "check_modality", "check_pixels", "fit_gate",

@@ -12,20 +12,9 @@ import numpy as np
 
 from cxrlt.artefact.checkpoint import load_artefact, resolve_device
 from cxrlt.artefact.meta import EVAL_DIR, trained_image_size
-from cxrlt.data.transforms import load_grayscale
-from cxrlt.gate.ood import (
-    GATE_JSON,
-    GATE_TENSORS,
-    QUANTILES,
-    GateError,
-    OODGate,
-    conformal_rank,
-    feature_name,
-    features,
-    fit_gate,
-    grey_at,
-    image_quantiles,
-)
+from cxrlt.data.images import load_grayscale
+from cxrlt.gate.ood import (GATE_JSON, GATE_TENSORS, QUANTILES, GateError, OODGate, conformal_rank, feature_name,
+                            features, fit_gate, grey_at, image_quantiles)
 from cxrlt.views import VIEW_CODES
 
 MAX_TRAIN, MAX_VAL = 4000, 10000

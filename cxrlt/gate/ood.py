@@ -40,7 +40,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from cxrlt.data.transforms import IMAGENET_MEAN, IMAGENET_STD, to_grayscale
+from cxrlt.data.images import to_grayscale
+from cxrlt.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 GATE_JSON, GATE_TENSORS = "gate.json", "gate.safetensors"
 FEATURE = "stages_avgpool_histmatched"
