@@ -285,7 +285,7 @@ def rare_label_data(seed=0, n_study=300):
 
 def test_resamples_keep_patients_whole_and_do_not_freeze_rare_positives():
     """No stratification on outcomes: a rare label's positive count varies between resamples (as it
-    would in a new test set), and a resample without any positive leaves the label out of the mean."""
+    would in a new test set); a resample without any of its positives has no value of the metric."""
     probs, y, study, ls = rare_label_data(seed=3)
     ys = y[::2]                                        # one row per study (both images share targets)
     rare = ys.sum(0) <= 2
@@ -296,30 +296,53 @@ def test_resamples_keep_patients_whole_and_do_not_freeze_rare_positives():
         kept_counts.append((drawn[::2][:, None] * (ys == 1)).sum(0))
     kept = np.array(kept_counts)
     assert (kept[:, rare] == 0).any() and (kept.std(0)[rare] > 0).all()
-    ci, reps = bootstrap_ci(probs, y, ls, study, n_boot=60, seed=1, metrics=("mAP",), return_replicates=True)
-    lost = np.isnan(reps["ap"][:, rare])
-    assert lost.any() and np.isfinite(reps["mAP"]).all()                 # the label is left out, not the replicate
+    ci, reps = bootstrap_ci(probs, y, ls, study, n_boot=60, seed=1, metrics=("mAP", "mAP_head"),
+                            return_replicates=True)
+    lost = np.isnan(reps["ap"][:, rare]).any(axis=1)
+    assert lost.any() and (np.isnan(reps["mAP"]) == lost).all()        # lost exactly where a label was
+    assert ci["mAP"].lost == pytest.approx(lost.mean())
+    assert np.isfinite(reps["mAP_head"]).all() and ci["mAP_head"].lost == 0  # the common labels lose nothing
 
 
-def test_a_lost_rare_label_does_not_lift_the_replicate():
-    """A resample that misses a rare label's positives leaves the label out, and its mAP replicate is the
-    point mAP plus the mean change of the labels it still scores, computed here by hand: the raw mean over
-    fewer (high-AP) labels would sit above the estimate, and the interval would not hold it."""
+def test_a_replicate_is_the_metric_of_the_resample_over_the_point_estimates_labels():
+    """Where the resample kept every label, its replicate is compute_metrics of the materialised resample;
+    where it lost one, it is NaN (never the mean over the labels left, which rare low-AP labels' absence
+    would lift, and never the point value plus the others' change, which hides the lost label's spread)."""
     probs, y, study, ls = rare_label_data(seed=3)
     sets = draw_resamples(study, n_boot=40, seed=2)
-    point = compute_metrics(probs, y, ls)
-    ap0 = point["per_label"]["ap"].to_numpy()
-    ci, reps = bootstrap_ci(probs, y, ls, None, metrics=("mAP",), resamples=sets, return_replicates=True)
-    raw, lost = [], 0
+    ci, reps = bootstrap_ci(probs, y, ls, study, metrics=("mAP",), resamples=sets, return_replicates=True)
+    n_lost = 0
     for b, idx in enumerate(sets):
         m = compute_metrics(probs[idx], y[idx], ls)
-        ap = m["per_label"]["ap"].to_numpy()
-        kept = np.isfinite(ap)
-        lost += int((~kept).sum())
-        assert reps["mAP"][b] == pytest.approx(point["mAP"] + np.mean(ap[kept] - ap0[kept]), abs=1e-12)
-        raw.append(m["mAP"])
-    assert lost > 0 and np.mean(raw) > point["mAP"] + 0.02           # what the raw replicates would do
-    assert ci["mAP"][0] <= point["mAP"] <= ci["mAP"][1]
+        if np.isfinite(m["per_label"]["ap"].to_numpy()).all():
+            assert reps["mAP"][b] == pytest.approx(m["mAP"], abs=1e-12)
+        else:
+            n_lost += 1
+            assert np.isnan(reps["mAP"][b])
+    assert n_lost > 0 and ci["mAP"].lost == n_lost / len(sets)
+
+
+def test_intervals_resting_on_labels_seen_in_few_patients_are_withheld_or_flagged():
+    """The rule of cxrlt.evaluation.bootstrap: 10 of 16 labels seen in 1-2 patients -> mAP withheld with
+    the reason; the 6 common labels alone (head) -> an interval; 1 sparse label of 12 -> flagged."""
+    probs, y, study, ls = rare_label_data(seed=3)
+    ci = bootstrap_ci(probs, y, ls, study, n_boot=60, seed=1, metrics=("mAP", "mAP_head"))
+    assert np.isnan(ci["mAP"]).all() and "10 of its 16 labels have fewer than 5 positive patients" in ci["mAP"].withheld
+    assert ci["mAP"].sparse == 10 and ci["mAP"].min_positives == 1 and ci["mAP"].facts()["withheld"] == 1
+    assert ci["mAP_head"].withheld is None and ci["mAP_head"].unreliable is None and np.isfinite(ci["mAP_head"]).all()
+    keep = list(range(6)) + [6]                          # the common labels and one seen in one patient
+    ls7 = LabelSpace(names=tuple(ls.names[i] for i in keep) + tuple(f"C{i}" for i in range(5)),
+                     counts=tuple(ls.counts[i] for i in keep) + (500,) * 5, n_train=1000)
+    rng = np.random.default_rng(0)
+    extra = (rng.random((len(y), 5)) < 0.3).astype(float)
+    p7 = np.concatenate([probs[:, keep], np.clip(0.3 * extra + 0.7 * rng.random(extra.shape), 0, 1)], 1)
+    ci7 = bootstrap_ci(p7, np.concatenate([y[:, keep], extra], 1), ls7, study, n_boot=60, seed=1, metrics=("mAP",))
+    iv = ci7["mAP"]
+    assert iv.withheld is None and np.isfinite(iv).all() and iv.sparse == 1 and iv.n_labels == 12
+    assert "1 of its 12 labels have fewer than 5 positive patients" in iv.unreliable and iv.facts()["unreliable"] == 1
+    # counted in patients: the same rows with one patient per row would see more positives
+    assert bootstrap_ci(p7, np.concatenate([y[:, keep], extra], 1), ls7, np.arange(len(y)), n_boot=20,
+                        metrics=("mAP",))["mAP"].min_positives == 2
 
 
 def test_replicates_equal_compute_metrics_on_the_same_resamples():

@@ -105,7 +105,7 @@ def trained(manifest, tmp_path_factory):
 @pytest.fixture(scope="module")
 def evaluated(trained, manifest, tmp_path_factory):
     """The trained artefact, its head rescaled so scores spread over (0, 1) (a few steps leave them within
-    a percent of each other, where the 6-decimal predictions CSV ties them), evaluated by the engine."""
+    a percent of each other, where rounded predictions would tie them), evaluated by the engine."""
     import shutil
 
     from safetensors.torch import save_file
@@ -540,3 +540,49 @@ def test_fusion_output_depends_on_token_positions_only_through_the_encoding():
         for moved in (feats.roll(1, dims=-1), feats.roll(2, dims=-2), feats.transpose(-1, -2)):
             assert (logits(moved) - base).abs().max() > 1e-3
             torch.testing.assert_close(logits(moved, True), logits(feats, True), atol=1e-5, rtol=1e-5)
+
+
+def test_evaluate_bootstraps_over_each_images_patient(trained, manifest, tmp_path, monkeypatch):
+    """The bootstrap gets the patient of every evaluated image, row for row, so that a patient's images
+    move together; image or study ids would pass correlated images off as independent (too narrow)."""
+    import shutil
+
+    from cxrlt.engine import evaluate
+    from cxrlt.evaluation import bootstrap
+
+    seen, real = [], bootstrap.bootstrap_ci
+
+    def spy(probs, targets, label_space, groups_ids, *args, **kwargs):
+        seen.append(np.asarray(groups_ids).copy())
+        return real(probs, targets, label_space, groups_ids, *args, **kwargs)
+
+    monkeypatch.setattr(bootstrap, "bootstrap_ci", spy)
+    art = shutil.copytree(trained, tmp_path / "props-single")
+    res = evaluate(art, manifest, EvalConfig(split="val", batch_size=16, bootstrap=5), SIZE, progress=False,
+                   device="cpu")
+    order = ["val"] + [s for s in ("dev", "test") if s in res]
+    assert len(seen) == len(order)
+    for split, ids in zip(order, seen):
+        frame = manifest.split(split)
+        assert list(ids) == list(frame["subject_id"].astype(str)), split
+    assert any(len(set(ids)) < len(ids) for ids in seen)        # patients with several images: a real check
+    assert "mAP_ci95_labels" in res["val"]                      # what the interval rests on is recorded
+
+
+def test_metrics_recomputed_from_the_written_predictions_equal_metrics_json(evaluated, manifest):
+    """predictions_<split>.csv holds the very numbers the metrics were computed from: compute_metrics on the
+    file, with the stored thresholds, gives metrics.json exactly (not to a tolerance)."""
+    from cxrlt.evaluation.metrics import summary
+
+    meta = json.loads((evaluated / "artefact.json").read_text())
+    ls = LabelSpace.from_dict(meta["label_space"])
+    stored = json.loads((evaluated / "metrics.json").read_text())
+    thr = np.asarray(json.loads((evaluated / "eval" / "thresholds.json").read_text())["thresholds"])
+    for split, want in stored.items():
+        pred = pd.read_csv(evaluated / "eval" / f"predictions_{split}.csv", dtype={"dicom_id": str})
+        frame = manifest.split(split).set_index("dicom_id").loc[pred["dicom_id"]]
+        got = summary(compute_metrics(pred[list(ls.names)].to_numpy(), frame[list(ls.names)].to_numpy(), ls,
+                                      thresholds=thr))
+        for key in ("mAP", "mAUC", "mF1", "mF1_tuned", "ece", "mAP_head", "mAP_medium", "mAP_tail"):
+            if key in want:
+                assert got[key] == want[key], (split, key, got[key], want[key])

@@ -63,6 +63,18 @@ def predict(model, dataset: CXRDataset, batch_size: int = 32, device="cpu", prog
     return torch.cat(out).numpy()
 
 
+# Predictions are written with 9 significant digits, which tell every float32 probability apart (distinct
+# values stay distinct and in order, so AP, AUROC and thresholds are unchanged), and the metrics are computed
+# from the numbers exactly as written: anything recomputed from predictions_<split>.csv equals metrics.json.
+PREDICTION_FORMAT = "%.9g"
+
+
+def as_written(probs: np.ndarray) -> np.ndarray:
+    """`probs` as float64 numbers read back from their PREDICTION_FORMAT text."""
+    a = np.asarray(probs, dtype=np.float64)
+    return np.char.mod(PREDICTION_FORMAT, a).astype(np.float64) if a.size else a
+
+
 def per_image(dataset: CXRDataset, item_probs: np.ndarray, frame: pd.DataFrame) -> pd.DataFrame:
     """Copy each item's prediction to every image it covers; rows follow `frame` (one per image)."""
     names = list(dataset.label_names)
@@ -98,6 +110,7 @@ def evaluate(artefact_dir: str | Path, manifest: Manifest, ec: EvalConfig, image
         ds = make_dataset(manifest, split, art.model, size, train=False)
         frame = manifest.split(split)
         img = per_image(ds, predict(art.model, ds, ec.batch_size, dev, progress), frame)
+        img[list(ls.names)] = as_written(img[list(ls.names)].to_numpy())
         probs, targets = img[list(ls.names)].to_numpy(), targets_of(frame, ls)
         if thresholds is None:  # the first split is ec.split (val): tuned there, applied unchanged elsewhere
             thresholds = M.tune_thresholds(probs, targets, ls.names)
@@ -112,7 +125,7 @@ def evaluate(artefact_dir: str | Path, manifest: Manifest, ec: EvalConfig, image
         out = Path(artefact_dir) / EVAL_DIR
         out.mkdir(exist_ok=True)
         m["per_label"].to_csv(out / f"per_label_{split}.csv", index=False)
-        img.to_csv(out / f"predictions_{split}.csv", index=False, float_format="%.6f")
+        img.to_csv(out / f"predictions_{split}.csv", index=False, float_format=PREDICTION_FORMAT)
         results[split] = M.summary(m)
         if hasattr(art.model, "predict_views"):  # view-specific: how well unknown views get routed
             from cxrlt.models.views import view_classifier_accuracy

@@ -260,7 +260,9 @@ def summary(metrics: dict, per_label: bool = False) -> dict:
     """JSON-serialisable scalars of `compute_metrics` (for DVC metrics files).
 
     NaN values (e.g. a group with no scorable label) are left out, since JSON has no NaN. Intervals
-    stored under a key (e.g. `metrics["ci95"] = bootstrap_ci(...)`) become `mAP_ci95_low`/`_high`.
+    stored under a key (e.g. `metrics["ci95"] = bootstrap_ci(...)`) become `mAP_ci95_low`/`_high` (absent
+    when withheld) and, for a bootstrap `Interval`, its facts: `mAP_ci95_lost`, `_labels`, `_sparse`,
+    `_min_pos` and `_withheld` or `_unreliable` (1).
     `per_label=True` adds `ap/<label>` and `auroc/<label>`.
     """
     out = {}
@@ -271,6 +273,8 @@ def summary(metrics: dict, per_label: bool = False) -> dict:
                     for side, val in zip(("low", "high"), pair):
                         if np.isfinite(val):
                             out[f"{name}_{k}_{side}"] = float(val)
+                    if hasattr(pair, "facts"):                # a bootstrap Interval: what it rests on
+                        out.update({f"{name}_{k}_{fact}": val for fact, val in pair.facts().items()})
             continue
         if isinstance(v, (bool, np.bool_)):
             continue

@@ -14,6 +14,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from cxrlt.evaluation.bootstrap import Interval, short_reason
+
 GROUP_BARS = (("mAP", "all labels"), ("mAP_head", "head"), ("mAP_medium", "medium"), ("mAP_tail", "tail"))
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
 
@@ -32,7 +34,7 @@ LITERATURE = tuple(dict(zip(("system", "data", "split", "mAP", "mAUC", "mF1", "h
     ("CheXFusion re-implementation, ASL", "2024 Task 2", "dev", 0.3320, 0.829, 0.320, None, _UOS),
 ))
 
-Interval = tuple[float, float, float]     # value, CI low, CI high (NaN where unknown)
+ValueCI = tuple[float, float, float]     # value, CI low, CI high (NaN where unknown)
 
 
 def _save(fig: Figure, path: Path) -> Path:
@@ -42,7 +44,7 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def _errors(values: Sequence[Interval]) -> np.ndarray:
+def _errors(values: Sequence[ValueCI]) -> np.ndarray:
     """[2, n] whisker lengths; an unknown interval draws no whisker rather than failing."""
     v = np.array([x[0] for x in values], dtype=float)
     lo = np.array([x[1] for x in values], dtype=float)
@@ -50,7 +52,7 @@ def _errors(values: Sequence[Interval]) -> np.ndarray:
     return np.nan_to_num(np.clip(np.stack([v - lo, hi - v]), 0, None))
 
 
-def group_bars(rows: Sequence[tuple[str, Mapping[str, Interval]]], path: Path) -> Path:
+def group_bars(rows: Sequence[tuple[str, Mapping[str, ValueCI]]], path: Path) -> Path:
     """mAP over all labels and per head/medium/tail group, one cluster of bars per variant."""
     fig = Figure(figsize=(max(6.0, 1.5 * len(rows) + 2.5), 4.2))
     ax = fig.add_subplot()
@@ -85,7 +87,7 @@ def ap_vs_frequency(series: Sequence[tuple[str, Sequence[int], Sequence[float]]]
     return _save(fig, path)
 
 
-def zero_shot_bars(labels: Sequence[str], rows: Sequence[tuple[str, Mapping[str, Interval]]],
+def zero_shot_bars(labels: Sequence[str], rows: Sequence[tuple[str, Mapping[str, ValueCI]]],
                    path: Path) -> Path:
     """AUROC of each held-out finding, one bar per variant, with the chance line at 0.5."""
     fig = Figure(figsize=(max(6.0, 1.3 * len(labels) + 2.5), 4.2))
@@ -116,10 +118,16 @@ def _f(v, fmt: str = ".3f") -> str:
 
 
 def _ci(v: float, interval, sd: float = float("nan")) -> str:
-    """"v [lo, hi]", or with several seeds "mean ± sd [lo, hi]" (sd across seeds, interval of the mean)."""
+    """"v [lo, hi]", or with several seeds "mean ± sd [lo, hi]" (sd across seeds, interval of the mean); an
+    interval withheld or flagged by the bootstrap's rule says so (`short_reason`), never a bare bracket."""
     lo, hi = interval
     shown = _f(v) + (f" ± {_f(sd)}" if sd is not None and np.isfinite(sd) else "")
-    return shown if not (np.isfinite(lo) and np.isfinite(hi)) else f"{shown} [{_f(lo)}, {_f(hi)}]"
+    why = short_reason(interval) if isinstance(interval, Interval) else None
+    if why and interval.withheld:
+        return f"{shown} (no interval: {why})"
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return shown
+    return f"{shown} [{_f(lo)}, {_f(hi)}]" + (f" (unreliable: {why})" if why else "")
 
 
 def _cell(r, key: str, subset: str = "all") -> str:

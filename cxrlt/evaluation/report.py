@@ -28,7 +28,8 @@ from cxrlt.data.manifest_io import Manifest, load_manifest
 from cxrlt.evaluation import plots
 from cxrlt.evaluation.bootstrap import bootstrap_interval
 from cxrlt.evaluation.plots import LITERATURE
-from cxrlt.evaluation.runs import LEVEL, METHOD, NAN, Run, load_run, paired_difference, pool_seeds, score_runs
+from cxrlt.evaluation.runs import (LEVEL, METHOD, NAN, Run, interval_note, load_run, paired_difference, pool_seeds,
+                                  score_runs)
 
 __all__ = ["write_report"]
 
@@ -90,8 +91,12 @@ def _compare(runs: Sequence[Run]) -> dict:
                 diff, lo, hi = paired_difference(a, b, key, subset)
                 (al, ah), (bl, bh) = a.interval(key, subset), b.interval(key, subset)
                 overlap = None if any(map(math.isnan, (al, ah, bl, bh))) else bool(al <= bh and bl <= ah)
-                verdict = ("no interval" if math.isnan(lo) else "not distinguishable"
-                           if lo <= 0 <= hi else ("B higher" if lo > 0 else "A higher"))
+                notes = [interval_note(x, key, subset) for x in (a, b)]
+                verdict = ("no interval" + (" (too few positives)" if any(w for w, _ in notes) else "")
+                           if math.isnan(lo) else "not distinguishable" if lo <= 0 <= hi
+                           else ("B higher" if lo > 0 else "A higher"))
+                if not math.isnan(lo) and any(u for _, u in notes):
+                    verdict += " (unreliable: few positives)"
                 rows.append({"a": a.name, "b": b.name, "a_is": str(getattr(a, q["attr"])),
                              "b_is": str(getattr(b, q["attr"])), "metric": key, "subset": subset,
                              "a_value": a.value(key, subset), "b_value": b.value(key, subset), "diff": diff,
@@ -110,7 +115,9 @@ def _variant_record(r: Run, lateral_labels: Sequence[str]) -> dict:
             if np.ndim(v) == 0:
                 name = key if subset == "all" else f"{key}_lateral_studies"
                 lo, hi = r.interval(key, subset)
-                rec.update({name: v, f"{name}_ci_low": lo, f"{name}_ci_high": hi, f"{name}_seed_sd": r.sd(key, subset)})
+                withheld, unreliable = interval_note(r, key, subset)
+                rec.update({name: v, f"{name}_ci_low": lo, f"{name}_ci_high": hi, f"{name}_seed_sd": r.sd(key, subset),
+                            f"{name}_ci_note": withheld or unreliable or ""})
     return {**rec, "lateral_labels": [n for n in lateral_labels if n in r.label_space.names]}
 
 

@@ -168,7 +168,8 @@ def _score(run: Run, rows: np.ndarray, subset: str, lateral: Sequence[str]) -> d
     return out
 
 
-def _replicates(run: Run, rows: np.ndarray, subset: str, lateral: Sequence[str], resamples: list) -> dict:
+def _replicates(run: Run, rows: np.ndarray, subset: str, lateral: Sequence[str], resamples: list,
+                patient: np.ndarray) -> dict:
     """Per-resample values of `_score`'s scalars (mF1 at 0.5) on row-index sets local to `rows`, and on all
     studies the run's intervals `ci`. bootstrap_ci sorts each label once for all resamples, where calling
     compute_metrics per resample and run would sort again every time."""
@@ -176,13 +177,13 @@ def _replicates(run: Run, rows: np.ndarray, subset: str, lateral: Sequence[str],
     p, t = run.probs[rows], run.targets[rows]
     if subset == "all":
         boot = list(DEFAULT_BOOT_METRICS) + (["zs_mAP", "zs_mAUC"] if run.label_space.zero_shot else [])
-        run.ci, reps = bootstrap_ci(p, t, run.label_space, None, metrics=boot, level=LEVEL, resamples=resamples,
+        run.ci, reps = bootstrap_ci(p, t, run.label_space, patient, metrics=boot, level=LEVEL, resamples=resamples,
                                     return_replicates=True)
         out = {k: reps.get(k, np.full(len(resamples), NAN)) for k in (*SCALARS, "ap", "auroc")}
     lat = _lateral_space(run, lateral)
     if lat is not None:
         cols, space = lat
-        _, reps = bootstrap_ci(p[:, cols], t[:, cols], space, None, metrics=("mAP", "mAUC"), resamples=resamples,
+        _, reps = bootstrap_ci(p[:, cols], t[:, cols], space, patient, metrics=("mAP", "mAUC"), resamples=resamples,
                                return_replicates=True)
         out["lat_mAP"], out["lat_mAUC"] = reps["mAP"], reps["mAUC"]
     return out
@@ -209,7 +210,7 @@ def score_runs(runs: Sequence[Run], patient_ids, lateral_rows, lateral: Sequence
     for k, (subset, rows) in enumerate(subsets.items()):
         resamples = draw_resamples(patient[rows], n_boot, seed + k)
         for r in runs:
-            r.reps[subset] = _replicates(r, rows, subset, lateral, resamples)
+            r.reps[subset] = _replicates(r, rows, subset, lateral, resamples, patient[rows])
 
 
 def _identity_key(r: Run) -> tuple:
@@ -253,10 +254,17 @@ def pool_seeds(runs: Sequence[Run]) -> list[Run]:
 
 
 def paired_difference(a: Run, b: Run, key: str, subset: str = "all", level: float = LEVEL):
-    """(b - a, low, high): the difference and its basic bootstrap interval over the shared resamples."""
+    """(b - a, low, high): the difference and its basic bootstrap interval over the shared resamples; no
+    interval (NaN) where either run's own interval of `key` is withheld (too few positives to see)."""
     diff = b.value(key, subset) - a.value(key, subset)
     ra, rb = a.reps.get(subset, {}).get(key), b.reps.get(subset, {}).get(key)
-    if ra is None or rb is None:
+    if ra is None or rb is None or interval_note(a, key, subset)[0] or interval_note(b, key, subset)[0]:
         return diff, NAN, NAN
     lo, hi = bootstrap_interval(diff, np.asarray(rb) - np.asarray(ra), level, METHOD, (-1, 1))
     return diff, lo, hi
+
+
+def interval_note(run: Run, key: str, subset: str = "all") -> tuple[str | None, str | None]:
+    """(withheld, unreliable) of the run's interval of `key` (`Interval`), or (None, None)."""
+    iv = run.interval(key, subset)
+    return getattr(iv, "withheld", None), getattr(iv, "unreliable", None)
