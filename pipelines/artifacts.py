@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 
-from cxrlt.evaluation.bootstrap import with_interval
+from cxrlt.evaluation.bootstrap import INTERVAL_RULE, with_interval
 
 SPLITS = ("val", "dev", "test")
 COLUMNS = ("mAP", "mAUC", "mF1", "mAP_head", "mAP_medium", "mAP_tail")
@@ -53,7 +53,7 @@ def publish_metrics(variant: str, metrics: dict, skipped: bool) -> None:
     note = " (unchanged inputs: DVC kept the previous evaluation)" if skipped else ""
     create_table_artifact(metrics_rows(variant, metrics), key=artifact_key(f"metrics-{variant}"),
                           description=f"Evaluation of {variant}{note}: macro metrics per split with 95% "
-                                      "bootstrap intervals where computed")
+                                      "bootstrap intervals (patients resampled) where computed. " + INTERVAL_RULE)
 
 
 def publish_promotion(model_name: str, old: str | None, new: str, event: dict | None, rows: list[dict]) -> None:

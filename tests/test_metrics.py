@@ -8,8 +8,9 @@ import pytest
 from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
 from cxrlt.labels import LabelSpace
-from cxrlt.evaluation.bootstrap import bootstrap_ci, bootstrap_interval, draw_resamples
-from cxrlt.evaluation.metrics import (_prepare, _Ranked, _stable_argsort, compute_metrics, expand_to_images, expected_calibration_error, summary, tune_thresholds, write_submission)
+from cxrlt.evaluation.bootstrap import bootstrap_ci, bootstrap_interval, draw_resamples, stored_interval, with_interval
+from cxrlt.evaluation.metrics import (_prepare, _Ranked, _stable_argsort, compute_metrics, expand_to_images,
+                                      expected_calibration_error, summary, tune_thresholds, write_submission)
 
 # 8 trained labels spanning the share groups (N = 1000: head >= 100, tail < 10) plus one zero-shot label.
 NAMES = ("A", "B", "C", "D", "E", "F", "G", "H", "Z")
@@ -435,3 +436,30 @@ def test_radix_argsort_is_numpys_stable_argsort():
              np.array([1.0, 1.0 + 2.0 ** -52, 1.0 - 2.0 ** -53, 1.0]), np.array([]), np.array([3.0]), np.full(10, 0.5)]
     for x in cases:
         np.testing.assert_array_equal(_stable_argsort(x), np.argsort(x, kind="stable"))
+
+
+def test_a_withheld_or_flagged_interval_is_stored_and_shown_as_such_never_as_a_bracket():
+    """metrics.json keeps what an interval rests on; every page's formatter (with_interval: the model card,
+    the Prefect table, the web app) says "no interval" or "unreliable" instead of a confident bracket."""
+    from pipelines.artifacts import metrics_rows
+
+    probs, y, study, ls = rare_label_data(seed=3)
+    m = compute_metrics(probs, y, ls)
+    m["ci95"] = bootstrap_ci(probs, y, ls, study, n_boot=40, seed=1, metrics=("mAP", "mAP_head", "mAP_tail"))
+    stored = json.loads(json.dumps(summary(m)))                   # as metrics.json holds it
+    assert "mAP_ci95_low" not in stored and stored["mAP_ci95_withheld"] == 1 and stored["mAP_ci95_sparse"] == 10
+    shown = with_interval(stored, "mAP")
+    assert shown.startswith(f"{m['mAP']:.3f} (no interval: 10/16 labels in < 5 patients")
+    assert "[" not in shown
+    head = with_interval(stored, "mAP_head")
+    lo, hi = m["ci95"]["mAP_head"]
+    assert head == f"{m['mAP_head']:.3f} [{lo:.3f}, {hi:.3f}]"          # an interval that stands: the bracket
+    assert stored_interval(stored, "mAP").withheld and stored_interval(stored, "mAP_head").withheld is None
+    # an unreliable one: bracket plus the flag
+    flagged = {"mAP": 0.3, "mAP_ci95_low": 0.2, "mAP_ci95_high": 0.4, "mAP_ci95_labels": 40, "mAP_ci95_sparse": 2,
+               "mAP_ci95_lost": 0.01, "mAP_ci95_min_pos": 3, "mAP_ci95_unreliable": 1}
+    assert with_interval(flagged, "mAP") == "0.300 [0.200, 0.400] (unreliable: 2/40 labels in < 5 patients)"
+    # metrics stored before intervals said what they rest on: bounds as they were
+    assert with_interval({"mAP": 0.3, "mAP_ci95_low": 0.2, "mAP_ci95_high": 0.4}, "mAP") == "0.300 [0.200, 0.400]"
+    row = metrics_rows("v", {"val": stored})[0]
+    assert "no interval" in row["mAP"] and "[" in row["mAP_head"]

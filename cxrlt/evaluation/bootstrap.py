@@ -16,8 +16,8 @@ import numpy as np
 from cxrlt.evaluation.metrics import (DEFAULT_BOOT_METRICS, _aggregate, _check_thresholds, _label_sets, _metric_names,
                                       _prepare, _Ranked)
 
-__all__ = ["draw_resamples", "bootstrap_interval", "bootstrap_ci", "Interval", "INTERVAL_METHODS", "verdict",
-           "positive_units", "show_interval", "stored_interval", "with_interval"]
+__all__ = ["draw_resamples", "bootstrap_interval", "bootstrap_ci", "Interval", "INTERVAL_METHODS", "INTERVAL_RULE",
+           "verdict", "positive_units", "show_interval", "stored_interval", "with_interval"]
 
 
 def draw_resamples(groups_ids, n_boot: int = 200, seed: int = 0) -> list[np.ndarray]:
@@ -91,6 +91,12 @@ MIN_POSITIVE_PATIENTS = 5
 MAX_SPARSE_SHARE = 0.1
 MAX_LOST_SHARE = 0.05
 MAX_LOST_FOR_INTERVAL = 0.5
+# the rule in words, for the report, the model card and the web app
+INTERVAL_RULE = (f"A label seen in fewer than {MIN_POSITIVE_PATIENTS} patients of the evaluated split is one whose "
+                 "spread resampling sees only in part: an interval is withheld (\"no interval\") when more than "
+                 f"{MAX_SPARSE_SHARE:.0%} of its labels are such, or more than {MAX_LOST_FOR_INTERVAL:.0%} of the "
+                 "resamples lost a label's positives, and flagged \"unreliable\" when any of its labels is such or "
+                 f"more than {MAX_LOST_SHARE:.0%} of the resamples lost one.")
 
 
 class Interval(tuple):

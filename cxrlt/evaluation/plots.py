@@ -14,7 +14,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from cxrlt.evaluation.bootstrap import Interval, short_reason
+from cxrlt.evaluation.bootstrap import INTERVAL_RULE, Interval, short_reason
 
 GROUP_BARS = (("mAP", "all labels"), ("mAP_head", "head"), ("mAP_medium", "medium"), ("mAP_tail", "tail"))
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
@@ -241,7 +241,7 @@ def render_markdown(ctx: dict, runs, per_label: dict, comparisons: dict, figures
         lines += [SYNTHETIC_BANNER, ""]
     boot = ("95% basic (reverse-percentile) bootstrap intervals from resampling patients with replacement, not "
             f"stratified on findings ({ctx['n_boot']} resamples, seed {ctx['seed']}); a resample without a "
-            "positive for a label leaves that label out and averages the change of the others"
+            "positive for one of a metric's labels has no value of it and is left out. " + INTERVAL_RULE
             if ctx["n_boot"] > 0 else "none (n_boot = 0)")
     lines += [f"Split `{ctx['split']}` of manifest `{ctx['manifest']}`: {ctx['n_images']} images in "
               f"{ctx['n_studies']} studies of {ctx.get('n_patients', '?')} patients ({ctx['n_lateral_studies']} "

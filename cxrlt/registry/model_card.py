@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cxrlt.evaluation.bootstrap import with_interval
+from cxrlt.evaluation.bootstrap import INTERVAL_RULE, with_interval
 from cxrlt.labels import LabelSpace
 
 SPLITS = ("val", "dev", "test")
@@ -111,10 +111,10 @@ def _metrics(metrics: dict) -> list[str]:
         m = metrics[s]
         cells = " | ".join(with_interval(m, k) for _, k in COLUMNS)
         lines.append(f"| {s} | {m.get('n_images', '-')} | {cells} |")
-    has_ci = any(k.endswith("_ci95_low") for s in splits for k in metrics[s])
+    has_ci = any(k.endswith(("_ci95_low", "_ci95_labels")) for s in splits for k in metrics[s])
     lines += ["", "Per image, as the CXR-LT challenge scores. Groups: labels in >10% (head), 1-10% (medium) and "
               "<1% (tail) of training images. "
-              + ("[a, b]: 95% bootstrap interval, resampling patients." if has_ci else
+              + ("[a, b]: 95% bootstrap interval, resampling patients. " + INTERVAL_RULE if has_ci else
                  "No bootstrap intervals were computed (eval.bootstrap was 0)."), ""]
     return lines
 

@@ -9,7 +9,7 @@ import json
 import pandas as pd
 import streamlit as st
 
-from cxrlt.evaluation.bootstrap import with_interval
+from cxrlt.evaluation.bootstrap import INTERVAL_RULE, with_interval
 
 from common import admin_allowed, model_name, service_info
 
@@ -118,6 +118,8 @@ def main() -> None:
         st.info("This model has no evaluation metrics.")
     else:
         st.dataframe(table, hide_index=True, width="stretch")
+        st.caption("'no interval' and 'unreliable' mark where positives are too few for an honest interval. "
+                   + INTERVAL_RULE)
     with st.expander("Model card", expanded=False):
         if hasattr(reg, "model_card"):
             st.markdown(reg.model_card(tag))
