@@ -8,6 +8,9 @@ import json
 from pathlib import Path
 
 WEIGHTS, META, METRICS, EVAL_DIR = "weights.safetensors", "artefact.json", "metrics.json", "eval"
+# inside eval/: a deliberate evaluation on another data set than the model was trained with (`--other-data`),
+# kept apart from the model's own
+OTHER_DATA_DIR = "other-data"
 # written by the train-eval flow beside a trained artefact: the dvc.lock entries (or, outside DVC, the params
 # file and commit) that produced it, and the command that rebuilds it
 LINEAGE = "lineage.json"

@@ -15,19 +15,23 @@ def cmd_compare(a):
     missing = [d for d in a.artefacts if not (Path(d) / "metrics.json").exists()]
     if missing:
         raise FileNotFoundError(f"not evaluated artefact folder(s): {missing}; run `cxrlt evaluate` first")
-    print(f"report: {write_report(a.artefacts, a.out, manifest=a.manifest, split=a.split, n_boot=a.bootstrap)}")
+    print(f"report: {write_report(a.artefacts, a.out, manifest=a.manifest, split=a.split, n_boot=a.bootstrap, other_data=a.other_data)}")
 
 
 def cmd_submit(a):
     """Challenge CSV from an artefact's per-image predictions of a split, columns in a task's order."""
     import pandas as pd
 
+    from cxrlt.artefact.meta import EVAL_DIR, OTHER_DATA_DIR
     from cxrlt.evaluation.metrics import write_submission
     from cxrlt.labels import LABEL_SETS
 
-    src = Path(a.artefact) / "eval" / f"predictions_{a.split}.csv"
+    src = Path(a.artefact) / EVAL_DIR / (OTHER_DATA_DIR if a.other_data else "") / f"predictions_{a.split}.csv"
     if not src.exists():
-        raise FileNotFoundError(f"{src} does not exist: run `cxrlt evaluate` on a manifest with split {a.split!r}")
+        raise FileNotFoundError(f"{src} does not exist: run `cxrlt evaluate` on a manifest with split {a.split!r}"
+                                + (" with --other-data" if a.other_data else ""))
+    if a.other_data:
+        print("from its evaluation on ANOTHER data set than it was trained with (--other-data)")
     pred = pd.read_csv(src)
     names = list(LABEL_SETS[a.task])
     missing = [n for n in names if n not in pred.columns]
@@ -48,6 +52,7 @@ def add_parsers(sub) -> None:
             "bootstrap confidence intervals, beside the published results")
     p.add_argument("artefacts", nargs="+", help="evaluated artefact folders, e.g. models/matrix/*")
     p.add_argument("--manifest", required=True, help="the manifest they were evaluated on")
+    p.add_argument("--other-data", action="store_true", help="compare artefacts on a manifest whose splits are not the ones they were trained with (refused otherwise); reads their --other-data evaluations and marks them")
     p.add_argument("--out", default="reports/compare", help="report folder (default: reports/compare)")
     p.add_argument("--split", default="test", help="split to compare on (default: test)")
     p.add_argument("--bootstrap", type=int, default=200,
@@ -59,6 +64,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--split", default="test", help="split whose predictions to submit (default: test)")
     p.add_argument("--task", default="task1", choices=["task1", "task2", "task3", "2023"],
                    help="column set and order of the submission (Task 2 columns are mapped by name)")
+    p.add_argument("--other-data", action="store_true", help="the predictions of its --other-data evaluation (eval/other-data/) instead of its own")
     p.add_argument("--out", required=True, help="CSV file to write")
 
     p = add_command(sub, "drift", cmd_drift, "Evidently drift report of logged predictions against validation predictions")

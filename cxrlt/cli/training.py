@@ -35,7 +35,10 @@ def cmd_evaluate(a):
     from cxrlt.engine import evaluate
 
     cfg = load_config(a.params, overrides(a.set))  # only `eval`: the image size is the artefact's own
-    res = evaluate(a.artefact, load_manifest(a.manifest), cfg.eval, progress=not a.quiet)
+    res = evaluate(a.artefact, load_manifest(a.manifest), cfg.eval, progress=not a.quiet, other_data=a.other_data)
+    if any(m.get("cross_dataset") for m in res.values()):
+        print("scored on ANOTHER data set than the model was trained with (--other-data), with its own thresholds; "
+              "results in eval/other-data/, its own evaluation unchanged")
     for split, m in res.items():
         print(f"{split:>5}: mAP {m['mAP']:.4f}  mAUC {m['mAUC']:.4f}  mF1 {m['mF1']:.4f}  "
               f"head/medium/tail mAP {m.get('mAP_head', float('nan')):.4f} / {m.get('mAP_medium', float('nan')):.4f}"
@@ -47,7 +50,7 @@ def cmd_gate(a):
     from cxrlt.gate import calibrate_artefact
 
     g = calibrate_artefact(a.artefact, load_manifest(a.manifest), frr=a.frr, max_train=a.max_train, seed=a.seed,
-                           device=a.device, log=None if a.quiet else print)
+                           device=a.device, log=None if a.quiet else print, other_data=a.other_data)
     print(json.dumps({k: v for k, v in g.describe().items() if k != "reference"}, indent=2))
 
 
@@ -77,6 +80,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--artefact", required=True, help="artefact folder (models/<variant>)")
     p.add_argument("--manifest", required=True, help="manifest folder")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--other-data", action="store_true", help="score it on a manifest whose splits are not "
+                   "the ones it was trained with (refused otherwise: its validation patients may be training patients); "
+                   "uses its own thresholds, writes to eval/other-data/, marks every result")
     add_params(p)
 
     p = add_command(sub, "gate", cmd_gate, "(re)calibrate an artefact's OOD input gate: fitted on the manifest's train images, "
@@ -89,6 +95,8 @@ def add_parsers(sub) -> None:
                    help="training images to fit on (seeded sample; default: 4000)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    p.add_argument("--other-data", action="store_true", help="fit it on a manifest whose splits are not the "
+                   "ones the model was trained with (refused otherwise)")
     p.add_argument("--quiet", action="store_true")
 
     p = add_command(sub, "models", cmd_models, "list the registered model architectures")

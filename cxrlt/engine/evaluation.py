@@ -9,6 +9,7 @@ trained on gives numbers that describe nothing.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +19,11 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from cxrlt.artefact.checkpoint import load_artefact, resolve_device, write_evaluation
-from cxrlt.artefact.meta import EVAL_DIR, trained_image_size
+from cxrlt.artefact.meta import EVAL_DIR, OTHER_DATA_DIR, read_meta, trained_image_size
 from cxrlt.config import EvalConfig
 from cxrlt.data.dataset import CXRDataset, targets_for
 from cxrlt.data.manifest_io import Manifest
+from cxrlt.data.membership import check_splits, split_record
 from cxrlt.evaluation import metrics as M
 
 
@@ -88,16 +90,27 @@ def per_image(dataset: CXRDataset, item_probs: np.ndarray, frame: pd.DataFrame) 
 
 
 def evaluate(artefact_dir: str | Path, manifest: Manifest, ec: EvalConfig, image_size: int | None = None,
-             splits: tuple[str, ...] = ("val", "dev", "test"), progress: bool = True, device: str = "auto") -> dict:
+             splits: tuple[str, ...] = ("val", "dev", "test"), progress: bool = True, device: str = "auto",
+             other_data: bool = False) -> dict:
     """Score the artefact on each available split; thresholds are tuned on validation (`ec.split`).
 
     The image size is the artefact's (`image_size`, if given, must equal it). Writes metrics.json and
     eval/{thresholds.json, per_label_<split>.csv, predictions_<split>.csv} into the artefact folder, the
     validation images' statistics for input drift (eval/image_stats_<ec.split>.csv, `write_image_stats`),
     and the OOD gate eval/gate.{json,safetensors} (`fit_ood_gate`).
+    A manifest whose splits are not the ones the model was trained with is refused before anything is
+    written (`cxrlt.data.membership.check_splits`: its validation patients may be training patients). With
+    `other_data` it is scored deliberately: with the thresholds the model already has (tuned on its own
+    validation split), into eval/other-data/ (OTHER_DATA_DIR), every split marked `cross_dataset`; the
+    model's own evaluation, thresholds, drift reference and gate stay as they are.
     Returns {split: summary metrics}.
     """
     dev = resolve_device(device)
+    meta = read_meta(artefact_dir)
+    own = check_splits(meta, artefact_dir, manifest.frame, other_data)
+    if not own and not meta.get("thresholds"):
+        raise ValueError(f"{artefact_dir} has no thresholds yet: evaluate it on the manifest it was trained on "
+                         "first (its thresholds are tuned on its own validation split), then on other data")
     art = load_artefact(artefact_dir, dev, tta_flip=ec.tta_flip)
     size = trained_image_size(art.meta, image_size)
     ls = art.label_space
@@ -105,7 +118,9 @@ def evaluate(artefact_dir: str | Path, manifest: Manifest, ec: EvalConfig, image
     if ec.split not in present:
         raise ValueError(f"threshold split {ec.split!r} is not in the manifest (it has {present})")
     order = [ec.split] + [s for s in present if s != ec.split]
-    results, thresholds = {}, None
+    results = {}
+    thresholds = None if own else np.asarray(meta["thresholds"], dtype=np.float64)
+    out = Path(artefact_dir) / EVAL_DIR / ("" if own else OTHER_DATA_DIR)
     for split in order:
         ds = make_dataset(manifest, split, art.model, size, train=False)
         frame = manifest.split(split)
@@ -122,14 +137,17 @@ def evaluate(artefact_dir: str | Path, manifest: Manifest, ec: EvalConfig, image
             # patients are the independent unit: all their studies and images are resampled together
             m["ci95"] = bootstrap_ci(probs, targets, ls, frame["subject_id"].astype(str).to_numpy(),
                                      n_boot=ec.bootstrap)
-        out = Path(artefact_dir) / EVAL_DIR
-        out.mkdir(exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
         m["per_label"].to_csv(out / f"per_label_{split}.csv", index=False)
         img.to_csv(out / f"predictions_{split}.csv", index=False, float_format=PREDICTION_FORMAT)
-        results[split] = M.summary(m)
+        results[split] = M.summary(m) | ({} if own else {"cross_dataset": 1})
         if hasattr(art.model, "predict_views"):  # view-specific: how well unknown views get routed
             from cxrlt.models.views import view_classifier_accuracy
             results[split]["view_classifier_accuracy"] = view_classifier_accuracy(art.model, ds)
+    if not own:
+        (out / "metrics.json").write_text(json.dumps(
+            {**results, "evaluated_on": split_record(manifest.frame)["digest"]}, indent=2))
+        return results
     write_image_stats(artefact_dir, manifest, ec.split, size, progress)
     write_evaluation(artefact_dir, results, thresholds, ec.split)
     fit_ood_gate(artefact_dir, art, manifest, ec, dev, progress)
@@ -164,8 +182,9 @@ def fit_ood_gate(artefact_dir, art, manifest: Manifest, ec: EvalConfig, dev, pro
     from cxrlt.gate import GateError, calibrate_artefact, remove_gate
 
     try:
+        # other_data=True: `evaluate` checked the manifest's splits before anything was written
         calibrate_artefact(artefact_dir, manifest, frr=ec.gate_frr, max_train=ec.gate_max_train, device=str(dev),
-                           batch_size=ec.batch_size, log=print if progress else None, artefact=art)
+                           batch_size=ec.batch_size, log=print if progress else None, artefact=art, other_data=True)
     except GateError as e:
         remove_gate(artefact_dir)
         warnings.warn(f"no OOD gate for {artefact_dir}: {e}", stacklevel=2)

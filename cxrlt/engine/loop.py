@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from cxrlt.artefact.checkpoint import resolve_device, save_artefact
 from cxrlt.config import DataConfig, TrainConfig, VariantConfig, to_dict
 from cxrlt.data.manifest_io import Manifest
+from cxrlt.data.membership import split_record, write_splits
 from cxrlt.data.transforms import augment_batch
 from cxrlt.engine import checkpointing as ck
 from cxrlt.engine import distributed as dist
@@ -309,7 +310,9 @@ def _train(variant, data, manifest, out_dir, progress, log, resume, on_checkpoin
                         data_version=version, git_commit=git_commit(), synthetic=bool(ls.synthetic),
                         text_encoder=text_record, init_from=str(init_dir) if init_dir else None,
                         freeze_backbone=bool(variant.init_from and variant.freeze_backbone),
-                        best_epoch=run["best_epoch"], resumes=run["resumes"], runtime=runtime)
+                        best_epoch=run["best_epoch"], resumes=run["resumes"], runtime=runtime,
+                        splits=split_record(manifest.frame))
+    write_splits(out, manifest.frame)  # which patients it trained on: evaluation refuses to score it on them
     write_history(out, run["history"])
     state_path.unlink(missing_ok=True)  # the run is complete: the artefact replaces its resumable state
     ctx.barrier()

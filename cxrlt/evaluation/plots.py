@@ -239,6 +239,9 @@ def render_markdown(ctx: dict, runs, per_label: dict, comparisons: dict, figures
     lines = [f"# {ctx['title']}", ""]
     if ctx["synthetic"]:
         lines += [SYNTHETIC_BANNER, ""]
+    if ctx.get("other_data"):
+        lines += [f"> **Scored on another data set than they were trained with** (`--other-data`): "
+                  f"{', '.join(ctx['other_data'])}. Their thresholds come from their own validation split.", ""]
     boot = ("95% basic (reverse-percentile) bootstrap intervals from resampling patients with replacement, not "
             f"stratified on findings ({ctx['n_boot']} resamples, seed {ctx['seed']}); a resample without a "
             "positive for one of a metric's labels has no value of it and is left out. " + INTERVAL_RULE

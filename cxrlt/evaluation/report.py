@@ -144,12 +144,14 @@ def _jsonable(o):
 
 
 def write_report(artefact_dirs: Sequence, out_dir, manifest=None, split: str = "test", n_boot: int = 200,
-                 seed: int = 0, title: str | None = None, lateral_labels: Sequence[str] | None = None) -> Path:
+                 seed: int = 0, title: str | None = None, lateral_labels: Sequence[str] | None = None,
+                 other_data: bool = False) -> Path:
     """Score evaluated artefacts on one manifest split and write report.md, results.csv/.json and figures.
 
     `manifest`: a `Manifest` or its folder (required: targets come from it). `lateral_labels`: findings
     visible only on lateral views, scored separately; default LATERAL_ONLY of the synthetic demo when an
     artefact is synthetic, none otherwise (no such list is established for real radiographs).
+    An artefact trained on other splits than this manifest's is refused unless `other_data` (`load_run`).
     Returns the path of report.md.
     """
     if not artefact_dirs:
@@ -158,7 +160,7 @@ def write_report(artefact_dirs: Sequence, out_dir, manifest=None, split: str = "
         raise ValueError("write_report needs the manifest the artefacts were evaluated on (its folder, e.g. the "
                          "pipeline's prepared manifest): the targets are read from it")
     man = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
-    runs = [load_run(d, man, split) for d in artefact_dirs]
+    runs = [load_run(d, man, split, other_data) for d in artefact_dirs]
     seen: dict[str, int] = {}
     for r in runs:                       # two folders of one variant name stay apart in every table
         seen[r.name] = seen.get(r.name, 0) + 1
@@ -197,7 +199,8 @@ def write_report(artefact_dirs: Sequence, out_dir, manifest=None, split: str = "
                "split": split, "manifest": man.dir.name, "synthetic": synthetic, "n_boot": n_boot, "seed": seed,
                "level": LEVEL, "interval_method": METHOD, "n_images": len(frame), "n_studies": len(set(study)),
                "n_patients": int(frame["subject_id"].nunique()),
-               "n_lateral_studies": len(lateral_studies), "lateral_labels": list(lateral_labels)}
+               "n_lateral_studies": len(lateral_studies), "lateral_labels": list(lateral_labels),
+               "other_data": [r.name for r in runs if r.other_data]}
     per_label = {r.name: _per_label(r) for r in runs}
     results = {**context, "variants": [{**rec, "per_label": per_label[rec["variant"]].to_dict("records")}
                                        for rec in records],

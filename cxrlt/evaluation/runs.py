@@ -14,7 +14,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from cxrlt.artefact.meta import EVAL_DIR, read_meta
+from cxrlt.artefact.meta import EVAL_DIR, OTHER_DATA_DIR, read_meta
+from cxrlt.data.membership import check_splits
 from cxrlt.data.dataset import targets_for
 from cxrlt.data.manifest_io import Manifest
 from cxrlt.evaluation.bootstrap import bootstrap_ci, bootstrap_interval, draw_resamples
@@ -55,6 +56,7 @@ class Run:
     seed_group: str = ""          # the variant trained with several seeds; its runs pool into one row
     seeds: tuple = ()             # pooled runs: the seeds averaged
     seed_sd: dict = field(default_factory=dict)   # pooled runs: subset -> metric -> SD across seeds
+    other_data: bool = False      # scored on another data set than it was trained with (--other-data)
 
     @property
     def n_images(self) -> int:
@@ -107,16 +109,22 @@ def _shown(path: Path) -> str:
         return path.name
 
 
-def load_run(folder, manifest: Manifest, split: str = "test") -> Run:
-    """Read an evaluated artefact and align its predictions to the rows of `manifest.split(split)`."""
+def load_run(folder, manifest: Manifest, split: str = "test", other_data: bool = False) -> Run:
+    """Read an evaluated artefact and align its predictions to the rows of `manifest.split(split)`.
+
+    A manifest whose splits are not the ones the model was trained with is refused (`check_splits`); with
+    `other_data`, the predictions of its deliberate evaluation on that data (eval/other-data/) are read and
+    the run is marked `other_data`."""
     folder = Path(folder)
     meta = read_meta(folder)
+    own = check_splits(meta, folder, manifest.frame, other_data)
     ls = LabelSpace.from_dict(meta["label_space"])
-    path = folder / EVAL_DIR / f"predictions_{split}.csv"
+    path = folder / EVAL_DIR / ("" if own else OTHER_DATA_DIR) / f"predictions_{split}.csv"
     if not path.is_file():
-        have = sorted(p.stem.removeprefix("predictions_") for p in (folder / EVAL_DIR).glob("predictions_*.csv"))
+        have = sorted(p.stem.removeprefix("predictions_") for p in path.parent.glob("predictions_*.csv"))
         raise FileNotFoundError(f"artefact {folder.name!r} has no predictions for split {split!r} (it has "
-                                f"{have or 'none'}); run `cxrlt evaluate` on it first")
+                                f"{have or 'none'}); run `cxrlt evaluate` on it first"
+                                + ("" if own else " with --other-data on this manifest"))
     pred = pd.read_csv(path, dtype={"dicom_id": str, "study_id": str})
     missing = [n for n in ("dicom_id", *ls.names) if n not in pred.columns]
     if missing:
@@ -135,7 +143,9 @@ def load_run(folder, manifest: Manifest, split: str = "test") -> Run:
     thr = meta.get("thresholds")
     seed = meta.get("seed", (meta.get("train") or {}).get("seed"))
     ident = _identity(meta, folder)
-    return Run(**ident, folder=_shown(folder), seed=None if seed is None else int(seed),
+    if not own:
+        ident["name"] += " (other data)"
+    return Run(**ident, folder=_shown(folder), seed=None if seed is None else int(seed), other_data=not own,
                seed_group=str(meta.get("seed_group") or ident["name"]),
                synthetic=bool(meta.get("synthetic") or ls.synthetic), label_space=ls,
                probs=pred[list(ls.names)].to_numpy(np.float64)[pos], targets=targets_for(frame, ls.names),
@@ -234,6 +244,7 @@ def pool_seeds(runs: Sequence[Run]) -> list[Run]:
                                                       "backbones", "label_space", "probs", "targets", "thresholds")},
                      name=first.seed_group, folder=", ".join(m.folder for m in members),
                      synthetic=any(m.synthetic for m in members), seed_group=first.seed_group,
+                     other_data=any(m.other_data for m in members),
                      seeds=tuple(m.seed for m in members))
         for subset in first.points:
             keys = [k for k in first.points[subset] if all(k in m.points.get(subset, {}) for m in members)]

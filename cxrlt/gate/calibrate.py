@@ -11,7 +11,8 @@ from typing import Callable
 import numpy as np
 
 from cxrlt.artefact.checkpoint import load_artefact, resolve_device
-from cxrlt.artefact.meta import EVAL_DIR, trained_image_size
+from cxrlt.artefact.meta import EVAL_DIR, read_meta, trained_image_size
+from cxrlt.data.membership import check_splits
 from cxrlt.data.images import load_grayscale
 from cxrlt.gate.ood import (GATE_JSON, GATE_TENSORS, QUANTILES, GateError, OODGate, conformal_rank, feature_name,
                             features, fit_gate, grey_at, image_quantiles)
@@ -85,9 +86,11 @@ def remove_gate(artefact_dir: str | Path) -> None:
 
 def calibrate_artefact(artefact_dir: str | Path, manifest, frr: float = 0.01, max_train: int = MAX_TRAIN,
                        max_val: int = MAX_VAL, seed: int = 0, device: str = "auto", batch_size: int = 64,
-                       log: Callable[[str], None] | None = None, artefact=None) -> OODGate:
+                       log: Callable[[str], None] | None = None, artefact=None, other_data: bool = False) -> OODGate:
     """Fit the artefact's gate and write it to <artefact>/eval/gate.{json,safetensors}; returns it.
-    `artefact`: the already loaded Artefact of that folder (saves loading it again)."""
+    `artefact`: the already loaded Artefact of that folder (saves loading it again). A manifest whose splits
+    are not the ones the model was trained with is refused unless `other_data` (`check_splits`)."""
+    check_splits(read_meta(artefact_dir), artefact_dir, manifest.frame, other_data)
     dev = resolve_device(device)
     art = artefact if artefact is not None else load_artefact(artefact_dir, dev)
     size = trained_image_size(art.meta)
