@@ -11,6 +11,10 @@ per process. What remains is float32 rounding: the processes sum the batch's gra
 tolerances (1e-5 relative on losses, 1e-5 on probabilities) leave room for a few steps of that and fail
 on any real difference (one study more or less in a batch changes the loss by >1e-3).
 
+With dropout and BatchNorm (`noisy_runs`) the processes must NOT compute alike: each reseeds its generators
+from the seed and its rank, so their dropout masks differ, and validation scores rank 0's BatchNorm
+statistics (those of the saved model); one and two processes then agree within a stated tolerance.
+
 Also: the sampler's split of the one-process stream, a process that fails ends the whole run (no
 hang), and `cxrlt train --gpus N` starts torchrun (refused without the GPUs).
 """
@@ -343,3 +347,92 @@ def test_gpus_without_the_gpus_is_refused(project, capsys):
     assert "--gpus 2 asks for 2 CUDA GPUs, this machine has" in err and "torch.distributed.run" in err
     assert cli("train", "--gpus", "0", "--variant", "v", "--manifest", project / "manifest") == 2
     assert "--gpus is 0" in capsys.readouterr().err
+
+
+def test_each_process_draws_its_own_dropout_masks():
+    """seed_process: the same (seed, rank) gives the same draws, another rank other ones, in torch (dropout),
+    numpy and python alike."""
+    import random
+
+    def draws(seed, rank):
+        distributed.seed_process(seed, rank)
+        mask = torch.nn.functional.dropout(torch.ones(2000), 0.5, training=True) > 0
+        return mask, np.random.random(), random.random()
+
+    a, a2, b = draws(0, 0), draws(0, 0), draws(0, 1)
+    assert torch.equal(a[0], a2[0]) and a[1:] == a2[1:]
+    assert not torch.equal(a[0], b[0]) and a[1] != b[1] and a[2] != b[2]
+    assert 0.4 < (a[0] != b[0]).float().mean() < 0.6          # independent masks disagree on about half
+
+
+def _seed_worker(rank, port, project, out, results, overrides):
+    """Train as rank `rank` of 2, recording the first dropout mask drawn in training."""
+    seen = []
+    forward = torch.nn.Dropout.forward
+
+    def spy(self, x):
+        y = forward(self, x)
+        if self.training and self.p > 0 and not seen:
+            seen.append((y != 0).flatten()[:4000].numpy().copy())
+        return y
+
+    torch.nn.Dropout.forward = spy
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    cfg = load_config(project / "params.yaml", {"train.dist_timeout_s": 30, **overrides})
+    train(cfg.variant("v"), cfg.data, load_manifest(project / "manifest"), out, progress=False, log=lambda s: None)
+    results.put((rank, seen[0]))
+
+
+# dropout 0.1 in the fusion and the head, and a BatchNorm backbone (test_resnet)
+NOISY = {"variants.v.model_args.dropout": 0.1, "variants.v.model_args.backbone": "test_resnet"}
+
+
+@pytest.fixture(scope="module")
+def noisy_runs(project, tmp_path_factory):
+    """A model with dropout and BatchNorm trained by two processes (forked) and by one."""
+    root = tmp_path_factory.mktemp("noisy")
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_seed_worker, args=(r, port, project, root / "two", results, NOISY)) for r in range(2)]
+    for p in procs:
+        p.start()
+    masks = dict(results.get(timeout=240) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    cfg = load_config(project / "params.yaml", NOISY)
+    train(cfg.variant("v"), cfg.data, load_manifest(project / "manifest"), root / "one", progress=False,
+          log=lambda s: None)
+    return {"masks": masks, "one": root / "one", "two": root / "two"}
+
+
+def test_ranks_train_with_different_dropout_masks(noisy_runs):
+    m0, m1 = noisy_runs["masks"][0], noisy_runs["masks"][1]
+    assert m0.shape == m1.shape and (m0 != m1).any()
+
+
+def test_validation_scores_the_model_rank_0_saves(noisy_runs, project):
+    """With BatchNorm, each process's last step leaves its own running statistics; validation broadcasts
+    rank 0's first, so the best epoch's validation mAP is that of the saved model, to float rounding."""
+    manifest = load_manifest(project / "manifest")
+    art = load_artefact(noisy_runs["two"])
+    assert any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in art.model.modules())
+    ds = make_dataset(manifest, "val", art.model, SIZE, train=False)
+    probs = per_image(ds, predict(art.model, ds, progress=False), manifest.split("val"))
+    names = list(manifest.label_space.names)
+    saved = M.compute_metrics(probs[names].to_numpy(), manifest.split("val")[names].to_numpy().astype(int),
+                              manifest.label_space)["mAP"]
+    history = read_history(noisy_runs["two"])
+    assert saved == pytest.approx(float(history["val_mAP"].iloc[art.meta["best_epoch"] - 1]), abs=1e-6)
+
+
+def test_one_and_two_processes_agree_within_tolerance_with_dropout(noisy_runs):
+    """Other masks, same expectation: over 2 epochs x 3 steps of a tiny model the two runs' training losses
+    stay within 5% of each other and their validation mAPs within 0.05 (measured: see the closing note)."""
+    h1, h2 = read_history(noisy_runs["one"]), read_history(noisy_runs["two"])
+    print(h1[["train_loss", "val_mAP"]].to_dict("list"), h2[["train_loss", "val_mAP"]].to_dict("list"))
+    np.testing.assert_allclose(h2["train_loss"], h1["train_loss"], rtol=0.05)
+    np.testing.assert_allclose(h2["val_mAP"], h1["val_mAP"], rtol=0, atol=0.05)

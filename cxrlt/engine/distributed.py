@@ -8,7 +8,10 @@
   a function of (seed, epoch) as in `checkpointing.EpochSampler`) and takes positions rank, rank +
   world, ... of it: the union of the processes' batches of a step is the one-process batch of that step.
 - validation is predicted in shards and gathered, so every process scores the same predictions and
-  selects the same best epoch; only rank 0 writes checkpoints, artefacts and logs.
+  selects the same best epoch; rank 0's BatchNorm statistics are broadcast first (`broadcast_buffers`),
+  so the shards score the very model rank 0 saves. Only rank 0 writes checkpoints, artefacts and logs.
+- each process reseeds its global generators from the seed and its rank (`seed_process`) once model and
+  data are built: dropout masks differ across processes, as they do across a one-process batch.
 - backend nccl on CUDA, gloo on CPU; a collective that waits `train.dist_timeout_s` fails instead of
   hanging, and torchrun stops the other processes when one fails.
 
@@ -154,6 +157,29 @@ class ShardedEpochSampler(EpochSampler):
 
     def __len__(self) -> int:
         return len(range(self.rank, self.length, self.world))  # a whole epoch's share of this process
+
+
+def seed_process(seed: int, rank: int) -> int:
+    """Reseed this process's global generators (torch CPU and CUDA, numpy, python) from the run's seed and
+    its rank; returns the seed. Every process starts from the same `train.seed` (so models and data are
+    built alike), but then its dropout masks and any other global draw must differ: with one shared seed
+    every process would drop the same units of its share of the batch, a correlation one process never
+    has."""
+    import random
+
+    s = int(np.random.SeedSequence([int(seed), int(rank)]).generate_state(1)[0])
+    torch.manual_seed(s)            # also every CUDA device's generator
+    np.random.seed(s)
+    random.seed(s)
+    return s
+
+
+def broadcast_buffers(ctx: Dist, model: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every process. Each process's last training step
+    updated them from its own share of the batch; validation in shards must score the model rank 0 saves."""
+    if ctx.active:
+        for b in model.buffers():
+            dist.broadcast(b, src=0)
 
 
 def predict_sharded(ctx: Dist, model, dataset, device) -> np.ndarray:

@@ -189,7 +189,7 @@ def _train(variant, data, manifest, out_dir, progress, log, resume, on_checkpoin
     version = data_version(manifest.dir)
     fingerprint = ck.fingerprint(variant, data, version["manifest_md5"], init_dir)
     state_path = out_dir / ck.TRAIN_STATE
-    run, rng = _fresh_run(), None
+    run, rng, rng_per_rank = _fresh_run(), None, False
     saved = ck.load_training_state(state_path) if resume else None
     if saved is not None:
         ck.check_fingerprint(saved["fingerprint"], fingerprint, state_path)
@@ -209,6 +209,7 @@ def _train(variant, data, manifest, out_dir, progress, log, resume, on_checkpoin
         run = {k: saved[k] for k in _fresh_run()}
         ranks = saved.get("rng_ranks") or []  # every process's generators, when the same number resumes
         rng = ranks[ctx.rank] if len(ranks) == ctx.world else saved["rng"]
+        rng_per_rank = len(ranks) == ctx.world
         run["resumes"].append({"epoch": run["epoch"] + 1, "step": run["step"]})
         log(f"[{variant.name}] resumed from {state_path}: epoch {run['epoch'] + 1}, step {run['step']}/{steps}")
     else:
@@ -245,6 +246,9 @@ def _train(variant, data, manifest, out_dir, progress, log, resume, on_checkpoin
         + f"; batch {tc.batch_size} = {ctx.world} x {k} x {micro}, amp {speed.amp}")
     if rng is not None:
         ck.restore_rng(rng)  # last, since building the model and data above draws random numbers
+    if ctx.active and not rng_per_rank:  # same model and data everywhere; from here on, each its own draws
+        # (a resume on another number of processes: reseeded where it resumes, not where the run began)
+        dist.seed_process(tc.seed if rng is None else tc.seed + 1 + 1000 * run["epoch"] + run["step"], ctx.rank)
     for epoch in range(run["epoch"], tc.epochs):
         net.train()
         if variant.init_from and variant.freeze_backbone:
@@ -282,6 +286,7 @@ def _train(variant, data, manifest, out_dir, progress, log, resume, on_checkpoin
             if every and (step + 1) % every == 0 and step + 1 < steps:  # the epoch's end checkpoints below
                 run.update(step=step + 1, seconds=time.perf_counter() - t0)
                 checkpoint()
+        dist.broadcast_buffers(ctx, model)  # validate (and keep) rank 0's BatchNorm statistics
         img = per_image(val_ds, dist.predict_sharded(ctx, model, val_ds, device), val_frame)
         m = M.compute_metrics(img[list(ls.names)].to_numpy(), val_targets, ls)
         train_loss = run["running"] / max(run["seen"], 1)
