@@ -161,7 +161,9 @@ def test_perfect_variant_scores_one_and_beats_noise(tmp_path, man):
     comp = json.loads((out / "results.json").read_text())["comparisons"]["losses"]["rows"]
     overall = next(c for c in comp if c["metric"] == "mAP")
     assert overall["a"] == "noise" and overall["diff"] > 0.3 and overall["diff_low"] > 0
-    assert overall["verdict"] == "B higher" and overall["ci_overlap"] is False
+    assert overall["ci_overlap"] is False and overall["p_holm"] < 0.05
+    # one seed a side: shown, not called
+    assert overall["verdict"] == "not called (B higher on one seed; needs 2 seeds a side)"
 
 
 def test_paired_difference_is_the_basic_interval_of_per_resample_differences(tmp_path, man):
@@ -194,8 +196,9 @@ def test_paired_difference_is_the_basic_interval_of_per_resample_differences(tmp
     want = (2 * diff - np.quantile(by_hand, 0.975), 2 * diff - np.quantile(by_hand, 0.025))
     assert (lo, hi) == pytest.approx(want, abs=1e-12) and hi > 0
     md = write_report(arts, tmp_path / "out", manifest=man, n_boot=25, seed=4).read_text()
-    verdict = "B higher" if lo > 0 else "not distinguishable"
-    assert f"| {diff:+.3f} [{lo:+.3f}, {hi:+.3f}] | yes | {verdict} |" in md.replace("| no |", "| yes |")
+    verdict = "not called (B higher on one seed; needs 2 seeds a side)" if lo > 0 else "not distinguishable"
+    row = next(line for line in md.splitlines() if f"| {diff:+.3f} [{lo:+.3f}, {hi:+.3f}] |" in line)
+    assert row.endswith(f"| {verdict} |") and "| ≥ 0." in row
 
 
 def test_replicates_equal_compute_metrics_on_the_shared_resamples(tmp_path, man):
@@ -264,6 +267,30 @@ def test_seeds_pool_into_mean_sd_and_the_interval_of_the_mean(tmp_path, man):
     assert "| v-asl (asl) | v-ral (ral) | mAP |" in md and "basic (reverse-percentile)" in md
     table = _csv(tmp_path / "out")
     assert table.loc["v-asl", "n_seeds"] == 3 and table.loc["v-asl", "mAP_seed_sd"] == pytest.approx(v.sd("mAP"))
+
+
+def test_a_difference_is_called_only_with_seeds_on_both_sides_and_after_holm(tmp_path, man):
+    """Three seeds a side and a large difference: called ("B higher"), with its Holm-adjusted p, the MDE
+    beside it; the p-value is the one that matches the basic interval."""
+    from cxrlt.evaluation.sensitivity import paired_p_value
+
+    arts = [_seeded(tmp_path, f"a-asl-seed{k}", "a-asl", k, noisy(0.15)) for k in range(3)]
+    arts += [_seeded(tmp_path, f"b-ral-seed{k}", "b-ral", k, noisy(0.6), loss="ral") for k in range(3)]
+    out = write_report(arts, tmp_path / "out", manifest=man, n_boot=60).parent
+    comp = json.loads((out / "results.json").read_text())["comparisons"]["losses"]["rows"]
+    overall = next(c for c in comp if c["metric"] == "mAP")
+    assert (overall["seeds_a"], overall["seeds_b"]) == (3, 3) and overall["diff_low"] > 0
+    assert overall["verdict"] == "B higher" and overall["p_holm"] < 0.05 and overall["p_holm"] >= overall["p"]
+    assert 0 < overall["mde"] < overall["diff"]
+    assert paired_p_value(0.0, np.array([-0.05] * 50 + [0.05] * 50)) == 1.0    # centred on 0: no evidence
+    assert paired_p_value(0.1, np.full(100, 0.1)) == 0.0                      # every replicate below 2d
+    from cxrlt.evaluation.bootstrap import bootstrap_interval
+
+    rng = np.random.default_rng(0)
+    for d in np.linspace(-0.05, 0.05, 21):             # p < 0.05 exactly when 0 is outside the basic interval
+        reps = d + 0.02 * rng.standard_normal(400)
+        lo, hi = bootstrap_interval(d, reps, 0.95, "basic")
+        assert (paired_p_value(d, reps) < 0.05) == (not lo <= 0 <= hi), d
 
 
 def test_missing_variants_are_named(tmp_path, man):

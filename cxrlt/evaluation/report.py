@@ -29,9 +29,12 @@ from cxrlt.evaluation import plots
 from cxrlt.evaluation.bootstrap import bootstrap_interval
 from cxrlt.evaluation.plots import LITERATURE
 from cxrlt.evaluation.runs import (LEVEL, METHOD, NAN, Run, interval_note, load_run, paired_difference, pool_seeds,
-                                  score_runs)
+                                  replicate_difference, score_runs)
+from cxrlt.evaluation.sensitivity import ALPHA, holm, minimum_detectable_effect, paired_p_value
 
 __all__ = ["write_report"]
+
+MIN_SEEDS = 2   # a difference is called only when each side was trained with at least this many seeds
 
 # The proposal's comparisons (question 3, zero-shot, has its own section). Two runs are compared when they
 # differ in `attr` and agree on everything in `same`; `baseline` is shown as A, so B - A reads as "the change".
@@ -91,18 +94,43 @@ def _compare(runs: Sequence[Run]) -> dict:
                 diff, lo, hi = paired_difference(a, b, key, subset)
                 (al, ah), (bl, bh) = a.interval(key, subset), b.interval(key, subset)
                 overlap = None if any(map(math.isnan, (al, ah, bl, bh))) else bool(al <= bh and bl <= ah)
-                notes = [interval_note(x, key, subset) for x in (a, b)]
-                verdict = ("no interval" + (" (too few positives)" if any(w for w, _ in notes) else "")
-                           if math.isnan(lo) else "not distinguishable" if lo <= 0 <= hi
-                           else ("B higher" if lo > 0 else "A higher"))
-                if not math.isnan(lo) and any(u for _, u in notes):
-                    verdict += " (unreliable: few positives)"
+                reps = replicate_difference(a, b, key, subset) if math.isfinite(lo) else None
                 rows.append({"a": a.name, "b": b.name, "a_is": str(getattr(a, q["attr"])),
                              "b_is": str(getattr(b, q["attr"])), "metric": key, "subset": subset,
                              "a_value": a.value(key, subset), "b_value": b.value(key, subset), "diff": diff,
-                             "diff_low": lo, "diff_high": hi, "ci_overlap": overlap, "verdict": verdict})
+                             "diff_low": lo, "diff_high": hi, "ci_overlap": overlap,
+                             "mde": NAN if reps is None else minimum_detectable_effect(reps),
+                             "p": NAN if reps is None else paired_p_value(diff, reps),
+                             "seeds_a": len(a.seeds) or 1, "seeds_b": len(b.seeds) or 1,
+                             "notes": [interval_note(x, key, subset) for x in (a, b)]})
         out[q["key"]] = {"rows": rows}
+    _verdicts([r for block in out.values() for r in block.get("rows", [])])
     return out
+
+
+def _verdicts(rows: list[dict]) -> None:
+    """Holm-adjusted p over every comparison of the report (one family), then each row's verdict: called
+    ("A/B higher") only when the adjusted p is below 5% and both sides have at least MIN_SEEDS seeds; a
+    difference one seed or the adjustment does not carry is shown with why it is not called."""
+    adjusted = holm([r["p"] for r in rows])
+    for r, p_holm in zip(rows, adjusted):
+        r["p_holm"] = float(p_holm)
+        lo, hi = r["diff_low"], r["diff_high"]
+        notes = r.pop("notes")
+        withheld, unreliable = any(w for w, _ in notes), any(u for _, u in notes)
+        if math.isnan(lo):
+            r["verdict"] = "no interval" + (" (too few positives)" if withheld else "")
+            continue
+        side = "B higher" if lo > 0 else "A higher" if hi < 0 else None
+        if side is None:
+            verdict = "not distinguishable"
+        elif min(r["seeds_a"], r["seeds_b"]) < MIN_SEEDS:
+            verdict = f"not called ({side.split()[0]} higher on one seed; needs {MIN_SEEDS} seeds a side)"
+        elif not p_holm < ALPHA:
+            verdict = f"not called ({side.split()[0]} higher before, not after Holm's adjustment)"
+        else:
+            verdict = side
+        r["verdict"] = verdict + (" (unreliable: few positives)" if unreliable else "")
 
 
 def _variant_record(r: Run, lateral_labels: Sequence[str]) -> dict:

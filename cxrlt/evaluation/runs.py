@@ -264,6 +264,12 @@ def pool_seeds(runs: Sequence[Run]) -> list[Run]:
     return out
 
 
+def replicate_difference(a: Run, b: Run, key: str, subset: str = "all") -> np.ndarray | None:
+    """b - a on each shared resample (NaN where either lost a label), or None without replicates."""
+    ra, rb = a.reps.get(subset, {}).get(key), b.reps.get(subset, {}).get(key)
+    return None if ra is None or rb is None else np.asarray(rb, float) - np.asarray(ra, float)
+
+
 def paired_difference(a: Run, b: Run, key: str, subset: str = "all", level: float = LEVEL):
     """(b - a, low, high): the difference and its basic bootstrap interval over the shared resamples; no
     interval (NaN) where either run's own interval of `key` is withheld (too few positives to see)."""

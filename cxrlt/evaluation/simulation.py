@@ -25,7 +25,7 @@ from cxrlt.evaluation.bootstrap import bootstrap_ci, bootstrap_interval, draw_re
 from cxrlt.evaluation.metrics import _label_sets, compute_metrics
 from cxrlt.labels import LabelSpace
 
-__all__ = ["LongTailPopulation", "coverage", "ESTIMATORS"]
+__all__ = ["LongTailPopulation", "coverage", "detection", "ESTIMATORS"]
 
 # The ways of making an interval that `coverage` compares: the project's ("patients": patients resampled,
 # lost replicates left out, withheld by the rule of cxrlt.evaluation.bootstrap), the same never withheld
@@ -60,9 +60,8 @@ class LongTailPopulation:
         counts = tuple(max(1, int(round(p * 100_000))) for p in self.prevalence)
         return LabelSpace(tuple(f"F{i}" for i in range(len(self.prevalence))), counts, 100_000)
 
-    def sample(self, n_images: int, seed: int = 0):
-        """(probs [N, L], targets [N, L] 0/1, patient ids [N]) for `n_images` images."""
-        rng = np.random.default_rng(seed)
+    def _draw(self, n_images: int, rng: np.random.Generator):
+        """(targets [N, L], patient ids [N], patient score effects [N, L])."""
         per = rng.integers(1, self.max_images + 1, size=n_images)
         per = per[: int(np.searchsorted(np.cumsum(per), n_images)) + 1]
         patient = np.repeat(np.arange(len(per)), per)[:n_images]
@@ -71,8 +70,33 @@ class LongTailPopulation:
         has = rng.random((len(per), prev.shape[1])) < 1 / (1 + np.exp(-(np.log(prev / (1 - prev)) + self.frailty * u)))
         y = (has[patient] & (rng.random((n_images, prev.shape[1])) < self.label_share)).astype(np.float64)
         effect = self.patient_score * rng.standard_normal((len(per), prev.shape[1]))[patient]
-        score = y * np.asarray(self.separation)[None, :] + effect + rng.standard_normal(y.shape)
-        return 1 / (1 + np.exp(-(score - 2.0))), y, patient
+        return y, patient, effect
+
+    def _probs(self, y, effect, noise, shift=None):
+        score = y * np.asarray(self.separation)[None, :] + effect + noise
+        if shift is not None:
+            score = score + y * shift[None, :]
+        return 1 / (1 + np.exp(-(score - 2.0)))
+
+    def sample(self, n_images: int, seed: int = 0):
+        """(probs [N, L], targets [N, L] 0/1, patient ids [N]) for `n_images` images."""
+        rng = np.random.default_rng(seed)
+        y, patient, effect = self._draw(n_images, rng)
+        return self._probs(y, effect, rng.standard_normal(y.shape)), y, patient
+
+    def sample_pair(self, n_images: int, seed: int = 0, shift=None, shared: float = 0.7):
+        """Two models scored on one test set: (probs A, probs B, targets, patient ids). Their image noise is
+        `shared` correlated (two models of one data set err alike), otherwise independent, so A and B are
+        equally good unless `shift` [L] (in noise SDs) raises B's scores of positives: a planted improvement
+        of a known size."""
+        rng = np.random.default_rng(seed)
+        y, patient, effect = self._draw(n_images, rng)
+        common = np.sqrt(shared) * rng.standard_normal(y.shape)
+        own = np.sqrt(1 - shared)
+        a = self._probs(y, effect, common + own * rng.standard_normal(y.shape))
+        b = self._probs(y, effect, common + own * rng.standard_normal(y.shape),
+                        None if shift is None else np.asarray(shift, dtype=np.float64))
+        return a, b, y, patient
 
     def population_metrics(self, n_images: int = 1_000_000, seed: int = 12345) -> dict:
         """Macro metrics of a very large sample: the population values intervals should cover."""
@@ -144,3 +168,35 @@ def coverage(population: LongTailPopulation, n_images: int = 1500, n_sets: int =
                          "above": float((lo > t).mean()) if ok.any() else float("nan"),
                          "width_ratio": float((hi - lo).mean() / (3.92 * out["sd"][m])) if ok.any() else float("nan")}
     return out
+
+
+def detection(population: LongTailPopulation, shift=None, metric: str = "mAP_tail", n_images: int = 4000,
+              n_sets: int = 100, n_boot: int = 200, seed: int = 0) -> dict:
+    """How often the report's paired test calls B != A (the paired basic interval excludes 0) over `n_sets`
+    test sets, when B = A with `shift` planted (None: two equally good models), and the minimum detectable
+    effect it states. Returns {"called", "called_higher", "withheld" (shares of sets), "mde" (median),
+    "true_diff" (B - A in a sample of 400,000 images)}."""
+    from cxrlt.evaluation.sensitivity import minimum_detectable_effect
+
+    ls = population.label_space
+    big_a, big_b, big_y, _ = population.sample_pair(400_000, seed=seed + 777, shift=shift)
+    true = compute_metrics(big_b, big_y, ls)[metric] - compute_metrics(big_a, big_y, ls)[metric]
+    called = higher = withheld = 0
+    mdes = []
+    for k in range(n_sets):
+        a, b, y, patient = population.sample_pair(n_images, seed=seed + 1 + k, shift=shift)
+        res = draw_resamples(patient, n_boot, seed=k)
+        ca, ra = bootstrap_ci(a, y, ls, patient, metrics=(metric,), resamples=res, return_replicates=True)
+        cb, rb = bootstrap_ci(b, y, ls, patient, metrics=(metric,), resamples=res, return_replicates=True)
+        if ca[metric].withheld or cb[metric].withheld:
+            withheld += 1
+            continue
+        d = rb["point"][metric] - ra["point"][metric]
+        reps = rb[metric] - ra[metric]
+        lo, hi = bootstrap_interval(d, reps, 0.95, "basic", (-1, 1))
+        mdes.append(minimum_detectable_effect(reps))
+        called += not lo <= 0 <= hi
+        higher += lo > 0
+    n = max(n_sets - withheld, 1)
+    return {"called": called / n, "called_higher": higher / n, "withheld": withheld / n_sets,
+            "mde": float(np.median(mdes)) if mdes else float("nan"), "true_diff": float(true), "n_sets": n_sets}
