@@ -114,6 +114,15 @@ class VariantConfig:
     init_from: str = ""            # stage 2: a variant name (models/<name>), artefact folder or registry tag
     freeze_backbone: bool = True   # with init_from: keep the stage-1 backbone fixed, as CheXFusion does
     seed_group: str = ""           # the variant name before seed expansion ("" = this variant's name)
+    # label groups (head / medium / tail) whose labels never reach the loss: a positive control, a model
+    # known to be worse on them, that a comparison must be able to detect
+    masked_groups: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        bad = sorted(set(self.masked_groups) - {"head", "medium", "tail"})
+        if bad:
+            raise ValueError(f"variant {self.name!r}: masked_groups {bad} are not label groups; use head, medium "
+                             "or tail")
 
     @property
     def group(self) -> str:

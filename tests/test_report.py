@@ -361,3 +361,31 @@ def test_clear_errors(tmp_path, man):
     pred.drop(columns=["Edema"]).to_csv(art / "eval" / "predictions_test.csv", index=False)
     with pytest.raises(ValueError, match=r"lacks column\(s\) \['Edema'\]"):
         write_report([art], tmp_path / "out", manifest=man)
+
+
+def test_the_positive_control_is_compared_with_its_twin(tmp_path, man):
+    """A variant with `masked_groups: [tail]` (its tail scores noise) beside the same variant without: the
+    report's first comparison is the control, B (the control) lower on tail mAP, called with seeds."""
+    groups = TRAINED.groups()
+    tail = [i for i, n in enumerate(TRAINED.names) if groups[n] == "tail"]
+    assert tail
+
+    def blind(y, rng):                       # informative everywhere but the tail
+        p = noisy(0.6)(y, rng)
+        p[:, tail] = rng.random((len(y), len(tail)))
+        return p
+
+    arts = [_seeded(tmp_path, f"v-seed{k}", "v", k, noisy(0.6)) for k in range(2)]
+    for k in range(2):
+        d = _seeded(tmp_path, f"v-notail-seed{k}", "v-notail", k, blind)
+        meta = json.loads((d / "artefact.json").read_text())
+        (d / "artefact.json").write_text(json.dumps({**meta, "masked_groups": ["tail"]}))
+        arts.append(d)
+    out = write_report(arts, tmp_path / "out", manifest=man, n_boot=60)
+    comp = json.loads((out.parent / "results.json").read_text())["comparisons"]
+    rows = comp["control"]["rows"]
+    row = next(r for r in rows if r["metric"] == "mAP_tail")
+    assert (row["a_is"], row["b_is"]) == ("none", "tail") and row["diff"] < 0
+    assert "losses" in comp and "missing" in comp["losses"]          # the control is not a loss comparison
+    md = out.read_text()
+    assert md.index("### 0. Positive control") < md.index("### 1. Losses")

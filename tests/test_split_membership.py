@@ -97,3 +97,34 @@ def test_other_data_scores_it_apart_and_marked(project):
     report = write_report([art], project["root"] / "report-other", manifest=project["seed7"], split="val",
                           n_boot=0, other_data=True).read_text()
     assert "Scored on another data set than they were trained with" in report and "m (other data)" in report
+
+
+def test_a_positive_control_never_learns_its_masked_groups(project):
+    """`masked_groups`: those labels never reach the loss, so their own output weights stay as initialised
+    (weight decay off), while the other labels' move; the artefact records it for the report. (This small
+    demo has no tail by share, every label having a few training studies: its medium group stands in.)"""
+    import torch
+
+    from cxrlt.engine import build_model, train
+
+    manifest = project["seed0"]
+    ls = manifest.label_space
+    groups = ls.groups()
+    group = "tail" if "tail" in groups.values() else "medium"
+    tail = [i for i, n in enumerate(ls.names) if groups.get(n) == group]
+    assert tail and len(tail) < len(ls)
+    tc = TrainConfig(epochs=1, batch_size=16, threads=1, augment=False, device="cpu", weight_decay=0.0, seed=3)
+    variant = VariantConfig(name="control", model="single_test", loss="bce", train=tc, masked_groups=(group,))
+    torch.manual_seed(tc.seed)                              # training starts from exactly this model
+    init, _, _ = build_model(variant, ls, torch.device("cpu"), project["root"])
+    art = train(variant, DataConfig(image_size=SIZE), manifest, project["root"] / "control", progress=False,
+                log=lambda s: None)
+    from cxrlt.artefact.checkpoint import load_artefact
+
+    trained = load_artefact(art).model
+    w0, w1 = init.head.out_weight.detach(), trained.head.out_weight.detach()
+    kept = [i for i in range(len(ls)) if i not in tail]
+    assert torch.equal(w1[tail], w0[tail]) and not torch.equal(w1[kept], w0[kept])
+    assert json.loads((art / "artefact.json").read_text())["masked_groups"] == [group]
+    with pytest.raises(ValueError, match="not label groups"):
+        VariantConfig(name="x", model="single_test", masked_groups=("rare",))

@@ -160,6 +160,14 @@ def train(variant: VariantConfig, data: DataConfig, manifest: Manifest, out_dir:
                       log if ctx.is_main else (lambda _: None), resume, on_checkpoint, ctx)
 
 
+def _kept_labels(variant, ls, device) -> torch.Tensor | None:
+    """[L] bool: False for the labels of `variant.masked_groups` (None when it masks none)."""
+    if not variant.masked_groups:
+        return None
+    groups = ls.groups()
+    return torch.tensor([groups.get(n) not in variant.masked_groups for n in ls.names], device=device)
+
+
 def _train(variant, data, manifest, out_dir, progress, log, resume, on_checkpoint, ctx: dist.Dist) -> Path:
     tc, ls = variant.train, manifest.label_space
     device = dist.device_for(ctx, tc)
@@ -219,6 +227,7 @@ def _train(variant, data, manifest, out_dir, progress, log, resume, on_checkpoin
             state_path.unlink(missing_ok=True)  # an older run's state must not be resumed into this one later
     # what the loop calls: the step's module, in DDP (several processes), compiled; `model` stays the
     # plain module whose state dicts are saved (no `module.` / `_orig_mod.` prefixes)
+    masked = _kept_labels(variant, ls, device)
     ddp = dist.wrap(TrainForward(model), ctx, device)
     net = torch.compile(ddp, backend=speed.compile) if speed.compile else ddp
     no_sync = ddp.no_sync if ctx.active else contextlib.nullcontext
@@ -261,6 +270,9 @@ def _train(variant, data, manifest, out_dir, progress, log, resume, on_checkpoin
                    desc=f"{variant.name} epoch {epoch + 1}/{tc.epochs}")
         for step, group in enumerate(bar, start=start):
             batches = [perf.batch_to_device(b, device, speed) for b in group]
+            if masked is not None:  # the positive control's labels never reach the loss
+                for b in batches:
+                    b["label_mask"] = b["label_mask"] & masked
             if speed.gpu_augment:
                 for i, b in enumerate(batches):  # a draw per (seed, epoch, step, micro-batch, process)
                     seed = ck.epoch_seed(tc.seed, epoch, step, i, ctx.rank) >> 1
@@ -316,7 +328,7 @@ def _train(variant, data, manifest, out_dir, progress, log, resume, on_checkpoin
                         text_encoder=text_record, init_from=str(init_dir) if init_dir else None,
                         freeze_backbone=bool(variant.init_from and variant.freeze_backbone),
                         best_epoch=run["best_epoch"], resumes=run["resumes"], runtime=runtime,
-                        splits=split_record(manifest.frame))
+                        splits=split_record(manifest.frame), masked_groups=list(variant.masked_groups))
     write_splits(out, manifest.frame)  # which patients it trained on: evaluation refuses to score it on them
     write_history(out, run["history"])
     state_path.unlink(missing_ok=True)  # the run is complete: the artefact replaces its resumable state

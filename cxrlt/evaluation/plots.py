@@ -272,7 +272,7 @@ def render_markdown(ctx: dict, runs, per_label: dict, comparisons: dict, figures
         "trained with at least 2 seeds; others say why they are not called. \"separate CIs overlap\" compares "
         "the two variants' own intervals, a cruder test.", ""]
     sections = {q["key"]: q for q in questions}
-    for key in ("losses", "queries", "zero_shot", "backbones", "fusion"):
+    for key in ("control", "losses", "queries", "zero_shot", "backbones", "fusion"):
         if key == "zero_shot":
             lines += ["### 3. Zero-shot findings", ""] + _zero_shot(ctx, runs, per_label, figures) + [""]
         else:

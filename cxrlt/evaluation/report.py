@@ -39,23 +39,28 @@ MIN_SEEDS = 2   # a difference is called only when each side was trained with at
 # The proposal's comparisons (question 3, zero-shot, has its own section). Two runs are compared when they
 # differ in `attr` and agree on everything in `same`; `baseline` is shown as A, so B - A reads as "the change".
 QUESTIONS = (
+    {"key": "control", "title": "0. Positive control: tail labels left out of the loss",
+     "attr": "masked", "baseline": "none", "same": ("arch", "kind", "loss", "query", "encoder", "backbones", "labels"),
+     "metrics": (("all", "mAP_tail"), ("all", "mAP_head"), ("all", "mAP")),
+     "need": "a variant with `masked_groups: [tail]` beside the same variant without (the control must come out "
+             "worse on tail mAP, or the comparisons below could not have seen a loss's effect there either)"},
     {"key": "losses", "title": "1. Losses on head / medium / tail labels", "attr": "loss",
-     "same": ("arch", "kind", "query", "encoder", "backbones", "labels"),
+     "same": ("arch", "kind", "query", "encoder", "backbones", "masked", "labels"),
      "metrics": (("all", "mAP_head"), ("all", "mAP_medium"), ("all", "mAP_tail"), ("all", "mAP")),
      "need": "two variants of one model (same backbone, single/fusion, query head, backbones and labels) "
              "trained with different losses"},
     {"key": "queries", "title": "2. Label-embedding (text) queries vs learned queries", "attr": "query",
-     "baseline": "learned", "same": ("arch", "kind", "loss", "backbones", "labels"),
+     "baseline": "learned", "same": ("arch", "kind", "loss", "backbones", "masked", "labels"),
      "metrics": (("all", "mAP"), ("all", "mAUC"), ("all", "mAP_tail"), ("all", "mF1")),
      "need": "a `query: text` and a `query: learned` variant of one model with the same loss and backbones"},
     {"key": "backbones", "title": "4. View-specific vs shared backbones", "attr": "backbones",
-     "baseline": "shared", "same": ("arch", "kind", "loss", "query", "encoder", "labels"),
+     "baseline": "shared", "same": ("arch", "kind", "loss", "query", "encoder", "masked", "labels"),
      "metrics": (("all", "mAP"), ("all", "mAUC"), ("all", "lat_mAP"), ("lateral", "lat_mAP"),
                  ("lateral", "lat_mAUC")),
      "need": "a fusion variant with view-specific backbones and one with a shared backbone, with the same "
              "loss and query head"},
     {"key": "fusion", "title": "5. Fusion vs single image", "attr": "kind", "baseline": "single",
-     "same": ("arch", "loss", "query", "encoder", "labels"),
+     "same": ("arch", "loss", "query", "encoder", "masked", "labels"),
      "metrics": (("all", "mAP"), ("all", "mAUC"), ("all", "mAP_tail"), ("all", "lat_mAP"),
                  ("lateral", "lat_mAP")),
      "need": "a single-image variant (max_views 1) and a fusion variant with the same backbone, loss and "

@@ -43,6 +43,7 @@ class Run:
     query: str                    # learned | text
     encoder: str | None
     backbones: str                # shared | view-specific (or whatever the config records)
+    masked: str                   # label groups left out of the loss ("none"; "tail" for the positive control)
     synthetic: bool
     label_space: LabelSpace
     probs: np.ndarray             # [N, L] in the manifest split's row order
@@ -98,7 +99,7 @@ def _identity(meta: dict, folder: Path) -> dict:
             "kind": "single" if int(mc.get("max_views", 4)) == 1 else "fusion",
             "loss": str(loss.get("name") if isinstance(loss, dict) else loss or "?"),
             "query": str(mc.get("query", "learned")), "encoder": None if encoder is None else str(encoder),
-            "backbones": str(backbones or "shared")}
+            "backbones": str(backbones or "shared"), "masked": ",".join(meta.get("masked_groups") or []) or "none"}
 
 
 def _shown(path: Path) -> str:
@@ -224,7 +225,7 @@ def score_runs(runs: Sequence[Run], patient_ids, lateral_rows, lateral: Sequence
 
 
 def _identity_key(r: Run) -> tuple:
-    return (r.seed_group, r.model, r.arch, r.kind, r.loss, r.query, r.encoder, r.backbones, r.labels)
+    return (r.seed_group, r.model, r.arch, r.kind, r.loss, r.query, r.encoder, r.backbones, r.masked, r.labels)
 
 
 def pool_seeds(runs: Sequence[Run]) -> list[Run]:
@@ -241,7 +242,8 @@ def pool_seeds(runs: Sequence[Run]) -> list[Run]:
             continue
         first = members[0]
         pooled = Run(**{f: getattr(first, f) for f in ("model", "arch", "kind", "loss", "query", "encoder",
-                                                      "backbones", "label_space", "probs", "targets", "thresholds")},
+                                                      "backbones", "masked", "label_space", "probs", "targets",
+                                                      "thresholds")},
                      name=first.seed_group, folder=", ".join(m.folder for m in members),
                      synthetic=any(m.synthetic for m in members), seed_group=first.seed_group,
                      other_data=any(m.other_data for m in members),
