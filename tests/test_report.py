@@ -296,7 +296,7 @@ def test_a_difference_is_called_only_with_seeds_on_both_sides_and_after_holm(tmp
 def test_missing_variants_are_named(tmp_path, man):
     md = write_report([_artefact(tmp_path, "only", noisy())], tmp_path / "out", manifest=man, n_boot=10).read_text()
     sections = md.split("## Comparisons")[1].split("## Literature")[0]
-    assert sections.count("missing:") == 5
+    assert sections.count("missing:") == 6                            # the positive control too
     assert "different losses. The artefacts given have loss = asl" in sections
     assert "a `query: text` and a `query: learned` variant" in sections
     assert "holds out zero-shot findings" in sections and "zero-shot mAUC" not in md
