@@ -122,6 +122,22 @@ def test_label_frequencies_follow_the_real_long_tail():
     assert ((studies["Normal"] == 1) != has_other).all()
 
 
+def test_more_test_positives_change_the_test_split_only():
+    """--min-test-positives (the research matrix): every label in at least that many test studies; the
+    training and dev labels are drawn as before, and the default leaves the plan as it was."""
+    base, more = plan_demo(600, seed=2), plan_demo(600, seed=2, min_test_positives=8)
+    labels = list(TASK1_LABELS + TASK3_LABELS)
+    pd.testing.assert_frame_equal(base, plan_demo(600, seed=2, min_test_positives=2))
+
+    def per_split(df):
+        studies = df.drop_duplicates("study_index")
+        return studies.groupby("split")[labels].sum()
+
+    b, m = per_split(base), per_split(more)
+    assert (m.loc["test"] >= 8).all() and (b.loc["test"] < 8).any()
+    pd.testing.assert_frame_equal(b.loc[["train", "dev"]], m.loc[["train", "dev"]])
+
+
 def test_views_and_images_per_study_follow_real_proportions():
     df = plan_demo(3000, seed=0)
     per_study = df.groupby("study_index").size()

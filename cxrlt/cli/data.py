@@ -11,7 +11,8 @@ from cxrlt.cli.common import add_command, add_params, overrides
 def cmd_demo_data(a):
     from cxrlt.data.demo.generate import generate_demo
 
-    summary = generate_demo(a.out, n_studies=a.studies, seed=a.seed, layout=a.layout)
+    summary = generate_demo(a.out, n_studies=a.studies, seed=a.seed, layout=a.layout,
+                            min_test_positives=a.min_test_positives)
     print(json.dumps(summary, indent=2, default=str))
 
 
@@ -48,6 +49,9 @@ def add_parsers(sub) -> None:
                    help="release layout to write (default: cxr-lt-2024)")
     p.add_argument("--studies", type=int, default=3000, help="number of studies (default: 3000)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--min-test-positives", type=int, metavar="N",
+                   help="studies per label in the test split (default 2); more lifts the tail's test prevalence "
+                        "above its real share so that the tail can get an interval (the research matrix)")
 
     p = add_command(sub, "manifest", cmd_manifest, "validate label files + images (CXR-LT, NIH ChestX-ray14 or PadChest) and "
             "write a patient-split manifest")

@@ -30,8 +30,10 @@ _MEANING = {"AP": "antero-posterior", "PA": "postero-anterior", "LATERAL": "late
             "XTABLE LATERAL": "lateral", "SWIMMERS": "lateral"}
 
 
-def _draw_labels(rng: np.random.Generator, split: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-study Task 1 labels [S, 40] and Task 3 labels [S, 5] (int8)."""
+def _draw_labels(rng: np.random.Generator, split: np.ndarray,
+                 minimum: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-study Task 1 labels [S, 40] and Task 3 labels [S, 5] (int8); every label positive in at least
+    minimum[split] studies of each split."""
     S, names = len(split), TASK1_LABELS
     p = np.array([TASK1_COUNTS[n] for n in names], float) / TASK1_N_TRAIN
     i_n, i_sd = names.index("Normal"), names.index("Support Devices")
@@ -46,7 +48,7 @@ def _draw_labels(rng: np.random.Generator, split: np.ndarray) -> tuple[np.ndarra
     Y[:, i_sd] = rng.random(S) < p[i_sd]
     prev = np.array([TASK3_PREVALENCE[n] for n in TASK3_LABELS])
     Z = (rng.random((S, len(TASK3_LABELS))) < prev) & ~normal[:, None]
-    for name, need in MIN_POSITIVES.items():
+    for name, need in minimum.items():
         idx = np.flatnonzero(split == name)
         short = min(need, len(idx) // 3) - int(normal[idx].sum())
         if short > 0:
@@ -86,8 +88,12 @@ def _views(rng: np.random.Generator, per_study: np.ndarray) -> tuple[list[str], 
     return kinds, [None if m else c for c, m in zip(codes, missing)]
 
 
-def plan_demo(n_studies: int = 3000, seed: int = 0) -> pd.DataFrame:
-    """One row per image: ids, `fpath`, `split`, rendered `view`, Task 1 and Task 3 labels (per study)."""
+def plan_demo(n_studies: int = 3000, seed: int = 0, min_test_positives: int | None = None) -> pd.DataFrame:
+    """One row per image: ids, `fpath`, `split`, rendered `view`, Task 1 and Task 3 labels (per study).
+
+    `min_test_positives`: studies per label in the test split (default MIN_POSITIVES["test"]). Raising it
+    lifts the tail labels' test prevalence above their real share, so that a comparison can put an interval
+    on the tail at all (the research matrix: its positive control must be detectable there)."""
     if n_studies < 20:
         raise ValueError(f"n_studies={n_studies} is too small: use at least 20 so that train, dev and test "
                          "all hold patients")
@@ -102,7 +108,8 @@ def plan_demo(n_studies: int = 3000, seed: int = 0) -> pd.DataFrame:
     psplit = np.full(n_p, "train", dtype=object)
     psplit[order[:n_eval]], psplit[order[n_eval:2 * n_eval]] = "dev", "test"
     split = np.repeat(psplit, per)
-    Y, Z = _draw_labels(rng, split)
+    minimum = dict(MIN_POSITIVES) if min_test_positives is None else {**MIN_POSITIVES, "test": int(min_test_positives)}
+    Y, Z = _draw_labels(rng, split, minimum)
     studies = 50_000_000 + np.sort(rng.choice(10_000_000, n_studies, replace=False))
     k = 1 + rng.choice(5, n_studies, p=_IMAGES_PER_STUDY / _IMAGES_PER_STUDY.sum())
     k[k == 5] += rng.integers(0, 2, int((k == 5).sum()))            # >4 images: 5 or 6 in the demo
