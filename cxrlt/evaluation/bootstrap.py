@@ -294,10 +294,11 @@ def short_reason(iv: Interval) -> str | None:
     return ", ".join(parts) or (iv.withheld or iv.unreliable)
 
 
-def show_interval(value, iv, digits: int = 3) -> str:
+def show_interval(value, iv, digits: int = 3, text: str | None = None) -> str:
     """value with its interval as every page shows it: "0.130 [0.081, 0.139]"; a flagged interval says it
-    may be too narrow, a withheld one says why there is none; never a bare bracket for either."""
-    v = f"{value:.{digits}f}"
+    may be too narrow, a withheld one says why there is none; never a bare bracket for either. `text`:
+    the value as the caller writes it (e.g. "0.130 ± 0.004", a mean across seeds)."""
+    v = f"{value:.{digits}f}" if text is None else text
     if iv is None:
         return v
     why = short_reason(iv) if isinstance(iv, Interval) else None

@@ -14,7 +14,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from cxrlt.evaluation.bootstrap import INTERVAL_RULE, Interval, short_reason
+from cxrlt.evaluation.bootstrap import INTERVAL_RULE, show_interval
 
 GROUP_BARS = (("mAP", "all labels"), ("mAP_head", "head"), ("mAP_medium", "medium"), ("mAP_tail", "tail"))
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
@@ -118,16 +118,10 @@ def _f(v, fmt: str = ".3f") -> str:
 
 
 def _ci(v: float, interval, sd: float = float("nan")) -> str:
-    """"v [lo, hi]", or with several seeds "mean ± sd [lo, hi]" (sd across seeds, interval of the mean); an
-    interval withheld or flagged by the bootstrap's rule says so (`short_reason`), never a bare bracket."""
-    lo, hi = interval
+    """"v [lo, hi]", or with several seeds "mean ± sd [lo, hi]" (sd across seeds, interval of the mean), as
+    `show_interval` writes it (withheld or unreliable intervals say so)."""
     shown = _f(v) + (f" ± {_f(sd)}" if sd is not None and np.isfinite(sd) else "")
-    why = short_reason(interval) if isinstance(interval, Interval) else None
-    if why and interval.withheld:
-        return f"{shown} (no interval: {why})"
-    if not (np.isfinite(lo) and np.isfinite(hi)):
-        return shown
-    return f"{shown} [{_f(lo)}, {_f(hi)}]" + (f" (unreliable: {why})" if why else "")
+    return show_interval(v, interval, text=shown)
 
 
 def _cell(r, key: str, subset: str = "all") -> str:

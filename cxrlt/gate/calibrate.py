@@ -90,7 +90,8 @@ def calibrate_artefact(artefact_dir: str | Path, manifest, frr: float = 0.01, ma
     """Fit the artefact's gate and write it to <artefact>/eval/gate.{json,safetensors}; returns it.
     `artefact`: the already loaded Artefact of that folder (saves loading it again). A manifest whose splits
     are not the ones the model was trained with is refused unless `other_data` (`check_splits`)."""
-    check_splits(read_meta(artefact_dir), artefact_dir, manifest.frame, other_data)
+    if not other_data:  # (evaluate passes other_data: it checked before anything was written)
+        check_splits(read_meta(artefact_dir), artefact_dir, manifest.frame)
     dev = resolve_device(device)
     art = artefact if artefact is not None else load_artefact(artefact_dir, dev)
     size = trained_image_size(art.meta)
