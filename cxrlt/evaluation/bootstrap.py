@@ -117,14 +117,6 @@ class Interval(tuple):
         self.withheld, self.unreliable = withheld, (None if withheld else unreliable)
         return self
 
-    @property
-    def low(self) -> float:
-        return self[0]
-
-    @property
-    def high(self) -> float:
-        return self[1]
-
     def facts(self) -> dict:
         """The numbers behind the verdict, as stored beside the bounds (`<metric>_ci95_<fact>`)."""
         out = {"lost": round(self.lost, 4), "labels": self.n_labels, "sparse": self.sparse}
