@@ -138,6 +138,20 @@ def test_more_test_positives_change_the_test_split_only():
     pd.testing.assert_frame_equal(b.loc[["train", "dev"]], m.loc[["train", "dev"]])
 
 
+def test_more_train_positives_lift_the_training_floor_only():
+    """--min-train-positives (the research matrix): every Task 1 label in at least that many training
+    studies, the tail still rarer than 1% of them, and dev / test drawn as before."""
+    base, more = plan_demo(3000, seed=2), plan_demo(3000, seed=2, min_train_positives=16)
+    pd.testing.assert_frame_equal(base, plan_demo(3000, seed=2, min_train_positives=4))
+    labels = list(TASK1_LABELS)
+    b = base.drop_duplicates("study_index").groupby("split")[labels].sum()
+    m = more.drop_duplicates("study_index").groupby("split")[labels].sum()
+    assert (m.loc["train"] >= 16).all() and (b.loc["train"] < 16).any()
+    n_train = int((more.drop_duplicates("study_index")["split"] == "train").sum())
+    assert (m.loc["train"] / n_train).min() < 0.01          # the rarest labels are still tail by share
+    pd.testing.assert_frame_equal(b.loc[["dev", "test"]], m.loc[["dev", "test"]])
+
+
 def test_views_and_images_per_study_follow_real_proportions():
     df = plan_demo(3000, seed=0)
     per_study = df.groupby("study_index").size()

@@ -12,7 +12,7 @@ def cmd_demo_data(a):
     from cxrlt.data.demo.generate import generate_demo
 
     summary = generate_demo(a.out, n_studies=a.studies, seed=a.seed, layout=a.layout,
-                            min_test_positives=a.min_test_positives)
+                            min_test_positives=a.min_test_positives, min_train_positives=a.min_train_positives)
     print(json.dumps(summary, indent=2, default=str))
 
 
@@ -52,6 +52,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--min-test-positives", type=int, metavar="N",
                    help="studies per label in the test split (default 2); more lifts the tail's test prevalence "
                         "above its real share so that the tail can get an interval (the research matrix)")
+    p.add_argument("--min-train-positives", type=int, metavar="N",
+                   help="studies per label in the training split (default 4); more keeps the tail rare but "
+                        "learnable at demo size, as it is in MIMIC-CXR (the research matrix)")
 
     p = add_command(sub, "manifest", cmd_manifest, "validate label files + images (CXR-LT, NIH ChestX-ray14 or PadChest) and "
             "write a patient-split manifest")

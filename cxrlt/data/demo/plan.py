@@ -88,12 +88,17 @@ def _views(rng: np.random.Generator, per_study: np.ndarray) -> tuple[list[str], 
     return kinds, [None if m else c for c, m in zip(codes, missing)]
 
 
-def plan_demo(n_studies: int = 3000, seed: int = 0, min_test_positives: int | None = None) -> pd.DataFrame:
+def plan_demo(n_studies: int = 3000, seed: int = 0, min_test_positives: int | None = None,
+              min_train_positives: int | None = None) -> pd.DataFrame:
     """One row per image: ids, `fpath`, `split`, rendered `view`, Task 1 and Task 3 labels (per study).
 
     `min_test_positives`: studies per label in the test split (default MIN_POSITIVES["test"]). Raising it
     lifts the tail labels' test prevalence above their real share, so that a comparison can put an interval
-    on the tail at all (the research matrix: its positive control must be detectable there)."""
+    on the tail at all (the research matrix: its positive control must be detectable there).
+    `min_train_positives`: the same for the training split (default MIN_POSITIVES["train"]). At a few
+    thousand studies the real shares leave a tail label 2-10 training studies, too few for any loss to learn
+    it; in MIMIC-CXR the rarest CXR-LT label still has a few hundred, so the matrix lifts this floor to keep
+    the tail rare but learnable, as it is at full size."""
     if n_studies < 20:
         raise ValueError(f"n_studies={n_studies} is too small: use at least 20 so that train, dev and test "
                          "all hold patients")
@@ -108,7 +113,10 @@ def plan_demo(n_studies: int = 3000, seed: int = 0, min_test_positives: int | No
     psplit = np.full(n_p, "train", dtype=object)
     psplit[order[:n_eval]], psplit[order[n_eval:2 * n_eval]] = "dev", "test"
     split = np.repeat(psplit, per)
-    minimum = dict(MIN_POSITIVES) if min_test_positives is None else {**MIN_POSITIVES, "test": int(min_test_positives)}
+    minimum = dict(MIN_POSITIVES)
+    for name, value in (("test", min_test_positives), ("train", min_train_positives)):
+        if value is not None:
+            minimum[name] = int(value)
     Y, Z = _draw_labels(rng, split, minimum)
     studies = 50_000_000 + np.sort(rng.choice(10_000_000, n_studies, replace=False))
     k = 1 + rng.choice(5, n_studies, p=_IMAGES_PER_STUDY / _IMAGES_PER_STUDY.sum())
