@@ -89,6 +89,11 @@ class EvalConfig:
     bootstrap: int = 0             # bootstrap resamples for confidence intervals (0 = none)
     gate_frr: float = 0.01         # OOD gate: share of genuine (validation-like) images it may refuse
     gate_max_train: int = 4000     # OOD gate: training images it is fitted on (seeded sample; cxrlt.gate)
+    # findings with a guarantee (cxrlt.evaluation.guarantee): the finding set's mean per-study recall, the
+    # confirmed findings' mean precision, and the confidence of both over the calibration (validation) draw
+    guarantee_recall: float = 0.9
+    guarantee_precision: float = 0.8
+    guarantee_confidence: float = 0.95
 
     def __post_init__(self):
         # thresholds tuned on dev or test would be fitted to the very images they are then scored on
@@ -96,6 +101,9 @@ class EvalConfig:
             raise ValueError(f"eval.split is {self.split!r}: thresholds are tuned on the validation split only "
                              "(tuning on dev/test leaks their labels into their scores). Set eval.split: val; "
                              "the tuned thresholds are then applied unchanged to dev and test.")
+        for name in ("guarantee_recall", "guarantee_precision", "guarantee_confidence"):
+            if not 0 < getattr(self, name) < 1:
+                raise ValueError(f"eval.{name} is {getattr(self, name)}: give a level between 0 and 1 (e.g. 0.9)")
         if not 0 < self.gate_frr < 1:
             raise ValueError(f"eval.gate_frr is {self.gate_frr}: it is the share of genuine images the OOD gate "
                              "may refuse, between 0 and 1 (e.g. 0.01)")

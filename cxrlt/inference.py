@@ -274,11 +274,25 @@ class Predictor:
                 if probs[i] >= self.thresholds[i] and not is_normal(self.label_names[i])]
         return list(dict.fromkeys(explicit + over))[:MAX_EXPLAIN]
 
+    @property
+    def guarantee(self):
+        """The finding sets' guarantee (`cxrlt.evaluation.guarantee.Guarantee`) or None for a model evaluated
+        before guarantees existed."""
+        from cxrlt.evaluation.guarantee import stored_guarantee
+
+        return stored_guarantee(self.artefact.meta)
+
     def describe(self, probs: np.ndarray) -> dict:
         """One study's probabilities -> the service's response body."""
         names, thr = self.label_names, self.thresholds
         order = np.argsort(-probs)
+        g = self.guarantee
+        guaranteed = g.answer(probs, names) if g is not None else {
+            "available": False, "set": [], "confirmed": [], "uncertain": [],
+            "statement": f"No guarantee: model {self.tag} was evaluated before guarantees existed; evaluate it again "
+                         "with `cxrlt evaluate`"}
         return {"model_tag": self.tag, "synthetic_model": self.synthetic,
                 "probabilities": {names[i]: round(float(probs[i]), 6) for i in range(len(names))},
                 "thresholds": {names[i]: round(float(thr[i]), 6) for i in range(len(names))},
-                "findings": [names[i] for i in order if probs[i] >= thr[i]]}
+                "findings": [names[i] for i in order if probs[i] >= thr[i]],
+                "guarantee": guaranteed}

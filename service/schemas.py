@@ -47,12 +47,25 @@ class GateReport(BaseModel):
     images: list[GateImage]
 
 
+class GuaranteedFindings(BaseModel):
+    available: bool = Field(description="false when the model has no guarantee (statement says why)")
+    set: list[str] = Field(description="the finding set that meets the recall guarantee, most probable first")
+    confirmed: list[str] = Field(description="findings in the set that also meet the precision guarantee")
+    uncertain: list[str] = Field(description="findings in the set not confirmed: the uncertain band, to check")
+    statement: str = Field(description="the guarantee in words")
+    recall_target: float | None = Field(None, description="mean per-study recall the set is guaranteed")
+    precision_target: float | None = Field(None, description="mean per-study precision of confirmed findings")
+    confidence: float | None = Field(None, description="the confidence of both, over the calibration draw")
+
+
 class Prediction(BaseModel):
     model_tag: str
     synthetic_model: bool = Field(description="true when the model was trained on synthetic data")
     probabilities: dict[str, float] = Field(description="label -> probability, in the model's label order")
     thresholds: dict[str, float] = Field(description="label -> decision threshold tuned on validation")
     findings: list[str] = Field(description="labels at or over their threshold, most probable first")
+    guarantee: GuaranteedFindings = Field(description="findings with a guarantee (conformal risk control, "
+                                          "calibrated on the model's validation studies, one per patient)")
     n_images: int
     views: list[str]
     latency_ms: float = Field(description="time spent in the model service")

@@ -162,6 +162,7 @@ class CXRService:
                      "max_image_bytes": MAX_IMAGE_BYTES, "max_pixels": MAX_PIXELS,
                      "formats": ["PNG", "JPEG", "DICOM"], "views": ["frontal", "lateral", "unknown"],
                      "gate": meta.get("gate"), "metrics": meta.get("metrics", {}),
+                     "guarantee": {k: v for k, v in (meta.get("guarantee") or {}).items() if k != "labels"} or None,
                      "text_head": bool(meta.get("text_encoder")),  # POST /score_text works
                      "explain": {"methods": ["gradcam"], "max_findings": MAX_EXPLAIN}}
 

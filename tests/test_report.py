@@ -389,3 +389,29 @@ def test_the_positive_control_is_compared_with_its_twin(tmp_path, man):
     assert "losses" in comp and "missing" in comp["losses"]          # the control is not a loss comparison
     md = out.read_text()
     assert md.index("### 0. Positive control") < md.index("### 1. Losses")
+
+
+def test_the_report_shows_each_models_guarantee_realised_on_its_split(tmp_path, man):
+    """Findings with a guarantee: targets, thresholds and the realised recall / precision on the report's split,
+    recomputed from the saved predictions; a model without one says why."""
+    from cxrlt.evaluation.guarantee import Guarantee, per_study_recall
+
+    names = list(TRAINED.names)
+    with_g, without, old = (_artefact(tmp_path, n, noisy()) for n in ("with", "without", "old"))
+    g = Guarantee(0.9, 0.8, 0.95, names, 150, 150, recall_threshold=0.3, precision_threshold=0.6)
+    (with_g / "eval" / "guarantee.json").write_text(json.dumps(g.to_json()))
+    none = Guarantee(0.9, 0.8, 0.95, names, 40, 40, reason="only 40 val studies")
+    (without / "eval" / "guarantee.json").write_text(json.dumps(none.to_json()))
+    out = write_report([with_g, without, old], tmp_path / "out", manifest=man, n_boot=5).parent
+    rows = {r["variant"]: r for r in json.loads((out / "results.json").read_text())["guarantees"]}
+    frame = _frame()
+    pred = pd.read_csv(with_g / "eval" / "predictions_test.csv")
+    study = pred.groupby("study_id", sort=False)[names].mean()
+    y = frame.drop_duplicates("study_id").set_index("study_id").loc[study.index, names].to_numpy()
+    assert rows["with"]["realised_recall"] == pytest.approx(per_study_recall(study.to_numpy() > 0.3, y).mean())
+    assert rows["with"]["realised_n_studies"] == N_STUDIES and rows["with"]["available"]
+    assert not rows["without"]["available"] and rows["without"]["reason"] == "only 40 val studies"
+    assert not rows["old"]["stored"]
+    md = (out / "report.md").read_text()
+    assert "## Findings with a guarantee" in md and "| with | 90% / 80% at 95% | 0.30 / 0.60 | 150 |" in md
+    assert "no guarantee: only 40 val studies" in md and "none stored: evaluate the model again" in md

@@ -74,6 +74,7 @@ def test_upload_scores_the_study(monkeypatch, service_url, served_tag):
     assert "Findings" in texts(at, "subheader")
     assert "SYNTHETIC" in texts(at, "warning")
     assert served_tag in texts(at, "caption") and "2 image(s)" in texts(at, "caption")
+    assert "No guarantee" in texts(at, "caption"), "a model without a guarantee must say so"
     assert "no text head" in texts(at, "info"), "the tiny model has no text head: free text must say so"
     assert_no_stray_none(at)
     # a heatmap of a label the user picks, over each image: fetched from the service on choice
@@ -83,6 +84,17 @@ def test_upload_scores_the_study(monkeypatch, service_url, served_tag):
     assert not at.exception and not at.error, texts(at, "error")
     assert sum("Edema · image 1 (frontal)" in c for c in captions) == 1, captions
     assert sum("Edema · image 2 (lateral)" in c for c in captions) == 1, captions
+
+
+def test_guarantee_lines_name_the_sets_and_the_guarantee():
+    g = {"available": True, "set": ["Edema", "Effusion"], "confirmed": ["Edema"], "uncertain": ["Effusion"],
+         "statement": "The finding set holds ..."}
+    assert study.guarantee_lines(g) == ("Findings with a guarantee: confirmed: Edema; uncertain, to check: Effusion",
+                                        "The finding set holds ...")
+    empty = study.guarantee_lines({**g, "set": [], "confirmed": [], "uncertain": []})[0]
+    assert "the set is empty" in empty
+    assert study.guarantee_lines({"available": False, "statement": "No guarantee: x"}) == ("", "No guarantee: x")
+    assert "older service" in study.guarantee_lines(None)[1]
 
 
 def test_results_stay_when_a_view_changes_and_go_with_other_files(monkeypatch, service_url):

@@ -30,6 +30,10 @@ def show_error(err: client.ServiceError) -> None:
 def summary(body: dict) -> None:
     f = study.read_findings(body)
     st.subheader("Findings: " + (", ".join(f.findings) if f.findings else "none over threshold"))
+    sets, words = study.guarantee_lines(body.get("guarantee"))
+    if sets:
+        st.markdown(f"**{sets}**")
+    st.caption(words)
     if f.normal is None:
         return
     p = f"p = {f.normal_p:.2f}, threshold {f.normal_t:.2f}"

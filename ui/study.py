@@ -178,3 +178,17 @@ def overlay(image: Image.Image, png_b64: str, alpha: float = 0.45) -> Image.Imag
     a = alpha * h[..., None]                                              # cold regions keep the radiograph
     out = (1 - a) * g + a * colour
     return Image.fromarray((np.clip(out, 0, 1) * 255).astype(np.uint8), mode="RGB")
+
+
+def guarantee_lines(g: dict | None) -> tuple[str, str]:
+    """The answer's findings with a guarantee -> (the sets in one line, the guarantee in words)."""
+    if not g:
+        return "", "This service's answer carries no guarantee (an older service)."
+    if not g.get("available"):
+        return "", g.get("statement", "No guarantee.")
+    confirmed, uncertain = g.get("confirmed", []), g.get("uncertain", [])
+    parts = [f"confirmed: {', '.join(confirmed)}" if confirmed else "none confirmed",
+             f"uncertain, to check: {', '.join(uncertain)}" if uncertain else "nothing uncertain"]
+    if not g.get("set"):
+        parts = ["the set is empty: no trained finding is likely enough to enter it"]
+    return "Findings with a guarantee: " + "; ".join(parts), g.get("statement", "")

@@ -11,6 +11,8 @@ WEIGHTS, META, METRICS, EVAL_DIR = "weights.safetensors", "artefact.json", "metr
 # inside eval/: a deliberate evaluation on another data set than the model was trained with (`--other-data`),
 # kept apart from the model's own
 OTHER_DATA_DIR = "other-data"
+# inside eval/: the thresholds of the finding sets that come with a guarantee (cxrlt.evaluation.guarantee)
+GUARANTEE = "guarantee.json"
 # written by the train-eval flow beside a trained artefact: the dvc.lock entries (or, outside DVC, the params
 # file and commit) that produced it, and the command that rebuilds it
 LINEAGE = "lineage.json"
@@ -21,8 +23,9 @@ class ArtefactError(RuntimeError):
 
 
 def read_meta(path: str | Path) -> dict:
-    """artefact.json plus, when evaluated, `metrics` and `thresholds`, `gate` (threshold, target false
-    rejection rate, counts) when an OOD gate is stored, and `lineage` when the flow recorded one."""
+    """artefact.json plus, when evaluated, `metrics`, `thresholds` and `guarantee` (the conformal finding
+    sets' thresholds), `gate` (threshold, target false rejection rate, counts) when an OOD gate is stored, and
+    `lineage` when the flow recorded one."""
     p = Path(path) / META
     if not p.exists():
         raise ArtefactError(f"{path} is not a model artefact (no {META}); train one with `cxrlt train`")
@@ -36,6 +39,9 @@ def read_meta(path: str | Path) -> dict:
     gate = Path(path) / EVAL_DIR / "gate.json"
     if gate.exists():  # the OOD gate's record (its arrays: cxrlt.gate.load_gate)
         meta["gate"] = {k: v for k, v in json.loads(gate.read_text()).items() if k != "reference"}
+    guarantee = Path(path) / EVAL_DIR / GUARANTEE
+    if guarantee.exists():  # the findings-with-a-guarantee thresholds (cxrlt.evaluation.guarantee)
+        meta["guarantee"] = json.loads(guarantee.read_text())
     if (Path(path) / LINEAGE).exists():
         meta["lineage"] = json.loads((Path(path) / LINEAGE).read_text())
     return meta

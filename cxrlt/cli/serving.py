@@ -36,6 +36,11 @@ def cmd_predict(a):
     if a.finding:
         res["zero_shot"] = p.score_findings(imgs, a.finding, views, ensemble=a.ensemble)
     print(json.dumps(res, indent=2))
+    g = res["guarantee"]
+    if g["available"]:
+        print(f"findings with a guarantee: confirmed {g['confirmed'] or 'none'}; uncertain {g['uncertain'] or 'none'}",
+              file=sys.stderr)
+    print(g["statement"], file=sys.stderr)
 
 
 def cmd_send(a):

@@ -97,7 +97,8 @@ def evaluate(artefact_dir: str | Path, manifest: Manifest, ec: EvalConfig, image
     The image size is the artefact's (`image_size`, if given, must equal it). Writes metrics.json and
     eval/{thresholds.json, per_label_<split>.csv, predictions_<split>.csv} into the artefact folder, the
     validation images' statistics for input drift (eval/image_stats_<ec.split>.csv, `write_image_stats`),
-    and the OOD gate eval/gate.{json,safetensors} (`fit_ood_gate`).
+    the finding sets with a guarantee, fitted on validation and measured on dev / test (eval/guarantee.json,
+    `cxrlt.evaluation.guarantee`), and the OOD gate eval/gate.{json,safetensors} (`fit_ood_gate`).
     A manifest whose splits are not the ones the model was trained with is refused before anything is
     written (`cxrlt.data.membership.check_splits`: its validation patients may be training patients). With
     `other_data` it is scored deliberately: with the thresholds the model already has (tuned on its own
@@ -121,12 +122,14 @@ def evaluate(artefact_dir: str | Path, manifest: Manifest, ec: EvalConfig, image
     results = {}
     thresholds = None if own else np.asarray(meta["thresholds"], dtype=np.float64)
     out = Path(artefact_dir) / EVAL_DIR / ("" if own else OTHER_DATA_DIR)
+    scored = {}
     for split in order:
         ds = make_dataset(manifest, split, art.model, size, train=False)
         frame = manifest.split(split)
         img = per_image(ds, predict(art.model, ds, ec.batch_size, dev, progress), frame)
         img[list(ls.names)] = as_written(img[list(ls.names)].to_numpy())
         probs, targets = img[list(ls.names)].to_numpy(), targets_of(frame, ls)
+        scored[split] = (frame, probs, targets)
         if thresholds is None:  # the first split is ec.split (val): tuned there, applied unchanged elsewhere
             thresholds = M.tune_thresholds(probs, targets, ls.names)
         m = M.compute_metrics(probs, targets, ls, thresholds=thresholds)
@@ -150,6 +153,10 @@ def evaluate(artefact_dir: str | Path, manifest: Manifest, ec: EvalConfig, image
         return results
     write_image_stats(artefact_dir, manifest, ec.split, size, progress)
     write_evaluation(artefact_dir, results, thresholds, ec.split)
+    from cxrlt.evaluation.guarantee import write_guarantee
+
+    write_guarantee(artefact_dir, scored, ls, ec.guarantee_recall, ec.guarantee_precision, ec.guarantee_confidence,
+                    fit_split=ec.split)
     fit_ood_gate(artefact_dir, art, manifest, ec, dev, progress)
     return results
 

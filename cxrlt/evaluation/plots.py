@@ -234,8 +234,37 @@ def _literature(literature, synthetic: bool) -> list[str]:
         ["", f"Our numbers above are not comparable to these: {why}."]
 
 
+def _guarantees(ctx: dict, rows: Sequence[dict]) -> list[str]:
+    """Per artefact: the guarantee's targets and thresholds, and what its finding sets realised on this split."""
+    if not rows:
+        return []
+    lines = ["## Findings with a guarantee", "",
+             "Each model's finding set is calibrated on its own validation split (one study per patient; MAPIE risk "
+             "control: recall by RCPS, precision by Learn-then-Test) to hold on average at least the target share of "
+             "a study's true findings with the stated confidence; \"confirmed\" findings meet the precision target "
+             f"too. Realised here on split `{ctx['split']}`, every study. A split not drawn like the validation "
+             "split (e.g. enriched in rare findings) need not meet the target.", ""]
+    body = []
+    for r in rows:
+        if not r["available"]:
+            why = r["reason"] or "none stored: evaluate the model again"
+            body.append([r["variant"], "-", "-", "-", "-", "-", f"no guarantee: {why}"])
+            continue
+        pt = "-" if r["precision_threshold"] is None else f"{r['precision_threshold']:.2f}"
+        prec = "-" if r.get("realised_precision") is None else (
+            f"{r['realised_precision']:.3f} (target {r['precision_target']:.2f})")
+        rec = r.get("realised_recall")
+        met = "" if rec is None else ("met" if rec >= r["recall_target"] else "below target")
+        body.append([r["variant"], f"{r['recall_target']:.0%} / {r['precision_target']:.0%} at {r['confidence']:.0%}",
+                     f"{r['recall_threshold']:.2f} / {pt}", str(r["n_calibration"]),
+                     "-" if rec is None else f"{rec:.3f} ({met})", prec,
+                     f"set {r['realised_set_size']:.1f}, confirmed {r['realised_confirmed_size']:.1f} labels"])
+    return lines + _table(["variant", "recall / precision target", "thresholds (set / confirmed)",
+                           "calibration studies", "realised recall", "realised precision", "mean size"], body) + [""]
+
+
 def render_markdown(ctx: dict, runs, per_label: dict, comparisons: dict, figures: dict, questions,
-                    literature) -> str:
+                    literature, guarantees: Sequence[dict] = ()) -> str:
     lines = [f"# {ctx['title']}", ""]
     if ctx["synthetic"]:
         lines += [SYNTHETIC_BANNER, ""]
@@ -271,5 +300,6 @@ def render_markdown(ctx: dict, runs, per_label: dict, comparisons: dict, figures
             lines += ["### 3. Zero-shot findings", ""] + _zero_shot(ctx, runs, per_label, figures) + [""]
         else:
             lines += [f"### {sections[key]['title']}", ""] + _comparison(comparisons[key]) + [""]
+    lines += _guarantees(ctx, guarantees)
     return "\n".join(lines + ["## Literature (quoted, not measured here)", ""] +
                      _literature(literature, ctx["synthetic"])) + "\n"

@@ -27,6 +27,7 @@ from cxrlt.data.demo.draw import LATERAL_ONLY
 from cxrlt.data.manifest_io import Manifest, load_manifest
 from cxrlt.evaluation import plots
 from cxrlt.evaluation.bootstrap import bootstrap_interval
+from cxrlt.evaluation.guarantee import Guarantee, realised
 from cxrlt.evaluation.plots import LITERATURE
 from cxrlt.evaluation.runs import (LEVEL, METHOD, NAN, Run, interval_note, load_run, paired_difference, pool_seeds,
                                   replicate_difference, score_runs)
@@ -164,6 +165,23 @@ def _per_label(r: Run) -> pd.DataFrame:
     return t
 
 
+def _guarantee_rows(runs: Sequence[Run], frame: pd.DataFrame) -> list[dict]:
+    """Each artefact's findings-with-a-guarantee: its targets and what its sets realised on the report's split."""
+    rows = []
+    for r in runs:
+        g = Guarantee.from_json(r.guarantee) if r.guarantee else None
+        row = {"variant": r.name, "stored": g is not None, "available": bool(g and g.available),
+               "reason": "" if g is None else g.reason, "recall_target": None if g is None else g.recall,
+               "precision_target": None if g is None else g.precision, "confidence": None if g is None else g.confidence,
+               "n_calibration": None if g is None else g.n_studies,
+               "recall_threshold": None if g is None else g.recall_threshold,
+               "precision_threshold": None if g is None else g.precision_threshold}
+        if g is not None and g.available:
+            row |= {f"realised_{k}": v for k, v in realised(g, frame, r.probs, r.targets, r.label_space.names).items()}
+        rows.append(row)
+    return rows
+
+
 def _jsonable(o):
     if isinstance(o, dict):
         return {k: _jsonable(v) for k, v in o.items()}
@@ -207,6 +225,7 @@ def write_report(artefact_dirs: Sequence, out_dir, manifest=None, split: str = "
     lateral_studies = set(frame.loc[frame["view"] == "lateral", "study_id"].astype(str))
     lateral_rows = np.flatnonzero(np.isin(study, list(lateral_studies)))
     score_runs(runs, frame["subject_id"].astype(str).to_numpy(), lateral_rows, lateral_labels, n_boot, seed)
+    guarantees = _guarantee_rows(runs, frame)    # per artefact: each seed has its own calibration
     runs = pool_seeds(runs)
     comparisons = _compare(runs)
 
@@ -237,9 +256,10 @@ def write_report(artefact_dirs: Sequence, out_dir, manifest=None, split: str = "
     per_label = {r.name: _per_label(r) for r in runs}
     results = {**context, "variants": [{**rec, "per_label": per_label[rec["variant"]].to_dict("records")}
                                        for rec in records],
-               "comparisons": comparisons, "literature": [{**row, "quoted": True} for row in LITERATURE],
+               "comparisons": comparisons, "guarantees": guarantees, "literature": [{**row, "quoted": True} for row in LITERATURE],
                "figures": {k: v.relative_to(out).as_posix() for k, v in figures.items()}}
     (out / "results.json").write_text(json.dumps(_jsonable(results), indent=2) + "\n")
-    md = plots.render_markdown(context, runs, per_label, comparisons, results["figures"], QUESTIONS, LITERATURE)
+    md = plots.render_markdown(context, runs, per_label, comparisons, results["figures"], QUESTIONS, LITERATURE,
+                               guarantees)
     (out / "report.md").write_text(md)
     return out / "report.md"

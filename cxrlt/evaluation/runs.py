@@ -58,6 +58,7 @@ class Run:
     seeds: tuple = ()             # pooled runs: the seeds averaged
     seed_sd: dict = field(default_factory=dict)   # pooled runs: subset -> metric -> SD across seeds
     other_data: bool = False      # scored on another data set than it was trained with (--other-data)
+    guarantee: dict | None = None  # the stored findings-with-a-guarantee record (cxrlt.evaluation.guarantee)
 
     @property
     def n_images(self) -> int:
@@ -150,7 +151,8 @@ def load_run(folder, manifest: Manifest, split: str = "test", other_data: bool =
                seed_group=str(meta.get("seed_group") or ident["name"]),
                synthetic=bool(meta.get("synthetic") or ls.synthetic), label_space=ls,
                probs=pred[list(ls.names)].to_numpy(np.float64)[pos], targets=targets_for(frame, ls.names),
-               thresholds=None if thr is None or len(thr) != len(ls) else np.asarray(thr, float))
+               thresholds=None if thr is None or len(thr) != len(ls) else np.asarray(thr, float),
+               guarantee=meta.get("guarantee"))
 
 
 def _lateral_space(run: Run, lateral: Sequence[str]) -> tuple[list[int], LabelSpace] | None:

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from cxrlt.evaluation.bootstrap import INTERVAL_RULE, with_interval
+from cxrlt.evaluation.guarantee import stored_guarantee
 from cxrlt.labels import LabelSpace
 
 SPLITS = ("val", "dev", "test")
@@ -30,7 +31,7 @@ def render_model_card(meta: dict, tag: str | None = None) -> str:
         out += [SYNTHETIC_WARNING, ""]
     out += _model(meta) + _data(meta, ls, synthetic) + _lineage(meta) + _params(meta)
     out += _metrics(meta.get("metrics") or {})
-    out += _thresholds(meta, ls) + _calibration(meta) + _intended_use() + _limitations(meta, ls, synthetic)
+    out += _thresholds(meta, ls) + _guarantee(meta) + _calibration(meta) + _intended_use() + _limitations(meta, ls, synthetic)
     return "\n".join(out).rstrip() + "\n"
 
 
@@ -130,6 +131,34 @@ def _thresholds(meta: dict, ls: LabelSpace | None) -> list[str]:
               "| label | group | training images | threshold |", "|---|---|---|---|"]
     for name, count, t in zip(ls.names, ls.counts, thr):
         lines.append(f"| {name} | {groups.get(name, 'zero-shot')} | {count} | {t:.3f} |")
+    return lines + [""]
+
+
+def _guarantee(meta: dict) -> list[str]:
+    """The finding sets that come with a guarantee: targets, fitted thresholds, calibration size, and what
+    they delivered on the other splits."""
+    g = stored_guarantee(meta)
+    lines = ["## Findings with a guarantee", ""]
+    if g is None:
+        return lines + ["None stored: the model was evaluated before guarantees existed (`cxrlt evaluate` adds one).", ""]
+    lines.append(g.statement())
+    if not g.available:
+        return lines + [""]
+    pt = f"{g.precision_threshold:.2f}" if g.precision_threshold is not None else "none (target not reachable)"
+    lines += ["", f"- method: {g.method}",
+              f"- targets: mean per-study recall >= {g.recall:.0%} (the set), mean per-study precision >= "
+              f"{g.precision:.0%} (confirmed findings), confidence {g.confidence:.0%}",
+              f"- fitted thresholds (one for every trained label): set p > {g.recall_threshold:.2f}; confirmed p > {pt}",
+              f"- calibration: {g.n_studies} {g.split} studies with a finding, one per patient ({g.n_patients} patients)"]
+    if g.realised:
+        lines += ["", "| split | studies | realised recall | realised precision | mean set size | mean confirmed |",
+                  "|---|---|---|---|---|---|"]
+        for split, r in g.realised.items():
+            prec = f"{r['precision']:.3f}" if r.get("precision") is not None else "-"
+            lines.append(f"| {split} | {r['n_studies']} | {r['recall']:.3f} (target {g.recall:.2f}) | {prec} | "
+                         f"{r['set_size']:.1f} | {r['confirmed_size']:.1f} |")
+        lines += ["", "The guarantee holds for studies exchangeable with the calibration ones; a split drawn "
+                  "differently (another hospital, a test split enriched in rare findings) may realise less."]
     return lines + [""]
 
 
