@@ -119,10 +119,11 @@ def test_one_study_per_patient_is_seeded_and_uniform():
 
 
 def test_too_few_studies_or_an_unreachable_target_give_no_guarantee_and_say_why():
-    frame, probs, targets = image_rows(40)
+    assert G.min_calibration_studies(0.9, 0.95) == 29 and 0.9 ** 29 <= 0.05 < 0.9 ** 28
+    frame, probs, targets = image_rows(28)
     names = [f"L{i}" for i in range(L)]
     g = G.fit_guarantee(frame, probs, targets, names, covered=names)
-    assert not g.available and "only 40 val studies" in g.reason and f"{G.MIN_CALIBRATION_STUDIES}" in g.reason
+    assert not g.available and "only 28 val studies" in g.reason and "at least 29" in g.reason
     assert g.answer(probs[0], names)["set"] == [] and g.statement().startswith("No guarantee")
     frame, probs, targets = image_rows(300, seed=3)
     g = G.fit_guarantee(frame, probs, targets, names, covered=names, recall=0.9, precision=0.99)

@@ -15,13 +15,14 @@ Exchangeability is what the guarantee assumes: the calibration studies must be d
 model will meet. Studies of one patient are not independent, so one study per patient is drawn (seeded).
 A study is scored as the service scores it: a single-view model's study probability is the mean of its
 images' (`Predictor.predict`); a fusion model's is the same on every image. Too few calibration studies
-(MIN_CALIBRATION_STUDIES), or no threshold that meets a target, gives no guarantee and says why, never an
+(`min_calibration_studies`), or no threshold that meets a target, gives no guarantee and says why, never an
 invented one.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,9 +32,7 @@ import pandas as pd
 
 from cxrlt.artefact.meta import EVAL_DIR, GUARANTEE
 
-# Below this, the confidence bound's slack alone is about 0.1 at 95%, so a 90% recall target can only be met
-# by sets holding nearly every label: a guarantee that says nothing. Stated, not tuned on results.
-MIN_CALIBRATION_STUDIES = 100
+
 GRID = np.round(np.arange(0.0, 1.0, 0.01), 2)     # the thresholds tried (MAPIE's default grid)
 
 
@@ -93,6 +92,14 @@ class Guarantee:
     def from_json(cls, d: dict) -> "Guarantee":
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def min_calibration_studies(recall: float, confidence: float) -> int:
+    """The fewest calibration studies with which any recall guarantee is possible: even if every study's set
+    recalled all its findings, a one-sided (confidence) bound on the miss rate from n studies stays above
+    1 - recall until (1 - (1 - confidence)^(1/n)) <= 1 - recall, i.e. n >= log(1 - confidence) / log(recall)
+    (29 for 90% at 95%). Above it, the bound itself decides whether a useful set exists."""
+    return math.ceil(math.log(1 - confidence) / math.log(recall))
 
 
 def one_study_per_patient(subjects, seed: int = 0) -> np.ndarray:
@@ -172,11 +179,12 @@ def fit_guarantee(frame: pd.DataFrame, probs: np.ndarray, targets: np.ndarray, l
     sp, st = sp[keep], st[keep]
     base = dict(recall=recall, precision=precision, confidence=confidence, labels=labels, n_studies=int(len(sp)),
                 n_patients=int(len(pick)), split=split)
-    if len(sp) < MIN_CALIBRATION_STUDIES:
+    need = min_calibration_studies(recall, confidence)
+    if len(sp) < need:
         return Guarantee(**base, reason=(
-            f"only {len(sp)} {split} studies (one per patient, with a finding) to calibrate on; a guarantee needs "
-            f"at least {MIN_CALIBRATION_STUDIES}. Train with a larger validation split (data.val_fraction) or more "
-            "patients"))
+            f"only {len(sp)} {split} studies (one per patient, with a finding) to calibrate on; a {recall:.0%} recall "
+            f"guarantee at {confidence:.0%} confidence needs at least {need}. Train with a larger validation split "
+            "(data.val_fraction) or more patients"))
     lam_r, lam_p = calibrate_thresholds(sp, st, recall, precision, confidence)
     if lam_r is None or lam_r == GRID[0]:
         return Guarantee(**base, reason=(
