@@ -38,14 +38,20 @@ def prepare_task(manifest: str, out: str, image_size: int) -> str:
 
 # one retry covers a transient failure and continues from the run's last checkpoint
 @task(name="train", retries=1, retry_delay_seconds=10, task_run_name="train-{variant}")
-def train_task(variant: str, manifest: str, out: str, params: str, overrides: dict, resume: bool = False) -> str:
+def train_task(variant: str, manifest: str, out: str, params: str, overrides: dict, resume: bool = False,
+               gpus: int = 1) -> str:
     from prefect.runtime import task_run
 
     from cxrlt.data.manifest_io import load_manifest
-    from cxrlt.engine import train
+    from cxrlt.engine import distributed, train
 
     cfg = load_config(params, overrides)
     resume = resume or task_run.run_count > 1  # a retry resumes; a first attempt only when asked to
+    if gpus > 1:  # torchrun starts one trainer per GPU: `cxrlt train --gpus N` with the same settings
+        args = ["--variant", variant, "--manifest", manifest, "--params", params, "--out", out, "--quiet",
+                *(["--resume"] * resume), *[x for k, v in overrides.items() for x in ("--set", f"{k}={json.dumps(v)}")]]
+        distributed.launch(gpus, args)
+        return out
     return str(train(cfg.variant(variant), cfg.data, load_manifest(manifest), out, progress=False,
                      log=get_run_logger().info, resume=resume))
 

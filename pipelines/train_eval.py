@@ -143,10 +143,27 @@ def promote_task(model_name: str, manifest: str) -> str:
 
 
 @task(name="comparison-report")
-def report_task(artefacts: list[str], manifest: str, out_dir: str) -> str:
+def report_task(artefacts: list[str], manifest: str, out_dir: str, split: str = "test") -> str:
     from cxrlt.evaluation.report import write_report
 
-    return str(write_report(artefacts, out_dir, manifest=manifest))
+    return str(write_report(artefacts, out_dir, manifest=manifest, split=split))
+
+
+@task(name="obtained-vs-published")
+def reproduction_task(params_path: str, report_dir: str) -> str:
+    """A published configuration's run (a params file with `reproduce:`): its numbers beside the published ones,
+    in the report folder (reproduction.md) and as this run's markdown artifact."""
+    from prefect.artifacts import create_markdown_artifact
+
+    from cxrlt.engine.reproduce import load_reproduction, published_table
+
+    spec = load_reproduction(params_path)
+    table = published_table(spec, json.loads((Path(report_dir) / "results.json").read_text()))
+    (Path(report_dir) / "reproduction.md").write_text(table)
+    create_markdown_artifact(table, key=artifacts.artifact_key(f"reproduction-{spec.name}"),
+                             description=f"{spec.title}: obtained vs published")
+    print(table)
+    return str(Path(report_dir) / "reproduction.md")
 
 
 @flow(name="train-eval", log_prints=True)
@@ -155,7 +172,8 @@ def train_eval(variants: list[str] | None = None, project_dir: str = ".", params
                register_models: bool = True, promote: bool = True, model_name: str = "cxrlt",
                report_dir: str | None = None, resume: bool = False, train_on: str | None = None, gpus: int = 1,
                train_job_variables: dict | None = None, labels: str | None = None, images: str | None = None,
-               work_dir: str = "prepared", models_dir: str = "models") -> dict[str, Any]:
+               work_dir: str = "prepared", models_dir: str = "models", overrides: dict | None = None,
+               report_split: str = "test") -> dict[str, Any]:
     """Train, evaluate and register each variant of params.yaml (or those named), then serve the best.
 
     With the project's own params.yaml (the default), every step is a dvc.yaml stage run through DVC:
@@ -167,13 +185,16 @@ def train_eval(variants: list[str] | None = None, project_dir: str = ".", params
 
     Another params file (e.g. experiments/demo-matrix.yaml, with seeded variants) is trained with the
     library into work_dir / models_dir, outside dvc.lock (pipelines/matrix_steps.py); there the overrides
-    apply to this run only. With `report_dir`, the variants are compared in one report; with `resume`,
-    trainings continue from the checkpoints an interrupted run left (a retried train task always does).
+    apply to this run only, and `gpus` > 1 trains here with torchrun. `overrides`: any other dotted settings
+    ({"train.batch_size": 4}), as `cxrlt --set`. With `report_dir`, the variants are compared in one report on
+    `report_split`, and a published configuration (a params file with `reproduce:`, `cxrlt reproduce`) gets its
+    numbers beside the published ones; with `resume`, trainings continue from the checkpoints an interrupted
+    run left (a retried train task always does).
     """
     project = str(Path(project_dir))
-    overrides: dict[str, Any] = {k: v for k, v in {
+    overrides = {**(overrides or {}), **{k: v for k, v in {
         "paths.labels": labels, "paths.images": images, "train.epochs": epochs, "data.image_size": image_size,
-        "train.max_steps_per_epoch": max_steps_per_epoch}.items() if v is not None}
+        "train.max_steps_per_epoch": max_steps_per_epoch}.items() if v is not None}}
     params_path = Path(project) / params
     in_dvc = params_path.resolve() == (Path(project) / "params.yaml").resolve()
     # checked before anything is written: an unknown variant or parameter fails with params.yaml untouched
@@ -197,10 +218,12 @@ def train_eval(variants: list[str] | None = None, project_dir: str = ".", params
         cache = results.pop("_cache")
     else:
         results, cache = _outside_dvc(names, project, params_path, overrides, work_dir, models_dir, resume,
-                                      register_models, model_name)
+                                      register_models, model_name, gpus)
     if report_dir:
-        results["report"] = report_task([results[n]["artefact"] for n in names], cache, report_dir)
+        results["report"] = report_task([results[n]["artefact"] for n in names], cache, report_dir, report_split)
         print(f"comparison report: {results['report']}")
+        if "reproduce" in (yaml.safe_load(params_path.read_text()) or {}):
+            results["reproduction"] = reproduction_task(str(params_path), report_dir)
     if register_models and promote:
         results["serving"] = promote_task(model_name, cache)
         print(f"serving {results['serving']}")
@@ -222,7 +245,7 @@ def _through_dvc(names, project, cfg, resume, train_on, gpus, job_variables, reg
 
 
 def _outside_dvc(names, project, params_path, overrides, work_dir, models_dir, resume, register_models,
-                 model_name) -> tuple[dict, str]:
+                 model_name, gpus: int = 1) -> tuple[dict, str]:
     from pipelines import matrix_steps as direct
 
     paths = (yaml.safe_load(params_path.read_text()) or {}).get("paths", {})
@@ -239,8 +262,39 @@ def _outside_dvc(names, project, params_path, overrides, work_dir, models_dir, r
                                 load_config(params_path, run_overrides).data.image_size)
     results: dict[str, Any] = {}
     for n in names:
-        art = direct.train_task(n, cache, str(root / models_dir / n), str(params_path), run_overrides, resume)
+        art = direct.train_task(n, cache, str(root / models_dir / n), str(params_path), run_overrides, resume, gpus)
         results[n] = {"artefact": art, "metrics": direct.evaluate_task(n, art, cache, str(params_path), run_overrides)}
         if register_models:
             results[n]["tag"] = register_task(art, model_name)
     return results, cache
+
+
+def main(argv=None) -> None:
+    """`python -m pipelines.train_eval`: the flow run here, without a deployment (what `cxrlt reproduce` starts);
+    with PREFECT_API_URL set it reports to that server, else to a temporary local one."""
+    import argparse
+
+    from cxrlt.cli.common import overrides as parse_set
+
+    ap = argparse.ArgumentParser(prog="python -m pipelines.train_eval", description=main.__doc__.splitlines()[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--variant", action="append", dest="variants", help="a variant to run (default: all); repeatable")
+    ap.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a parameter; repeatable")
+    ap.add_argument("--work-dir", default="prepared")
+    ap.add_argument("--models-dir", default="models")
+    ap.add_argument("--report-dir")
+    ap.add_argument("--report-split", default="test")
+    ap.add_argument("--model-name", default="cxrlt")
+    ap.add_argument("--no-register", action="store_true")
+    ap.add_argument("--no-promote", action="store_true")
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--gpus", type=int, default=1)
+    a = ap.parse_args(argv)
+    train_eval(variants=a.variants, params=a.params, overrides=parse_set(a.set), work_dir=a.work_dir,
+               models_dir=a.models_dir, report_dir=a.report_dir, report_split=a.report_split, model_name=a.model_name,
+               register_models=not a.no_register, promote=not a.no_promote and not a.no_register, resume=a.resume,
+               gpus=a.gpus)
+
+
+if __name__ == "__main__":
+    main()

@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from cxrlt.cli import data, registry, reports, serving, training
+from cxrlt.cli import data, registry, reports, reproduce, serving, training
 
 EXPECTED = (ValueError, KeyError, FileNotFoundError, RuntimeError)
 
@@ -18,7 +18,7 @@ EXPECTED = (ValueError, KeyError, FileNotFoundError, RuntimeError)
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="cxrlt", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (data, training, registry, serving, reports):  # the order of `cxrlt --help`
+    for group in (data, training, registry, serving, reports, reproduce):  # the order of `cxrlt --help`
         group.add_parsers(sub)
     return ap
 

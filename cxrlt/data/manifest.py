@@ -54,6 +54,11 @@ class _Source:
     optional: bool = False
 
 
+def label_files(task: str) -> list[_Source]:
+    """The label files a CXR-LT task reads (file, split, role, optional), its year implied by the task."""
+    return _layout(*_resolve_task(task, 2023 if task == "2023" else 2024))
+
+
 def _layout(task: str, year: int) -> list[_Source]:
     if year == 2023:
         return [_Source("train.csv", "train", LABELS_2023),
