@@ -34,9 +34,11 @@ def cmd_reproduce(a):
         raise FileNotFoundError("run `cxrlt reproduce` from the project's root folder (it holds pipelines/ and "
                                 "experiments/): the run goes through its train-eval flow")
     run = spec.name + ("-smoke" if a.smoke else "")
-    out = Path(a.out or Path("reports") / "reproduce" / run)
-    cmd = [sys.executable, "-m", "pipelines.train_eval", "--params", str(spec.path), "--work-dir",
-           f"prepared/reproduce/{run}", "--models-dir", f"models/reproduce/{run}", "--report-dir", str(out),
+    out = Path(a.out or Path("reports") / "reproduce" / run).absolute()
+    work = Path(a.work_dir).absolute() if a.work_dir else root
+    cmd = [sys.executable, "-m", "pipelines.train_eval", "--params", str(spec.path.absolute()), "--work-dir",
+           str(work / "prepared" / "reproduce" / run), "--models-dir", str(work / "models" / "reproduce" / run),
+           "--report-dir", str(out),
            "--report-split", spec.report_split, "--model-name", f"cxrlt-{run}", "--no-promote",
            "--gpus", str(a.gpus), *(["--resume"] * a.resume), *(["--no-register"] * a.no_register),
            *[x for k, v in sets.items() for x in ("--set", f"{k}={json.dumps(v)}")]]
@@ -62,4 +64,6 @@ def add_parsers(sub) -> None:
     p.add_argument("--dry-run", action="store_true", help="check the data and print the plan, run nothing")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoints")
     p.add_argument("--out", help="report folder (default: reports/reproduce/NAME)")
+    p.add_argument("--work-dir", help="where the manifest, cache and models go (prepared/reproduce/NAME and "
+                                      "models/reproduce/NAME under it; default: the project folder)")
     p.add_argument("--no-register", action="store_true", help="do not register the trained models")

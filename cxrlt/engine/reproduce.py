@@ -220,7 +220,9 @@ def published_table(spec: Reproduction, results: dict) -> str:
             lines.append(f"| {key} | {value:.4f} | not measured | - |")
             continue
         lo, hi, note = rec.get(f"{key}_ci_low"), rec.get(f"{key}_ci_high"), rec.get(f"{key}_ci_note")
-        ci = f" [{lo:.4f}, {hi:.4f}]" if lo is not None and hi is not None and not note else (f" ({note})" if note else "")
+        has = lo is not None and hi is not None and not (math.isnan(lo) or math.isnan(hi))
+        ci = (f" [{lo:.4f}, {hi:.4f}]" + (" (unreliable: see the report)" if note else "") if has else
+              " (no interval: too few positives, see the report)" if note else "")
         lines.append(f"| {key} | {value:.4f} | {got:.4f}{ci} | {got - value:+.4f} |")
     if results.get("synthetic"):
         lines += ["", "Obtained on SYNTHETIC demo data (a smoke run): the comparison only shows the pipeline works."]
