@@ -134,3 +134,14 @@ def test_reproduce_smoke_runs_end_to_end_through_the_flow(tmp_path, prefect_harn
             return [a.key for a in await c.read_artifacts()]
     assert "reproduction-cxr-lt-2024-task1" in asyncio.run(keys())
     assert yaml.safe_load((ROOT / "experiments" / "cxr-lt-2024-task1.yaml").read_text())["data"]["image_size"] == 1024
+
+
+def test_the_plan_says_what_dvc_would_keep(tmp_path):
+    assert R.dvc_cache_type(tmp_path) == "reflink,copy"
+    (tmp_path / ".dvc").mkdir()
+    (tmp_path / ".dvc" / "config").write_text("[core]\n    remote = x\n[cache]\n    type = copy\n")
+    assert R.dvc_cache_type(tmp_path) == "copy"
+    (tmp_path / ".dvc" / "config.local").write_text("[cache]\n    type = hardlink,symlink\n")
+    assert R.dvc_cache_type(tmp_path) == "hardlink,symlink"
+    assert "no second copy" in R.dvc_share(2 * 10**9, "hardlink,symlink")
+    assert "+2.00 GB" in R.dvc_share(2 * 10**9, "reflink,copy")

@@ -148,6 +148,31 @@ def cache_bytes_per_image(paths: list[Path], size: int, sample: int = 32, seed: 
     return sum(sizes) / len(sizes) if sizes else None
 
 
+def dvc_cache_type(root: Path = Path(".")) -> str:
+    """The project's DVC cache link type (.dvc/config.local over .dvc/config; DVC's default reflink,copy)."""
+    import configparser
+
+    for name in ("config.local", "config"):
+        c = configparser.ConfigParser()
+        try:
+            c.read(root / ".dvc" / name)
+        except configparser.Error:
+            continue
+        if c.has_option("cache", "type"):
+            return c.get("cache", "type").strip()
+    return "reflink,copy"
+
+
+def dvc_share(cache_bytes: int | None, cache_type: str) -> str:
+    """What DVC would keep beside the resized cache if the run went through `dvc repro` (params.yaml)."""
+    links = [t.strip() for t in cache_type.split(",")]
+    if links[0] in ("hardlink", "symlink"):
+        return f"through `dvc repro` (cache.type {cache_type}) DVC links the cache: no second copy"
+    extra = "" if cache_bytes is None else f" (+{cache_bytes / 1e9:.2f} GB)"
+    return (f"through `dvc repro` (cache.type {cache_type}) DVC keeps a second copy{extra} unless the file system "
+            "makes reflinks (XFS, Btrfs, APFS); `dvc config cache.type hardlink,symlink` links instead")
+
+
 def gpu_hours(cfg: Config, n_train_images: int, n_train_studies: int, gpus: int = 1,
               bench: Path = GPU_BENCH) -> tuple[float | None, str]:
     """Training GPU hours from the project's own GPU bench (bench/gpu.sh, stored in bench/results/gpu.json):
@@ -185,8 +210,9 @@ def plan(spec: Reproduction, overrides: dict, gpus: int = 1) -> dict:
             "image_size": cfg.data.image_size, "batch_size": cfg.train.batch_size, "lr": cfg.train.lr,
             "n_images": n_images, "n_studies": int(rows["study_id"].nunique()) if n_images else 0,
             "cache_bytes": None if per_image is None else int(per_image * n_images),
-            "cache_note": "measured on a sample of your images, encoded as `cxrlt prepare` does; the run trains "
+            "cache_note": "measured on a sample of your images, encoded as `cxrlt prepare` does; this run trains "
                           "outside dvc.lock, so DVC keeps no second copy",
+            "dvc_note": dvc_share(None if per_image is None else int(per_image * n_images), dvc_cache_type()),
             "gpu_hours": hours, "gpu_note": how, "gpus": gpus}
 
 
@@ -198,7 +224,7 @@ def render_plan(p: dict) -> str:
              f"{p['batch_size']}, lr {p['lr']}"]
     lines += [f"  train {v['name']}: {v['model']}, loss {v['loss']}, {v['epochs']} epochs"
               + (f", from {v['init_from']}" if v["init_from"] else "") for v in p["variants"]]
-    lines += [f"  disk for the resized cache: {gb} ({p['cache_note']})", f"  compute: {hours}"]
+    lines += [f"  disk for the resized cache: {gb} ({p['cache_note']}); {p['dvc_note']}", f"  compute: {hours}"]
     return "\n".join(lines)
 
 
