@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from cxrlt.artefact.meta import EVAL_DIR, META, METRICS, WEIGHTS, ArtefactError, read_meta
+from cxrlt.artefact.meta import EVAL_DIR, META, METRICS, WEIGHTS, ArtefactError, read_meta, write_text
 from cxrlt.labels import LabelSpace
 from cxrlt.models import create_model
 
@@ -72,9 +72,9 @@ def save_artefact(out_dir: str | Path, model: torch.nn.Module, *, model_name: st
 def write_evaluation(path: str | Path, metrics: dict, thresholds, threshold_split: str) -> None:
     path = Path(path)
     (path / EVAL_DIR).mkdir(parents=True, exist_ok=True)
-    (path / EVAL_DIR / "thresholds.json").write_text(json.dumps(
+    write_text(path / EVAL_DIR / "thresholds.json", json.dumps(
         {"split": threshold_split, "thresholds": [float(t) for t in thresholds]}, indent=2))
-    (path / METRICS).write_text(json.dumps(metrics, indent=2, default=_jsonable))
+    write_text(path / METRICS, json.dumps(metrics, indent=2, default=_jsonable))
 
 
 def load_artefact(path: str | Path, device: str | torch.device = "cpu", **model_overrides) -> Artefact:

@@ -5,7 +5,10 @@ these names)."""
 from __future__ import annotations
 
 import json
+import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 WEIGHTS, META, METRICS, EVAL_DIR = "weights.safetensors", "artefact.json", "metrics.json", "eval"
 # inside eval/: a deliberate evaluation on another data set than the model was trained with (`--other-data`),
@@ -20,6 +23,27 @@ LINEAGE = "lineage.json"
 
 class ArtefactError(RuntimeError):
     pass
+
+
+@contextmanager
+def replacing(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside `path` to write to; it replaces `path` whole when the block ends (and is removed
+    if the block fails). A file that is a hard link into DVC's cache (`cache.type hardlink`, read-only) is thus
+    replaced, never written through into the cache, and a reader never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.part")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """`Path.write_text`, by `replacing` the file."""
+    with replacing(path) as tmp:
+        tmp.write_text(text)
 
 
 def read_meta(path: str | Path) -> dict:

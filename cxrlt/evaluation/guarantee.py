@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cxrlt.artefact.meta import EVAL_DIR, GUARANTEE
+from cxrlt.artefact.meta import EVAL_DIR, GUARANTEE, write_text
 
 
 GRID = np.round(np.arange(0.0, 1.0, 0.01), 2)     # the thresholds tried (MAPIE's default grid)
@@ -224,7 +224,7 @@ def write_guarantee(artefact_dir, splits: dict, label_space, recall: float, prec
     done = {s: realised(g, *splits[s], label_space.names) for s in splits if s != fit_split}
     g = Guarantee.from_json(g.to_json() | {"realised": {s: r for s, r in done.items() if r}})
     path = Path(artefact_dir) / EVAL_DIR / GUARANTEE
-    path.write_text(json.dumps(g.to_json(), indent=2))
+    write_text(path, json.dumps(g.to_json(), indent=2))
     return g
 
 

@@ -40,6 +40,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from cxrlt.artefact.meta import replacing, write_text
+
 from cxrlt.data.images import to_grayscale
 from cxrlt.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -146,10 +148,12 @@ class OODGate:
     def save(self, folder: str | Path) -> Path:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        save_file({"centres": torch.from_numpy(self.centres.astype(np.float32)).contiguous(),
-                   "whiten": torch.from_numpy(self.whiten.astype(np.float32)).contiguous()},
-                  str(folder / GATE_TENSORS))
-        (folder / GATE_JSON).write_text(json.dumps(self.describe(), indent=2))
+        # replaced whole, never written in place: `cxrlt gate` refits the gate of a model whose eval/ may be
+        # hard-linked into DVC's cache (cxrlt.artefact.meta.replacing)
+        with replacing(folder / GATE_TENSORS) as tmp:
+            save_file({"centres": torch.from_numpy(self.centres.astype(np.float32)).contiguous(),
+                       "whiten": torch.from_numpy(self.whiten.astype(np.float32)).contiguous()}, str(tmp))
+        write_text(folder / GATE_JSON, json.dumps(self.describe(), indent=2))
         return folder / GATE_JSON
 
     @classmethod
