@@ -205,7 +205,11 @@ def test_training_runs_on_a_work_pool_worker(demo, tmp_path, prefect_harness):
                          promote=False)
     finally:
         os.killpg(worker.pid, signal.SIGTERM)
-        worker.wait(timeout=30)
+        try:
+            worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # Prefect's worker at times outlives SIGTERM (seen once so far)
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait(timeout=30)
     text = log.read_text()
     assert res["tiny-single"]["trained"] is True, text[-3000:]
     assert "cxrlt" in text or "train-variant" in text  # the worker picked the run up
