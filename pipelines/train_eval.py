@@ -152,7 +152,7 @@ def report_task(artefacts: list[str], manifest: str, out_dir: str, split: str = 
 @task(name="obtained-vs-published")
 def reproduction_task(params_path: str, report_dir: str) -> str:
     """A published configuration's run (a params file with `reproduce:`): its numbers beside the published ones,
-    in the report folder (reproduction.md) and as this run's markdown artifact."""
+    in the report folder (reproduction.md, and at the end of report.md) and as this run's markdown artifact."""
     from prefect.artifacts import create_markdown_artifact
 
     from cxrlt.engine.reproduce import load_reproduction, published_table
@@ -160,6 +160,8 @@ def reproduction_task(params_path: str, report_dir: str) -> str:
     spec = load_reproduction(params_path)
     table = published_table(spec, json.loads((Path(report_dir) / "results.json").read_text()))
     (Path(report_dir) / "reproduction.md").write_text(table)
+    report = Path(report_dir) / "report.md"
+    report.write_text(report.read_text().rstrip() + "\n\n" + table)   # the report leads to the same table
     create_markdown_artifact(table, key=artifacts.artifact_key(f"reproduction-{spec.name}"),
                              description=f"{spec.title}: obtained vs published")
     print(table)
