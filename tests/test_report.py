@@ -386,6 +386,10 @@ def test_the_positive_control_is_compared_with_its_twin(tmp_path, man):
     rows = comp["control"]["rows"]
     row = next(r for r in rows if r["metric"] == "mAP_tail")
     assert (row["a_is"], row["b_is"]) == ("none", "tail") and row["diff"] < 0
+    # tested alone on its endpoint (its own family: p unadjusted), called with 2 seeds a side; the rest shown
+    assert row["family"] == "control endpoint" and row["p_holm"] == row["p"] and row["verdict"] == "A higher"
+    assert all(r["family"] == "control, shown" and "not tested" in r["verdict"] or r["verdict"] == "not distinguishable"
+               for r in rows if r is not row)
     assert "losses" in comp and "missing" in comp["losses"]          # the control is not a loss comparison
     md = out.read_text()
     assert md.index("### 0. Positive control") < md.index("### 1. Losses")

@@ -291,8 +291,11 @@ def render_markdown(ctx: dict, runs, per_label: dict, comparisons: dict, figures
         "minimum detectable effect: the smallest true difference this test set would show with 80% power at "
         "the 5% level (2.8 × the SD of the paired replicates); a difference below it was not looked for with "
         "enough data, however the interval reads. Verdicts (\"A/B higher\") are called only when the p-value, "
-        "adjusted by Holm's method over every comparison in this report, is below 0.05 and each side was "
-        "trained with at least 2 seeds; others say why they are not called. \"separate CIs overlap\" compares "
+        "adjusted by Holm's method over every research comparison in this report (sections 1-5), is below 0.05 and "
+        "each side was trained with at least 2 seeds; others say why they are not called. The positive control "
+        "(section 0) checks the instrument and is no finding: it is tested alone on its pre-specified endpoint, the "
+        "mAP of the label group it leaves out of the loss (its p is unadjusted), and its other rows are shown, not "
+        "tested. \"separate CIs overlap\" compares "
         "the two variants' own intervals, a cruder test.", ""]
     sections = {q["key"]: q for q in questions}
     for key in ("control", "losses", "queries", "zero_shot", "backbones", "fusion"):

@@ -108,19 +108,37 @@ def _compare(runs: Sequence[Run]) -> dict:
                              "mde": NAN if reps is None else minimum_detectable_effect(reps),
                              "p": NAN if reps is None else paired_p_value(diff, reps),
                              "seeds_a": len(a.seeds) or 1, "seeds_b": len(b.seeds) or 1,
-                             "notes": [interval_note(x, key, subset) for x in (a, b)]})
+                             "family": _family(q["key"], key, b), "notes": [interval_note(x, key, subset) for x in (a, b)]})
         out[q["key"]] = {"rows": rows}
     _verdicts([r for block in out.values() for r in block.get("rows", [])])
     return out
 
 
+def _family(question: str, metric: str, b: Run) -> str:
+    """Which test a row belongs to. The positive control is a check of the instrument, not a finding: it is
+    tested alone on its pre-specified endpoint, the mAP of the label group it leaves out of the loss (the
+    control is known to be worse there), and its other rows are shown, not tested. Every other comparison is a
+    research question, and those form one Holm family."""
+    if question != "control":
+        return "research"
+    return "control endpoint" if metric == f"mAP_{b.masked}" else "control, shown"
+
+
 def _verdicts(rows: list[dict]) -> None:
-    """Holm-adjusted p over every comparison of the report (one family), then each row's verdict: called
-    ("A/B higher") only when the adjusted p is below 5% and both sides have at least MIN_SEEDS seeds; a
-    difference one seed or the adjustment does not carry is shown with why it is not called."""
-    adjusted = holm([r["p"] for r in rows])
-    for r, p_holm in zip(rows, adjusted):
+    """Holm-adjusted p over the research comparisons (one family; the control's endpoint is its own family of
+    one, `_family`), then each row's verdict: called ("A/B higher") only when the adjusted p is below 5% and
+    both sides have at least MIN_SEEDS seeds; a difference one seed or the adjustment does not carry is shown
+    with why it is not called."""
+    research = [r for r in rows if r["family"] == "research"]
+    for r, p_holm in zip(research, holm([r["p"] for r in research])):
         r["p_holm"] = float(p_holm)
+    for r in rows:
+        if r["family"] == "control endpoint":
+            r["p_holm"] = float(r["p"])
+        elif r["family"] == "control, shown":
+            r["p_holm"] = NAN
+    for r in rows:
+        p_holm = r["p_holm"]
         lo, hi = r["diff_low"], r["diff_high"]
         notes = r.pop("notes")
         withheld, unreliable = any(w for w, _ in notes), any(u for _, u in notes)
@@ -130,6 +148,8 @@ def _verdicts(rows: list[dict]) -> None:
         side = "B higher" if lo > 0 else "A higher" if hi < 0 else None
         if side is None:
             verdict = "not distinguishable"
+        elif r["family"] == "control, shown":
+            verdict = f"shown, not tested ({side.split()[0]} higher; the control is tested on its endpoint)"
         elif min(r["seeds_a"], r["seeds_b"]) < MIN_SEEDS:
             verdict = f"not called ({side.split()[0]} higher on one seed; needs {MIN_SEEDS} seeds a side)"
         elif not p_holm < ALPHA:
