@@ -277,10 +277,12 @@ class Predictor:
     @property
     def guarantee(self):
         """The finding sets' guarantee (`cxrlt.evaluation.guarantee.Guarantee`) or None for a model evaluated
-        before guarantees existed."""
-        from cxrlt.evaluation.guarantee import stored_guarantee
+        before guarantees existed; read once, not per prediction."""
+        if not hasattr(self, "_guarantee"):
+            from cxrlt.evaluation.guarantee import stored_guarantee
 
-        return stored_guarantee(self.artefact.meta)
+            self._guarantee = stored_guarantee(self.artefact.meta)
+        return self._guarantee
 
     def describe(self, probs: np.ndarray) -> dict:
         """One study's probabilities -> the service's response body."""
