@@ -113,6 +113,7 @@ class Predictor:
         backbone, as in `predict`), so a score never depends on the other images. A model without a gate
         gets checks that did not run, saying so. A refused image whose negative would pass is reported as
         inverted. Combine with the rules: `cxrlt.gate.check_image(info, image) + [check]`."""
+        from cxrlt.gate.messages import ood_refusal
         from cxrlt.gate.ood import features
         from cxrlt.gate.rules import GateCheck
 
@@ -145,9 +146,7 @@ class Predictor:
                        "(DICOM with its PhotometricInterpretation, or a PNG / JPEG as a viewer shows it).")
                 out.append(GateCheck("ood", True, False, "inverted", msg, s, thr))
             else:
-                msg = (f"The image does not look like the chest radiographs this model was trained on (OOD score "
-                       f"{s:.1f} above the threshold {thr:.1f}, set so that {gate.frr:.0%} of genuine images are "
-                       "refused). Send a frontal or lateral chest radiograph of an adult.")
+                msg = ood_refusal(s, thr, gate.frr, self.synthetic)
                 out.append(GateCheck("ood", True, False, "ood", msg, s, thr))
         return out
 
