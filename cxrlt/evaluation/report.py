@@ -28,6 +28,7 @@ from cxrlt.data.manifest_io import Manifest, load_manifest
 from cxrlt.evaluation import plots
 from cxrlt.evaluation.bootstrap import bootstrap_interval
 from cxrlt.evaluation.guarantee import Guarantee, realised
+from cxrlt.evaluation.pairs import pair_rows
 from cxrlt.evaluation.plots import LITERATURE
 from cxrlt.evaluation.runs import (LEVEL, METHOD, NAN, Run, interval_note, load_run, paired_difference, pool_seeds,
                                   replicate_difference, score_runs)
@@ -217,7 +218,8 @@ def _jsonable(o):
 def write_report(artefact_dirs: Sequence, out_dir, manifest=None, split: str = "test", n_boot: int = 200,
                  seed: int = 0, title: str | None = None, lateral_labels: Sequence[str] | None = None,
                  other_data: bool = False) -> Path:
-    """Score evaluated artefacts on one manifest split and write report.md, results.csv/.json and figures.
+    """Score evaluated artefacts on one manifest split and write report.md, results.csv/.json, pairs.csv (every
+    two runs' paired differences, `pairs.pair_rows`) and figures.
 
     `manifest`: a `Manifest` or its folder (required: targets come from it). `lateral_labels`: findings
     visible only on lateral views, scored separately; default LATERAL_ONLY of the synthetic demo when an
@@ -264,6 +266,9 @@ def write_report(artefact_dirs: Sequence, out_dir, manifest=None, split: str = "
                       for row in _per_label(r).itertuples() if row.label in r.label_space.zero_shot})
             for r in zs_runs], out / "figures" / "zero_shot_auroc.png")
 
+    pairs = pair_rows(runs)     # any two models: their paired differences on the headline metrics
+    pd.DataFrame(pairs, columns=["a", "b", "metric", "a_value", "b_value", "diff", "diff_low", "diff_high",
+                                 "interval"]).to_csv(out / "pairs.csv", index=False)
     records = [_variant_record(r, lateral_labels) for r in runs]
     pd.DataFrame(records).drop(columns=["zero_shot", "lateral_labels"]).assign(
         zero_shot=[";".join(r["zero_shot"]) for r in records]).to_csv(out / "results.csv", index=False)
@@ -276,7 +281,7 @@ def write_report(artefact_dirs: Sequence, out_dir, manifest=None, split: str = "
     per_label = {r.name: _per_label(r) for r in runs}
     results = {**context, "variants": [{**rec, "per_label": per_label[rec["variant"]].to_dict("records")}
                                        for rec in records],
-               "comparisons": comparisons, "guarantees": guarantees, "literature": [{**row, "quoted": True} for row in LITERATURE],
+               "comparisons": comparisons, "pairs": pairs, "guarantees": guarantees, "literature": [{**row, "quoted": True} for row in LITERATURE],
                "figures": {k: v.relative_to(out).as_posix() for k, v in figures.items()}}
     (out / "results.json").write_text(json.dumps(_jsonable(results), indent=2) + "\n")
     md = plots.render_markdown(context, runs, per_label, comparisons, results["figures"], QUESTIONS, LITERATURE,
