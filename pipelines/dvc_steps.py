@@ -108,11 +108,14 @@ def lineage(variant: str, stage2: bool, cwd: str | Path = ".") -> dict:
     recorded = lock_entries((train, evaluate), cwd)
     entries = {"train": recorded[train], "evaluate": recorded[evaluate]}
     digest = hashlib.md5(json.dumps(entries, sort_keys=True, default=str).encode()).hexdigest()
-    commit = _git_commit(cwd)
+    project = Path(__file__).resolve().parents[1]
+    commit = _git_commit(cwd) or _git_commit(project)   # a run folder outside git: the code's commit
+    # exact when dvc.lock and params.yaml were committed after the run (the md5s above say what to expect)
+    rebuild = f"git checkout {commit or '<commit>'} && dvc pull && dvc repro {evaluate}"
+    if Path(cwd).resolve() != project:  # a run folder of its own (pipelines/dvc_run.py)
+        rebuild = f"git checkout {commit or '<commit>'} && cd {Path(cwd).resolve()} && dvc repro {evaluate}"
     return {"stages": {"train": train, "evaluate": evaluate}, "dvc_lock": entries, "lock_digest": digest,
-            "git_commit": commit,
-            # exact when dvc.lock and params.yaml were committed after the run (the md5s above say what to expect)
-            "rebuild": f"git checkout {commit or '<commit>'} && dvc pull && dvc repro {evaluate}"}
+            "git_commit": commit, "rebuild": rebuild}
 
 
 def _git_commit(cwd) -> str | None:

@@ -175,7 +175,7 @@ def train_eval(variants: list[str] | None = None, project_dir: str = ".", params
                report_dir: str | None = None, resume: bool = False, train_on: str | None = None, gpus: int = 1,
                train_job_variables: dict | None = None, labels: str | None = None, images: str | None = None,
                work_dir: str = "prepared", models_dir: str = "models", overrides: dict | None = None,
-               report_split: str = "test") -> dict[str, Any]:
+               report_split: str = "test", run_dir: str | None = None) -> dict[str, Any]:
     """Train, evaluate and register each variant of params.yaml (or those named), then serve the best.
 
     With the project's own params.yaml (the default), every step is a dvc.yaml stage run through DVC:
@@ -185,7 +185,10 @@ def train_eval(variants: list[str] | None = None, project_dir: str = ".", params
     whose work pool runs on a GPU host (pipelines/deploy_gpu.py), with `gpus` GPUs per run and
     `train_job_variables` (e.g. {"env": {"CUDA_VISIBLE_DEVICES": "0,1"}}); default: train here.
 
-    Another params file (e.g. experiments/demo-matrix.yaml, with seeded variants) is trained with the
+    Another params file with `run_dir` (what `cxrlt reproduce` does) runs through DVC too, in a run folder
+    of its own (pipelines/dvc_run.py: the file and the overrides as its params.yaml, the project's stages,
+    its own dvc.lock and DVC cache), so that it is recorded and resumable like any other experiment.
+    Another params file without it (e.g. experiments/demo-matrix.yaml, with seeded variants) is trained with the
     library into work_dir / models_dir, outside dvc.lock (pipelines/matrix_steps.py); there the overrides
     apply to this run only, and `gpus` > 1 trains here with torchrun. `overrides`: any other dotted settings
     ({"train.batch_size": 4}), as `cxrlt --set`. With `report_dir`, the variants are compared in one report on
@@ -197,7 +200,12 @@ def train_eval(variants: list[str] | None = None, project_dir: str = ".", params
     overrides = {**(overrides or {}), **{k: v for k, v in {
         "paths.labels": labels, "paths.images": images, "train.epochs": epochs, "data.image_size": image_size,
         "train.max_steps_per_epoch": max_steps_per_epoch}.items() if v is not None}}
-    params_path = Path(project) / params
+    params_path = source = Path(project) / params
+    if run_dir:  # the file and the overrides become the run folder's params.yaml, run by DVC there
+        from pipelines import dvc_run
+
+        project = str(dvc_run.write_run(Path(project) / run_dir, params_path, overrides, project, gpus))
+        params_path, overrides = Path(project) / "params.yaml", {}
     in_dvc = params_path.resolve() == (Path(project) / "params.yaml").resolve()
     # checked before anything is written: an unknown variant or parameter fails with params.yaml untouched
     cfg = load_config(params_path, {k: v for k, v in overrides.items() if not k.startswith("paths.")})
@@ -224,8 +232,8 @@ def train_eval(variants: list[str] | None = None, project_dir: str = ".", params
     if report_dir:
         results["report"] = report_task([results[n]["artefact"] for n in names], cache, report_dir, report_split)
         print(f"comparison report: {results['report']}")
-        if "reproduce" in (yaml.safe_load(params_path.read_text()) or {}):
-            results["reproduction"] = reproduction_task(str(params_path), report_dir)
+        if "reproduce" in (yaml.safe_load(source.read_text()) or {}):
+            results["reproduction"] = reproduction_task(str(source), report_dir)
     if register_models and promote:
         results["serving"] = promote_task(model_name, cache)
         print(f"serving {results['serving']}")
@@ -283,6 +291,7 @@ def main(argv=None) -> None:
     ap.add_argument("--variant", action="append", dest="variants", help="a variant to run (default: all); repeatable")
     ap.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a parameter; repeatable")
     ap.add_argument("--work-dir", default="prepared")
+    ap.add_argument("--run-dir", help="run another params file through DVC in this folder (pipelines/dvc_run.py)")
     ap.add_argument("--models-dir", default="models")
     ap.add_argument("--report-dir")
     ap.add_argument("--report-split", default="test")
@@ -293,9 +302,9 @@ def main(argv=None) -> None:
     ap.add_argument("--gpus", type=int, default=1)
     a = ap.parse_args(argv)
     train_eval(variants=a.variants, params=a.params, overrides=parse_set(a.set), work_dir=a.work_dir,
-               models_dir=a.models_dir, report_dir=a.report_dir, report_split=a.report_split, model_name=a.model_name,
-               register_models=not a.no_register, promote=not a.no_promote and not a.no_register, resume=a.resume,
-               gpus=a.gpus)
+               models_dir=a.models_dir, report_dir=a.report_dir, report_split=a.report_split, run_dir=a.run_dir,
+               model_name=a.model_name, register_models=not a.no_register,
+               promote=not a.no_promote and not a.no_register, resume=a.resume, gpus=a.gpus)
 
 
 if __name__ == "__main__":

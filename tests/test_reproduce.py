@@ -113,18 +113,27 @@ def test_reproduce_smoke_runs_end_to_end_through_the_flow(tmp_path, prefect_harn
                    cwd=ROOT, capture_output=True)
     out = tmp_path / "out"
     run = subprocess.run([*cli, "reproduce", "cxr-lt-2024-task1", "--data", str(tmp_path / "data"), "--smoke",
-                          "--no-register", "--out", str(out), "--work-dir", str(tmp_path / "work")],
+                          "--no-register", "--out", str(out), "--run-dir", str(tmp_path / "run")],
                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "disk for the resized cache" in run.stdout and "unmeasured" in run.stdout
     table = (out / "reproduction.md").read_text()
     assert "obtained vs published" in table and "| mAP | 0.2379 |" in table and "SYNTHETIC" in table
     assert table in (out / "report.md").read_text()
-    models = tmp_path / "work" / "models" / "reproduce" / "cxr-lt-2024-task1-smoke"
+    models = tmp_path / "run" / "models"
     meta = json.loads((models / "fusion" / "artefact.json").read_text())
     assert meta["model"] == "chexfusion_test" and meta["loss"]["name"] == "afl" and meta["data"]["image_size"] == 64
+    # through DVC, in a run folder of its own: the very same file's settings are what dvc.lock records
+    params = (tmp_path / "run" / "params.yaml").read_text()
+    assert str(ROOT / "experiments" / "cxr-lt-2024-task1.yaml") in params.splitlines()[0]
+    source = yaml.safe_load((ROOT / "experiments" / "cxr-lt-2024-task1.yaml").read_text())
     lineage = json.loads((models / "fusion" / "lineage.json").read_text())
-    assert lineage["params_file"].endswith("experiments/cxr-lt-2024-task1.yaml")   # the very same file
+    recorded = lineage["dvc_lock"]["train"]["params"]["params.yaml"]
+    assert float(recorded["train"]["lr"]) == source["train"]["lr"] and recorded["data"]["image_size"] == 64
+    assert lineage["stages"]["train"] == "train-stage2@fusion" and "dvc repro evaluate-stage2@fusion" in lineage["rebuild"]
+    status = subprocess.run([str(Path(sys.executable).parent / "dvc"), "status"], cwd=tmp_path / "run",
+                            capture_output=True, text=True, env=env)
+    assert status.returncode == 0 and "up to date" in status.stdout, status.stdout + status.stderr  # a rerun skips all
     import asyncio
 
     from prefect.client.orchestration import get_client

@@ -13,7 +13,8 @@ from cxrlt.cli.common import add_command
 
 def cmd_reproduce(a):
     from cxrlt.config import load_config
-    from cxrlt.engine.reproduce import data_problems, load_reproduction, plan, render_plan, run_overrides
+    from cxrlt.engine.reproduce import (data_problems, load_reproduction, plan, render_plan, run_cache_type,
+                                        run_overrides)
 
     if a.gpus < 1:
         raise ValueError(f"--gpus is {a.gpus}: give the number of GPUs to train on (1 or more)")
@@ -26,26 +27,28 @@ def cmd_reproduce(a):
         raise FileNotFoundError(f"the data folder {a.data} is not ready for {spec.name}:\n  - " + "\n  - ".join(problems)
                                 + "\nDownload the CXR-LT label files and MIMIC-CXR-JPG 2.0.0 from PhysioNet into it "
                                   "(or `cxrlt demo-data --out DIR` with --smoke)")
-    print(render_plan(plan(spec, sets, a.gpus)) + ("\n  (smoke: the same file scaled down)" if a.smoke else ""))
+    run = spec.name + ("-smoke" if a.smoke else "")
+    root = Path.cwd()
+    run_dir = Path(a.run_dir or root / "runs" / run).absolute()
+    print(render_plan(plan(spec, sets, a.gpus, run_cache_type(run_dir)))
+          + f"\n  run folder: {run_dir} (its own dvc.yaml, params.yaml, dvc.lock and DVC cache)"
+          + ("\n  (smoke: the same file scaled down)" if a.smoke else ""))
     if a.dry_run:
         return
-    root = Path.cwd()
     if not (root / "pipelines" / "train_eval.py").is_file():
         raise FileNotFoundError("run `cxrlt reproduce` from the project's root folder (it holds pipelines/ and "
                                 "experiments/): the run goes through its train-eval flow")
-    run = spec.name + ("-smoke" if a.smoke else "")
     out = Path(a.out or Path("reports") / "reproduce" / run).absolute()
-    work = Path(a.work_dir).absolute() if a.work_dir else root
-    cmd = [sys.executable, "-m", "pipelines.train_eval", "--params", str(spec.path.absolute()), "--work-dir",
-           str(work / "prepared" / "reproduce" / run), "--models-dir", str(work / "models" / "reproduce" / run),
-           "--report-dir", str(out),
+    cmd = [sys.executable, "-m", "pipelines.train_eval", "--params", str(spec.path.absolute()), "--run-dir",
+           str(run_dir), "--report-dir", str(out),
            "--report-split", spec.report_split, "--model-name", f"cxrlt-{run}", "--no-promote",
            "--gpus", str(a.gpus), *(["--resume"] * a.resume), *(["--no-register"] * a.no_register),
            *[x for k, v in sets.items() for x in ("--set", f"{k}={json.dumps(v)}")]]
     rc = subprocess.call(cmd, cwd=root)
     if rc != 0:
-        raise RuntimeError(f"the train-eval flow ended with exit code {rc} (its log is above); rerun with --resume to "
-                           "continue from the last checkpoints")
+        raise RuntimeError(f"the train-eval flow ended with exit code {rc} (its log is above); run the same command "
+                           "again: DVC skips the stages that finished (add --resume to continue a training from its "
+                           "last checkpoint)")
     print(f"\nreport: {out / 'report.md'}\nobtained vs published: {out / 'reproduction.md'}")
 
 
@@ -64,6 +67,6 @@ def add_parsers(sub) -> None:
     p.add_argument("--dry-run", action="store_true", help="check the data and print the plan, run nothing")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoints")
     p.add_argument("--out", help="report folder (default: reports/reproduce/NAME)")
-    p.add_argument("--work-dir", help="where the manifest, cache and models go (prepared/reproduce/NAME and "
-                                      "models/reproduce/NAME under it; default: the project folder)")
+    p.add_argument("--run-dir", help="the run's folder: its params.yaml, dvc.yaml, dvc.lock, DVC cache, resized "
+                                     "images and models (default: runs/NAME; put it on a disk with room for the cache)")
     p.add_argument("--no-register", action="store_true", help="do not register the trained models")

@@ -30,6 +30,9 @@ REQUIRED_SOURCES = ("backbone", "data.image_size", "train.epochs", "stage2.epoch
                     "loss", "train.augment", "views", "stage1", "stage2")
 GPU_BENCH = Path("bench/results/gpu.json")     # bench/gpu.sh's figures, once measured on a GPU
 STAGE2_VIEWS = 4                               # CheXFusion's slots per study (what bench/gpu.sh's stage 2 times)
+# A reproduction's run folder links its DVC cache, not copies it (DVC's advice for large data); DVC takes the
+# first type the file system supports.
+RUN_CACHE_TYPES = "reflink,hardlink,symlink"
 
 
 @dataclass(frozen=True)
@@ -163,11 +166,17 @@ def dvc_cache_type(root: Path = Path(".")) -> str:
     return "reflink,copy"
 
 
+def run_cache_type(run_dir: Path) -> str:
+    """The DVC cache link type of a run folder: what it was given when made, else what it will get."""
+    return dvc_cache_type(run_dir) if (run_dir / ".dvc").is_dir() else RUN_CACHE_TYPES
+
+
 def dvc_share(cache_bytes: int | None, cache_type: str) -> str:
-    """What DVC would keep beside the resized cache if the run went through `dvc repro` (params.yaml)."""
+    """What DVC keeps beside the resized cache when the run goes through `dvc repro` with `cache_type`."""
     links = [t.strip() for t in cache_type.split(",")]
-    if links[0] in ("hardlink", "symlink"):
-        return f"through `dvc repro` (cache.type {cache_type}) DVC links the cache: no second copy"
+    if links[0] in ("hardlink", "symlink") or links[:2] == ["reflink", "hardlink"]:
+        return (f"DVC (cache.type {cache_type}) links the cache's files into its own cache: no second copy "
+                "(reflinks where the file system makes them, else hard links)")
     extra = "" if cache_bytes is None else f" (+{cache_bytes / 1e9:.2f} GB)"
     return (f"through `dvc repro` (cache.type {cache_type}) DVC keeps a second copy{extra} unless the file system "
             "makes reflinks (XFS, Btrfs, APFS); `dvc config cache.type hardlink,symlink` links instead")
@@ -193,7 +202,7 @@ def gpu_hours(cfg: Config, n_train_images: int, n_train_studies: int, gpus: int 
     return secs / 3600 / max(1, gpus), f"from bench on {b.get('device', '?')} ({s1:.0f} / {s2:.0f} images/s)"
 
 
-def plan(spec: Reproduction, overrides: dict, gpus: int = 1) -> dict:
+def plan(spec: Reproduction, overrides: dict, gpus: int = 1, cache_type: str = RUN_CACHE_TYPES) -> dict:
     """What the run will do and what it needs, from the label files and a sample of the images."""
     cfg = load_config(spec.path, {k: v for k, v in overrides.items() if not k.startswith("paths.")})
     files, rows = _rows(Path(overrides["paths.labels"]), cfg.data.task)
@@ -210,9 +219,8 @@ def plan(spec: Reproduction, overrides: dict, gpus: int = 1) -> dict:
             "image_size": cfg.data.image_size, "batch_size": cfg.train.batch_size, "lr": cfg.train.lr,
             "n_images": n_images, "n_studies": int(rows["study_id"].nunique()) if n_images else 0,
             "cache_bytes": None if per_image is None else int(per_image * n_images),
-            "cache_note": "measured on a sample of your images, encoded as `cxrlt prepare` does; this run trains "
-                          "outside dvc.lock, so DVC keeps no second copy",
-            "dvc_note": dvc_share(None if per_image is None else int(per_image * n_images), dvc_cache_type()),
+            "cache_note": "measured on a sample of your images, encoded as `cxrlt prepare` does",
+            "dvc_note": dvc_share(None if per_image is None else int(per_image * n_images), cache_type),
             "gpu_hours": hours, "gpu_note": how, "gpus": gpus}
 
 
