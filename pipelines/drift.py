@@ -1,5 +1,6 @@
-"""The `drift-report` flow: Evidently drift of the logged studies against the served model's validation split
-(the work lives in cxrlt.monitoring.log), published and signalled.
+"""The `drift-report` flow: Evidently drift of the stored studies (the prediction store,
+cxrlt.monitoring.store) against the served model's validation split (the work lives in
+cxrlt.monitoring.drift), published and signalled.
 
 Each run writes its report into reports/drift/runs/<UTC time>/ and one line of reports/drift/history.jsonl,
 then publishes three artifacts (keys `drift-summary` markdown, `drift-report` link, `drift-columns` table;
@@ -19,10 +20,11 @@ TOP_COLUMNS = 10
 
 
 @task(name="drift-report")
-def drift_task(log_path: str | None, out_dir: str, last_n: int | None, tag: str | None = None) -> dict:
+def drift_task(log_path: str | None, out_dir: str, last_n: int | None, tag: str | None = None,
+               db: str | None = None) -> dict:
     from cxrlt.monitoring.drift import run_drift
 
-    return run_drift(log_path=log_path, out_dir=out_dir, tag=tag, last_n=last_n)
+    return run_drift(log_path=log_path, out_dir=out_dir, tag=tag, last_n=last_n, db=db)
 
 
 def summary_markdown(summary: dict, link: str, top: int = TOP_COLUMNS) -> str:
@@ -97,12 +99,15 @@ def publish(summary: dict, out_dir: str, threshold: float, reports_url: str | No
 
 @flow(name="drift-report", log_prints=True)
 def drift_report(log_path: str | None = None, out_dir: str = "reports/drift", last_n: int | None = None,
-                 tag: str | None = None, threshold: float = 0.3, reports_url: str | None = None) -> dict:
-    """Drift of the served model (or `tag`) over its logged studies (the latest `last_n`); publishes the
-    summary and signals `cxrlt.drift.detected` when at least `threshold` of the columns drifted."""
+                 tag: str | None = None, threshold: float = 0.3, reports_url: str | None = None,
+                 db: str | None = None) -> dict:
+    """Drift of the served model (or `tag`) over its stored studies (the latest `last_n`) in the prediction
+    store `db` (default $CXRLT_PREDICTION_DB, see cxrlt.monitoring.store), after the JSONL log `log_path` (if
+    any) was imported once; publishes the summary and signals `cxrlt.drift.detected` when at least
+    `threshold` of the columns drifted."""
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold is a share of columns, 0..1; got {threshold}")
-    summary = drift_task(log_path, out_dir, last_n, tag)
+    summary = drift_task(log_path, out_dir, last_n, tag, db)
     detected = publish(summary, out_dir, threshold, reports_url)
     where = Path(out_dir) / summary["run"]
     print(f"drift report in {where}: {summary['n_drifted']} of {summary['n_columns']} columns drifted "

@@ -1,6 +1,6 @@
 """The entry service's HTTP routes, as a FastAPI app mounted by BentoML (so /docs lists them with their
 fields and answers). The handlers stay thin: a study's way through admission, upload checks, the gate's
-rules and the model service is `service/flow.py`; /predict adds the prediction log and, on request,
+rules and the model service is `service/flow.py`; /predict adds the prediction store's record and, on request,
 heatmaps (service/explain_route.py); /score_text is service/text_route.py. /docs (service/docs_page.py) is
 added by service/service.py, which holds the spec it shows.
 
@@ -55,10 +55,12 @@ async def model_info() -> dict:
     return bentoml.get_current_service().info
 
 
-@app.get("/status", summary="Load: studies in progress, waiting and refused; batch sizes sent to the model")
+@app.get("/status", summary="Load: studies in progress, waiting and refused; batch sizes sent to the model; "
+         "studies recorded in the prediction store and failures to record")
 async def status() -> dict:
     svc = bentoml.get_current_service()
-    return {"admission": svc.admission.status(), "batching": svc.batcher.status()}
+    return {"admission": svc.admission.status(), "batching": svc.batcher.status(),
+            "prediction_store": svc.recorder.status()}
 
 
 app.include_router(text_router)

@@ -5,7 +5,8 @@ Two services, one process each (BentoML's model-composition pattern):
 * `CXRService`, the entry point on the HTTP port (service/api.py): admission control (503 + Retry-After
   when full, service/admission.py), reads and checks uploads, decodes and resizes them to the model's input
   size and runs the input gate's rules (service/uploads.py), answers bad input with a 4xx JSON
-  `{"error": ...}`, logs every prediction (cxrlt.monitoring.log), and calls
+  `{"error": ...}`, records every prediction in the prediction store (cxrlt.monitoring.store, through
+  service/recording.py), and calls
 * `CXRModel`, which holds the model and exposes ONE API that scores a batch of studies with
   `cxrlt.inference.Predictor` in a single forward pass, with the gate's out-of-distribution score. The
   entry service groups concurrent studies into those batches (service/batching.py; sizes in /status).
@@ -18,7 +19,9 @@ assets only; the spec at /docs.json lists every route with its fields and answer
 route but /readyz, /livez and /healthz needs `Authorization: Bearer <token>` (service/auth.py).
 
 The model is the one marked for serving in the registry (`cxrlt registry promote`), unless the
-environment variable CXRLT_MODEL_TAG names another. Other settings (environment): CXRLT_PREDICTION_LOG,
+environment variable CXRLT_MODEL_TAG names another. Other settings (environment): CXRLT_PREDICTION_DB (the
+prediction store's SQLAlchemy URL; default a SQLite file, see cxrlt.monitoring.store.prediction_db_url),
+CXRLT_PREDICTION_LOG (a JSONL log of earlier versions, imported into the store once),
 CXRLT_DEVICE (default cuda when available), CXRLT_MAX_BATCH_SIZE (8 on CPU, 32 on a GPU),
 CXRLT_SERVICE_TIMEOUT_S (60), and the admission limits of service/admission.py.
 """
@@ -41,6 +44,7 @@ from service.batching import Batcher
 from service.decoding import DecodePool
 from service.docs_page import install_docs
 from service.auth import TokenAuth
+from service.recording import Recorder
 
 logger = logging.getLogger("cxrlt.service")
 
@@ -130,7 +134,7 @@ class CXRModel:
 @bentoml.service(name="cxrlt", workers=1, traffic={"timeout": TIMEOUT_S})
 @bentoml.asgi_app(app, path="/")
 class CXRService:
-    """Entry service: admission, upload checks and the gate's rules, the prediction log, the model behind."""
+    """Entry service: admission, upload checks and the gate's rules, the prediction store, the model behind."""
 
     model = bentoml.depends(CXRModel)
     model_ref = bentoml.models.BentoModel(MODEL_TAG)
@@ -154,6 +158,7 @@ class CXRService:
         self.decoders = DecodePool()
         self.decoders.warm()
         self.batcher = Batcher(lambda studies: call_model(self.model, studies), MAX_BATCH_SIZE)
+        self.recorder = Recorder()  # the prediction store ($CXRLT_PREDICTION_DB; SQLite by default)
         names = artefact.label_space.names
         self.info = {"model_tag": self.tag, "synthetic_model": self.synthetic, "model": meta["model"],
                      "variant": meta.get("variant"), "labels": list(names),
@@ -177,14 +182,8 @@ class CXRService:
             return False
 
     def log(self, body: dict, study) -> None:
-        from cxrlt.monitoring.log import log_prediction, prediction_record
-
-        try:
-            log_prediction(prediction_record(model_tag=body["model_tag"], probabilities=body["probabilities"],
-                                             views=study.views, image_stats=study.stats,
-                                             synthetic_model=body["synthetic_model"]))
-        except Exception as e:  # the answer is still right; the monitoring gap is in the service log
-            logger.error("could not write the prediction log: %s: %s", e.__class__.__name__, e)
+        """Record the answered study in the prediction store (service/recording.py); never raises."""
+        self.recorder.record(body, study)
 
     @bentoml.api(route="/info")
     def model_details(self) -> dict:

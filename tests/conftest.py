@@ -21,6 +21,9 @@ os.environ["BENTOML_HOME"] = str(_SESSION_TMP / "bentoml")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ["BENTOML_DO_NOT_TRACK"] = "true"
+# the prediction store and the JSONL log it imports: the session's own, never the project's var/
+os.environ["CXRLT_PREDICTION_DB"] = f"sqlite:///{_SESSION_TMP / 'var' / 'session-predictions.db'}"
+os.environ["CXRLT_PREDICTION_LOG"] = str(_SESSION_TMP / "var" / "session-predictions.jsonl")
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
@@ -162,27 +165,34 @@ def server_process(cmd: list[str], health: str, log: Path, env: dict, timeout: f
 
 
 @pytest.fixture(scope="session")
-def prediction_log(session_tmp) -> Path:
-    return session_tmp / "var" / "predictions.jsonl"
+def prediction_db(session_tmp) -> str:
+    """The session service's prediction store: a SQLite file (its URL)."""
+    return store_url(session_tmp / "var" / "predictions.db")
+
+
+def store_url(where: str | Path) -> str:
+    """A SQLAlchemy URL as is; a path -> the SQLite file's URL."""
+    return where if isinstance(where, str) and "://" in where else f"sqlite:///{Path(where).resolve()}"
 
 
 @pytest.fixture(scope="session")
-def service_url(served_tag, session_tmp, prediction_log):
+def service_url(served_tag, session_tmp, prediction_db):
     """`bentoml serve` of the real service on a free 127.0.0.1 port; stopped by its PID afterwards."""
     from cxrlt.registry import store
 
     store.set_serving(served_tag, reason="tests: service fixture")  # the service reads the mark at start
-    with running_service(session_tmp / "service.log", prediction_log, token=SERVICE_TOKEN) as url:
+    with running_service(session_tmp / "service.log", prediction_db, token=SERVICE_TOKEN) as url:
         yield url
 
 
 @contextlib.contextmanager
-def running_service(log: Path, prediction_log: Path, token: str | None = None, env: dict | None = None):
+def running_service(log: Path, prediction_db: str | Path, token: str | None = None, env: dict | None = None):
     """Start `bentoml serve` (the model marked for serving) on a free port; yield its URL; stop it by PID.
-    `token`: the service requires it (CXRLT_API_TOKEN); `env`: more settings."""
+    `prediction_db`: its prediction store (a SQLAlchemy URL, or a SQLite file's path); `token`: the service
+    requires it (CXRLT_API_TOKEN); `env`: more settings."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "CXRLT_PREDICTION_LOG": str(prediction_log), "PYTHONPATH": str(ROOT), **(env or {})}
+    env = {**os.environ, "CXRLT_PREDICTION_DB": store_url(prediction_db), "PYTHONPATH": str(ROOT), **(env or {})}
     env.pop("CXRLT_MODEL_TAG", None)
     env.pop("CXRLT_API_TOKEN", None)
     if token:

@@ -65,12 +65,14 @@ def test_flow_publishes_and_signals_only_over_the_threshold(prefect_harness, ser
                                                            tmp_path):
     tag = serving
     same = log_studies(tmp_path / "same.jsonl", tag, label_space, like_reference=reference_frame(tiny_artefact))
-    calm, calm_run = run_flow(log_path=str(same), out_dir=str(tmp_path / "calm"), tag=tag, threshold=0.3)
+    calm, calm_run = run_flow(log_path=str(same), out_dir=str(tmp_path / "calm"), tag=tag, threshold=0.3,
+                              db=f"sqlite:///{tmp_path / 'same.db'}")  # the log is imported into that store
     assert calm["share_drifted"] == 0.0 and calm["drift_detected"] is False
     assert calm["input"]["n_columns"] == 0 and "image_stats_val.csv" in calm["notes"][0]  # an older artefact
 
     shifted = log_studies(tmp_path / "shifted.jsonl", tag, label_space, seed=1)
-    hot, hot_run = run_flow(log_path=str(shifted), out_dir=str(tmp_path / "hot"), tag=tag, threshold=0.3)
+    hot, hot_run = run_flow(log_path=str(shifted), out_dir=str(tmp_path / "hot"), tag=tag, threshold=0.3,
+                            db=f"sqlite:///{tmp_path / 'shifted.db'}")
     assert hot["share_drifted"] == 1.0 and hot["drift_detected"] is True
     assert (tmp_path / "hot" / hot["run"] / "drift.html").exists() and len(drift_history(tmp_path / "hot")) == 1
 

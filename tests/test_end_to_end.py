@@ -5,7 +5,7 @@ prediction log -> Evidently drift report (Prefect flow) -> Streamlit page."""
 import json
 
 import pytest
-from conftest import make_dvc_project, running_service
+from conftest import make_dvc_project, running_service, store_url
 
 from cxrlt.client import post_study, send_studies
 from cxrlt.data.demo.generate import generate_demo
@@ -25,6 +25,7 @@ PARAMS = {
 @pytest.mark.slow
 def test_demo_data_to_flow_to_service_to_drift_report(tmp_path, monkeypatch, prefect_harness):
     from cxrlt.registry import store
+    from cxrlt.monitoring.store import open_store
     from pipelines.drift import drift_report
     from pipelines.train_eval import train_eval
 
@@ -39,8 +40,8 @@ def test_demo_data_to_flow_to_service_to_drift_report(tmp_path, monkeypatch, pre
 
     m = load_manifest("prepared/manifest")
     study_id, rows = next((s, r) for s, r in m.studies("test") if len(r) >= 2)
-    log = tmp_path / "var" / "predictions.jsonl"
-    with running_service(tmp_path / "service.log", log) as url:
+    db = store_url(tmp_path / "var" / "predictions.db")
+    with running_service(tmp_path / "service.log", db) as url:
         out = post_study(url, [m.image_root / p for p in rows["path"]], list(rows["view"]))
         assert out["model_tag"] == served and out["synthetic_model"] is True
         # the served answer is the registered model's prediction for this study (not just 40 numbers in [0, 1])
@@ -63,10 +64,10 @@ def test_demo_data_to_flow_to_service_to_drift_report(tmp_path, monkeypatch, pre
         at = AppTest.from_file(str(ROOT / "ui" / "app.py"), default_timeout=60).run()
         assert not at.exception
 
-    lines = [json.loads(x) for x in log.read_text().splitlines()]
+    lines = open_store(db).records()
     assert len(lines) == 1 + sent["studies"] and all(r["model_tag"] == served for r in lines)
-    assert not any(study_id in json.dumps(r) for r in lines)  # no identifiers in the log
+    assert not any(study_id in json.dumps(r) for r in lines)  # no identifiers in the prediction store
 
-    summary = drift_report(log_path=str(log), out_dir=str(tmp_path / "reports"))
+    summary = drift_report(out_dir=str(tmp_path / "reports"), db=db)
     assert (tmp_path / "reports" / "drift.html").exists() and (tmp_path / "reports" / "drift.json").exists()
     assert summary["synthetic"] is True

@@ -115,14 +115,20 @@ def test_run_drift_on_the_served_model(tmp_path, serving, label_space):
         log_prediction(prediction_record(model_tag=served_tag, synthetic_model=True,
                                                  probabilities={n: float(rng.beta(2, 5)) for n in label_space.names},
                                                  views=["frontal"], image_stats=[]), log)
-    out = run_drift(log_path=log, out_dir=tmp_path / "reports", tag=served_tag)
+    db = f"sqlite:///{tmp_path / 'store.db'}"
+    out = run_drift(log_path=log, out_dir=tmp_path / "reports", tag=served_tag, db=db)  # the log imported once
     assert out["model_tag"] == served_tag and out["synthetic"] is True and out["n_current"] == 30
     assert out["n_reference"] == 60 and (tmp_path / "reports" / "drift.html").exists()
     assert list(drift_history(tmp_path / "reports")["run"]) == [out["run"]]  # the CLI's runs go in the history
-    assert run_drift(log_path=log, out_dir=tmp_path / "r2", last_n=10)["n_current"] == 10  # served model
-    with pytest.raises(MonitoringError, match="no logged predictions of"):
-        log_prediction(record(tag="cxrlt:other"), tmp_path / "other.jsonl")
-        run_drift(log_path=tmp_path / "other.jsonl", out_dir=tmp_path / "r3", tag=served_tag)
+    assert run_drift(log_path=log, out_dir=tmp_path / "r2", last_n=10, db=db)["n_current"] == 10  # served model
+    assert run_drift(log_path=log, out_dir=tmp_path / "r2", db=db)["n_current"] == 30  # not imported twice
+    log_prediction(record(tag="cxrlt:other"), tmp_path / "other.jsonl")
+    with pytest.raises(MonitoringError, match=r"no stored predictions of .*cxrlt:other"):
+        run_drift(log_path=tmp_path / "other.jsonl", out_dir=tmp_path / "r3", tag=served_tag,
+                  db=f"sqlite:///{tmp_path / 'other.db'}")
+    with pytest.raises(MonitoringError, match="no predictions recorded yet"):
+        run_drift(log_path=tmp_path / "none.jsonl", out_dir=tmp_path / "r4", tag=served_tag,
+                  db=f"sqlite:///{tmp_path / 'empty.db'}")
 
 
 def test_run_drift_resolves_a_latest_tag(tmp_path, tiny_artefact, label_space):
@@ -134,7 +140,7 @@ def test_run_drift_resolves_a_latest_tag(tmp_path, tiny_artefact, label_space):
         probs = {n: 0.1 * seed for n in label_space.names}
         log_prediction(prediction_record(model_tag=tag, probabilities=probs, views=["frontal"],
                                                  image_stats=[]), log)
-    out = run_drift(log_path=log, out_dir=tmp_path, tag="cxrltdrifttest:latest")
+    out = run_drift(log_path=log, out_dir=tmp_path, tag="cxrltdrifttest:latest", db=f"sqlite:///{tmp_path / 's.db'}")
     assert out["model_tag"] == tag and out["n_current"] == 5
 
 

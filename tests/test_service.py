@@ -147,19 +147,19 @@ def test_concurrent_requests_are_batched_and_batch_independent(service_url):
     assert any(v > 0 for k, v in grew.items() if k > 1), f"no batch of more than one study: {grew}"
 
 
-def test_prediction_log_has_no_identifiers(service_url, prediction_log, label_space):
-    from cxrlt.monitoring.log import RECORD_KEYS, read_log
+def test_prediction_store_has_no_identifiers(service_url, prediction_db, label_space):
+    from cxrlt.monitoring.log import RECORD_KEYS
+    from cxrlt.monitoring.store import open_store, read_store
 
     name = "patient-JohnDoe-123456.png"
     assert post(service_url, [png(5, name=name)], views=["frontal"]).status_code == 200
-    lines = prediction_log.read_text().splitlines()
-    assert lines and name not in prediction_log.read_text() and "JohnDoe" not in prediction_log.read_text()
-    for line in lines:
-        rec = json.loads(line)
+    rows = open_store(prediction_db).records()
+    assert rows and name not in json.dumps(rows) and "JohnDoe" not in json.dumps(rows)
+    for rec in rows:
         assert set(rec) == set(RECORD_KEYS)
         assert set(rec["probabilities"]) == set(label_space.names)
         assert all(set(s) == {"width", "height", "mean_intensity", "std_intensity"} for s in rec["image_stats"])
         assert rec["time"].endswith("Z")
-    frame = read_log(prediction_log)
+    frame = read_store(prediction_db)
     assert {f"p_{n}" for n in label_space.names} <= set(frame.columns)
     assert frame["width"].iloc[-1] == 96.0  # the uploaded image's size, not the model's input size

@@ -153,7 +153,7 @@ def text_service(session_tmp, served_tag, label_space):
     tag = store.register(art, name="cxrlt-text-fixture")
     store.set_serving(tag, reason="tests: text-head service")
     try:
-        with running_service(session_tmp / "text-service.log", session_tmp / "var" / "text-predictions.jsonl",
+        with running_service(session_tmp / "text-service.log", session_tmp / "var" / "text-predictions.db",
                              token=SERVICE_TOKEN) as url:
             store.set_serving(served_tag, reason="tests")  # both processes have read the mark by now
             yield url, art

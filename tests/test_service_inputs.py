@@ -137,13 +137,16 @@ def test_same_chest_in_any_encoding_scores_alike(answers):
         assert max(abs(got[k] - base[k]) for k in base) < 0.05, name
 
 
-def test_no_identifier_anywhere(answers, service_url, session_tmp, prediction_log, served_tag, tmp_path):
+def test_no_identifier_anywhere(answers, service_url, session_tmp, prediction_db, served_tag, tmp_path):
     from cxrlt.monitoring.drift import run_drift
+    from cxrlt.monitoring.store import open_store
 
     texts = {f"answer {n}": r.text for n, r in answers.items()}
-    texts["prediction log"] = prediction_log.read_text()
+    texts["prediction store"] = json.dumps(open_store(prediction_db).records())
+    for f in (session_tmp / "var").glob("predictions.db*"):  # the SQLite file and its WAL, byte for byte
+        texts[f"store file {f.name}"] = f.read_bytes().decode("latin-1")
     texts["service log"] = (session_tmp / "service.log").read_text(errors="replace")
-    summary = run_drift(prediction_log, tmp_path / "drift", tag=served_tag)
+    summary = run_drift(out_dir=tmp_path / "drift", tag=served_tag, db=prediction_db)
     assert summary["n_current"] >= 1
     for f in (tmp_path / "drift").rglob("*"):  # the latest report and its run folder (runs/<time>/)
         if f.is_file():

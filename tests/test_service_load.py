@@ -1,6 +1,6 @@
 """The service under load and through a crash (a short version of bench/bench_serving.py): 32 concurrent
 clients get answers or deliberate 503s with Retry-After, never a 500; memory stays flat; when the model
-process is killed the service reports not-ready, comes back, and no prediction-log line is lost."""
+process is killed the service reports not-ready, comes back, and no stored study is lost."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import psutil
 import pytest
 import requests
 
-from conftest import image_bytes, running_service
+from conftest import image_bytes, running_service, store_url
 
 pytestmark = pytest.mark.slow
 STUDY = [("a.png", image_bytes("PNG", seed=1), "image/png"), ("b.jpg", image_bytes("JPEG", seed=2), "image/jpeg")]
@@ -27,11 +27,11 @@ def busy_service(served_tag, session_tmp):
     from cxrlt.registry import store
 
     store.set_serving(served_tag, reason="tests: load")
-    log = session_tmp / "load" / "predictions.jsonl"
-    log.parent.mkdir(exist_ok=True)
+    (session_tmp / "load").mkdir(exist_ok=True)
+    db = store_url(session_tmp / "load" / "predictions.db")
     env = {"CXRLT_MAX_ACTIVE": "4", "CXRLT_MAX_WAITING": "8", "CXRLT_MAX_BATCH_SIZE": "4"}
-    with running_service(session_tmp / "load" / "service.log", log, env=env) as url:
-        yield url, log
+    with running_service(session_tmp / "load" / "service.log", db, env=env) as url:
+        yield url, db
 
 
 def service_pids(url) -> list[int]:
@@ -85,9 +85,11 @@ def test_32_clients_get_answers_or_503_never_500_and_memory_stays_flat(busy_serv
     assert sizes[-1] - sizes[0] < 40, f"resident memory grew over the bursts: {sizes} MB"
 
 
-def test_model_process_killed_service_recovers_and_loses_no_log_line(busy_service):
-    url, log = busy_service
-    lines_before = len(log.read_text().splitlines()) if log.exists() else 0
+def test_model_process_killed_service_recovers_and_loses_no_stored_study(busy_service):
+    from cxrlt.monitoring.store import open_store
+
+    url, db = busy_service
+    rows_before = open_store(db).count()
     model = [p for p in psutil.Process(service_pids(url)[0]).children(recursive=True)
              if "cxrlt_model" in " ".join(p.cmdline()) or "--service-name=cxrlt_model" in " ".join(p.cmdline())]
     if not model:  # the worker's command line names its service by index: take the one holding torch
@@ -125,5 +127,4 @@ def test_model_process_killed_service_recovers_and_loses_no_log_line(busy_servic
     assert not_ready, "readyz never reported the dead model"
     assert ready_again, f"the service did not come back within 90 s: {answers}"
     assert set(answers) <= {200, 503}, answers
-    lines = log.read_text().splitlines()
-    assert len(lines) - lines_before == answers[200]  # every answered study is logged, nothing else
+    assert open_store(db).count() - rows_before == answers[200]  # every answered study is stored, nothing else

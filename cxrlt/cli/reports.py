@@ -1,5 +1,6 @@
 """`cxrlt compare | submit | drift`: evaluated variants compared with intervals beside the published results,
-the challenge's submission CSV, and the drift report of what the service has seen."""
+the challenge's submission CSV, and the drift report of what the service has seen
+(read from the prediction store)."""
 
 from __future__ import annotations
 
@@ -43,7 +44,8 @@ def cmd_submit(a):
 def cmd_drift(a):
     from cxrlt.monitoring.drift import run_drift
 
-    print(json.dumps(run_drift(log_path=a.log, out_dir=a.out, tag=a.tag, last_n=a.last), indent=2, default=str))
+    print(json.dumps(run_drift(log_path=a.log, out_dir=a.out, tag=a.tag, last_n=a.last, db=a.db), indent=2,
+                     default=str))
 
 
 def add_parsers(sub) -> None:
@@ -67,8 +69,12 @@ def add_parsers(sub) -> None:
     p.add_argument("--other-data", action="store_true", help="the predictions of its --other-data evaluation (eval/other-data/) instead of its own")
     p.add_argument("--out", required=True, help="CSV file to write")
 
-    p = add_command(sub, "drift", cmd_drift, "Evidently drift report of logged predictions against validation predictions")
-    p.add_argument("--log", help="prediction log (default: $CXRLT_PREDICTION_LOG or var/predictions/predictions.jsonl)")
+    p = add_command(sub, "drift", cmd_drift, "Evidently drift report of the prediction store's studies against "
+                    "validation predictions")
+    p.add_argument("--db", help="prediction store, a SQLAlchemy URL (default: $CXRLT_PREDICTION_DB, else "
+                   "sqlite:///var/predictions/predictions.db, beside $CXRLT_PREDICTION_LOG when that is set)")
+    p.add_argument("--log", help="a JSONL prediction log of earlier versions to import into the store first, "
+                   "once (default: $CXRLT_PREDICTION_LOG or var/predictions/predictions.jsonl, if it exists)")
     p.add_argument("--out", help="report folder (default: $CXRLT_REPORTS_DIR or reports/drift)")
     p.add_argument("--tag", help="model whose validation predictions are the reference (default: served)")
     p.add_argument("--last", type=int, help="only the last N logged predictions")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from cxrlt.monitoring.history import new_run_dir, publish_run, reports_dir
-from cxrlt.monitoring.log import STATS, MonitoringError, read_log
+from cxrlt.monitoring.log import STATS, MonitoringError
 from cxrlt.monitoring.reference import reference_frame
 
 
@@ -132,31 +132,35 @@ def _drift_result(snap: dict, cols: list[str]) -> dict:
 
 
 def run_drift(log_path: str | Path | None = None, out_dir: str | Path | None = None, tag: str | None = None,
-              last_n: int | None = None) -> dict:
-    """Drift of the logged studies of the served model (or `tag`) against its validation split: predictions,
+              last_n: int | None = None, db: str | None = None) -> dict:
+    """Drift of the stored studies of the served model (or `tag`) against its validation split: predictions,
     and image statistics when its evaluation wrote them (`reference_frame`).
 
-    The CLI (`cxrlt drift`) and the Prefect flow call this; every call is one run in the history
-    (`drift_report`). Reports go to `out_dir`, else
-    $CXRLT_REPORTS_DIR, else reports/drift; the log is `log_path`, else $CXRLT_PREDICTION_LOG, else
-    var/predictions/predictions.jsonl. `last_n` keeps the latest n logged studies."""
+    The CLI (`cxrlt drift`), the Prefect flow and the web app's reports come from here; every call is one run
+    in the history (`drift_report`). Studies are read from the prediction store `db` (a SQLAlchemy URL; see
+    `cxrlt.monitoring.store.prediction_db_url`: $CXRLT_PREDICTION_DB, else SQLite beside the log). The JSONL
+    log at `log_path` (else $CXRLT_PREDICTION_LOG, else var/predictions/predictions.jsonl), if there is one,
+    is imported into the store first, once. Reports go to `out_dir`, else $CXRLT_REPORTS_DIR, else
+    reports/drift. `last_n` keeps the latest n stored studies of the model."""
     import bentoml
 
     from cxrlt.artefact.meta import read_meta
+    from cxrlt.monitoring.log_import import prepare_store
     from cxrlt.registry import store
 
     tag = tag or store.serving_tag()
     model_dir = store.model_path(tag)  # clear error for an unknown tag
-    tag = str(bentoml.models.get(tag).tag)  # "cxrlt:latest" -> the exact tag the service logs
+    tag = str(bentoml.models.get(tag).tag)  # "cxrlt:latest" -> the exact tag the service records
     meta = read_meta(model_dir)
     reference = reference_frame(model_dir)
-    current = read_log(log_path)
-    mine = current[current["model_tag"] == tag]
-    if mine.empty:
-        seen = sorted(current["model_tag"].unique())
-        raise MonitoringError(f"no logged predictions of {tag} (the log holds {seen}): send studies to the "
-                              "service while it serves this model, or pass --tag")
-    if last_n:
-        mine = mine.tail(last_n)
+    predictions = prepare_store(db, log_path)
+    if not predictions.count(tag):
+        seen = predictions.model_tags()
+        if not seen:
+            raise MonitoringError(f"no predictions recorded yet in the prediction store {predictions.masked}: "
+                                  "send studies to the service first")
+        raise MonitoringError(f"no stored predictions of {tag} (the store {predictions.masked} holds {seen}): "
+                              "send studies to the service while it serves this model, or pass --tag")
+    mine = predictions.read(last_n=last_n, model_tag=tag)
     return drift_report(mine.reset_index(drop=True), reference, out_dir, model_tag=tag,
                         synthetic=bool(meta.get("synthetic")))

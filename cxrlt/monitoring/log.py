@@ -1,7 +1,11 @@
-"""The prediction log: the service appends one JSON line per scored study (UTC time, model tag, number of
-images, views, the probability of every label, simple image statistics) and nothing that identifies a patient
-or an image: no file names, no identifiers, no pixels. `read_log` reads it back (rotated files too), one row
-per study, for the drift reports (`cxrlt.monitoring.drift`).
+"""The record of one scored study and the JSONL prediction log.
+
+`prediction_record` is the one shape of what is kept per study (UTC time, model tag, number of images, views,
+the probability of every label, simple image statistics) and nothing that identifies a patient or an image:
+no file names, no identifiers, no pixels. The service records it in the prediction store
+(`cxrlt.monitoring.store`); this module's JSONL log (one JSON line per study, file lock, rotation) is the
+earlier form, which the store imports once (`cxrlt.monitoring.log_import`). `read_log` reads a log back
+(rotated files too), one row per study, as the store's `read` does.
 """
 
 from __future__ import annotations
@@ -137,7 +141,16 @@ def read_log(path: str | Path | None = None, last_n: int | None = None) -> pd.Da
 def _parse_line(line: str) -> dict | None:
     """One log line -> a row, or None for a torn, foreign or damaged line (it must not stop monitoring)."""
     try:
-        r = json.loads(line)
+        return record_row(json.loads(line))
+    except ValueError:
+        return None
+
+
+def record_row(r) -> dict | None:
+    """One record (a `prediction_record` dict, from a log line or the prediction store) -> one flat row: time,
+    model_tag, n_images, views joined by commas, `p_<label>` columns and the image statistics averaged over
+    the study's images; None when it is damaged (non-finite or out-of-range values, missing keys)."""
+    try:
         row = {"time": str(r["time"]), "model_tag": str(r["model_tag"]), "n_images": int(r["n_images"]),
                "views": ",".join(str(v) for v in r.get("views", []))}
         probs = {f"p_{k}": float(v) for k, v in r["probabilities"].items()}
@@ -151,5 +164,3 @@ def _parse_line(line: str) -> dict | None:
     if not all(math.isfinite(row[k]) for k in STATS if k in row):
         return None
     return {**row, **probs}
-
-

@@ -62,14 +62,16 @@ def _history(folder) -> pd.DataFrame:
 
 def main() -> None:
     from cxrlt.monitoring.history import reports_dir
+    from cxrlt.monitoring.store import store_caption
 
     st.header("Monitoring")
+    st.caption(store_caption())  # where the service records studies (no password shown), and how many
     folder = reports_dir()
     summary_file = folder / "summary.json"
     hist = _history(folder)
     if not summary_file.exists() and hist.empty:
         st.info(f"No drift report in {folder} yet. Send studies to the service, then run `cxrlt drift` (or let "
-                "the scheduled Prefect drift flow run): it compares the logged predictions and input statistics "
+                "the scheduled Prefect drift flow run): it compares the stored predictions and input statistics "
                 "with the served model's validation set.")
         return
     s = {}
