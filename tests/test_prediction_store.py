@@ -187,3 +187,22 @@ def test_monitoring_page_says_which_store_and_how_many(tmp_path, monkeypatch):
     assert not at.exception, at.exception
     captions = " ".join(str(c.value) for c in at.caption)
     assert f"Prediction store {db} (CXRLT_PREDICTION_DB): 3 recorded studies" in captions
+
+
+def test_cxrlt_drift_reads_the_store_named_by_db(serving, label_space, tmp_path, capsys):
+    from cxrlt.cli.main import main
+
+    db, log = sqlite(tmp_path / "s.db"), tmp_path / "old.jsonl"
+    for i in range(12):
+        open_store(db).record(prediction_record(model_tag=serving, probabilities={n: 0.1 + i / 50 for n in
+                                                                                  label_space.names},
+                                                views=["frontal"], image_stats=[STATS], synthetic_model=True))
+    log_prediction(prediction_record(model_tag=serving, probabilities={n: 0.3 for n in label_space.names},
+                                     views=["frontal"], image_stats=[STATS]), log)
+    args = ["drift", "--db", db, "--log", str(log), "--tag", serving, "--out", str(tmp_path / "r")]
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["n_current"] == 13  # 12 recorded + 1 imported from --log
+    assert main(args) == 0 and json.loads(capsys.readouterr().out)["n_current"] == 13  # imported once
+    assert main(["drift", "--db", "oracle://u:pw@h/x", "--tag", serving]) == 2
+    err = capsys.readouterr().err
+    assert "SQLite or PostgreSQL" in err and "pw" not in err
