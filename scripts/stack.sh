@@ -77,7 +77,8 @@ case "${1:-}" in
     OMP_WAIT_POLICY=PASSIVE start service "$BIN/bentoml" serve service.service:CXRService --host 127.0.0.1 --port "$SERVICE_PORT"
     wait_http service "http://127.0.0.1:$SERVICE_PORT/readyz" 180
     start ui "$BIN/streamlit" run ui/app.py --server.headless true --server.address 127.0.0.1 \
-      --server.port "$UI_PORT" --browser.gatherUsageStats false --client.toolbarMode viewer --runner.magicEnabled false
+      --server.port "$UI_PORT" --browser.gatherUsageStats false --client.toolbarMode viewer --runner.magicEnabled false \
+      --server.maxUploadSize 20
     wait_http ui "http://127.0.0.1:$UI_PORT/_stcore/health" 60 ;;
   down)
     for n in ui service prefect-deployments prefect-server; do stop "$n"; done ;;

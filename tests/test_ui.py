@@ -82,8 +82,14 @@ def test_upload_scores_the_study(monkeypatch, service_url, served_tag):
     explain.set_value(["Edema"]).run()
     captions = [str(c) for i in at.get("image") for c in [getattr(i, "proto", None)] if c is not None]
     assert not at.exception and not at.error, texts(at, "error")
-    assert sum("Edema · image 1 (frontal)" in c for c in captions) == 1, captions
-    assert sum("Edema · image 2 (lateral)" in c for c in captions) == 1, captions
+    empty = texts(at, "caption")   # a map without positive evidence is a sentence, not a blue picture
+    for view in ("image 1 (frontal)", "image 2 (lateral)"):
+        shown = sum(f"Edema · {view}" in c for c in captions)
+        said = f"Edema · {view} · no positive evidence on this view" in empty
+        assert shown + said == 1, (view, captions, empty)
+    assert "Colour scale: blue 0 (no evidence)" in empty and "Resolution: computed at the model's input size" in empty
+    # every image says what it shows
+    assert all(i.proto.imgs[0].alt for i in at.get("image")), "an image without alternative text"
 
 
 def test_guarantee_lines_name_the_sets_and_the_guarantee():
@@ -138,7 +144,12 @@ def test_gate_refusal_shows_the_gates_verdicts(monkeypatch, service_url):
     at.file_uploader(key="upload").set_value([("sliver.png", buf.getvalue(), "image/png")]).run()
     at.button(key="predict").click().run()
     assert not at.exception and "refused an image (input gate)" in texts(at, "error")
-    assert "input gate checks each image" in texts(at, "caption") and at.dataframe, "no gate verdicts shown"
+    assert "input gate checks each image" in texts(at, "caption") and at.table, "no gate verdicts shown"
+    verdicts = at.table[0].value
+    assert set(verdicts["verdict"]) >= {"not run (no DICOM header)", "REFUSED"}, verdicts
+    assert not (verdicts == "").any().any() and not verdicts.isna().any().any(), "blank cells in the gate table"
+    # a model trained on synthetic data says so beside the refusal, and what to do about real radiographs
+    assert "train a model on real data" in texts(at, "info") + texts(at, "warning")
 
 
 def test_service_down_is_a_clear_message(monkeypatch):
@@ -268,7 +279,9 @@ def test_models_page_lists_the_registry_with_metrics_and_card(monkeypatch, servi
     assert not at.exception, at.exception
     listed = at.dataframe[0].value
     assert served_tag in set(listed["tag"]) and listed.set_index("tag")["serving"][served_tag]
-    metrics = at.dataframe[1].value
+    assert len(listed.columns) <= 10, "the registry table is too wide for the page"
+    assert listed["created"].str.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d").all(), listed["created"]
+    metrics = next(d.value for d in at.dataframe if "split" in d.value)
     assert list(metrics["split"]) == ["val"] and metrics["mAP"].iloc[0].startswith("0.500")
     assert any("Model card" in e.label for e in at.expander)
 
@@ -283,8 +296,10 @@ def test_models_actions_need_the_admin_token(monkeypatch, service_url, served_ta
         at = app(monkeypatch, service_url, token="", page="views/models.py", CXRLT_MODEL_NAME=name)
         assert "disabled: no admin token is configured" in texts(at, "info") and "CXRLT_API_TOKEN" in texts(at, "info")
         assert at.button(key="promote").disabled and at.button(key="rollback").disabled
+        assert at.text_input(key="admin_token").disabled, "the token field takes typing with no token configured"
 
         at = app(monkeypatch, service_url, page="views/models.py", CXRLT_MODEL_NAME=name)
+        assert not at.text_input(key="admin_token").disabled
         at.selectbox(key="model_tag").set_value(second).run()
         at.text_input(key="admin_token").input("wrong-token").run()
         assert "wrong" in texts(at, "error") and at.button(key="promote").disabled
@@ -318,10 +333,26 @@ def test_experiments_page_builds_the_comparison_report(monkeypatch, tmp_path, se
     at.number_input(key="exp_boot").set_value(20).run()
     at.button(key="exp_build").click().run()
     assert not at.exception and not at.error, texts(at, "error") + texts(at, "code")
-    results = at.dataframe[0].value
-    assert set(results["variant"]) == {"fusion-asl", "single-bce"}
-    assert len(at.get("image")) >= 2, "no plots"
-    assert "[" in texts(at, "markdown"), "no intervals in the report"
+    results = at.dataframe[0].value   # the compact table leads: headline metrics with their intervals
+    assert set(results["model"]) == {"fusion-asl", "single-bce"}
+    assert list(results.columns)[3:8] == ["mAP", "mAUC", "head mAP", "medium mAP", "tail mAP"]
+    assert results["mAP"].str.fullmatch(r"\d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\].*").all(), results["mAP"]
+    # two models that differ in more than one attribute: their differences, never "missing"
+    diff = at.dataframe[1].value
+    assert list(diff["metric"]) == ["mAP", "mAUC", "head mAP", "medium mAP", "tail mAP"], diff
+    assert diff["B − A [95% interval]"].str.fullmatch(r"[+-]\d\.\d{3} \[[+-]\d\.\d{3}, [+-]\d\.\d{3}\]").all()
+    a, b = at.selectbox(key="exp_a").value, at.selectbox(key="exp_b").value
+    at.selectbox(key="exp_a").set_value(b).run()
+    at.selectbox(key="exp_b").set_value(a).run()
+    swapped = at.dataframe[1].value
+    assert [float(x.split()[0]) for x in swapped["B − A [95% interval]"]] == \
+        [-float(x.split()[0]) for x in diff["B − A [95% interval]"]]
+    raw = at.dataframe[2].value
+    assert "folder" not in raw and not any(str(v).count(".") == 1 and len(str(v).split(".")[1]) > 3
+                                           for v in raw.select_dtypes("number").to_numpy().ravel())
+    assert not [t for t in every_text(at) if str(tmp_path) in t], "a server path on the page"
+    assert "missing" not in diff.to_string() and not diff.isna().any().any()
+    assert len(at.get("image")) >= 2 and all(i.proto.imgs[0].alt for i in at.get("image")), "plots without alt"
 
 
 # -------------------------------------------------------------------------------------------- Monitoring

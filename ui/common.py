@@ -13,6 +13,11 @@ import client
 
 SYNTHETIC = ("This model was trained on SYNTHETIC demo data: its findings are meaningless for real "
              "radiographs. Research software, not for clinical use.")
+# before the first upload: what a model trained on drawings does with a real radiograph (the refusal itself
+# is worded by the library, cxrlt.gate.messages, and shown as the service gives it)
+SYNTHETIC_SCOPE = ("Real chest radiographs are outside what it has seen: its input gate refuses them, and that "
+                   "says nothing about the image. Try the demo study below; to score real radiographs, train a "
+                   "model on real data (README, \"Real data\") and serve it.")
 
 
 def model_name() -> str:

@@ -165,6 +165,23 @@ def heat_array(png_b64: str) -> np.ndarray:
         return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
 
 
+def jet(h: np.ndarray) -> np.ndarray:
+    """Evidence 0..1 -> RGB 0..1: blue -> green -> red (the heatmaps' colour scale)."""
+    return np.stack([np.clip(1.5 - abs(4 * h - 3), 0, 1), np.clip(1.5 - abs(4 * h - 2), 0, 1),
+                     np.clip(1.5 - abs(4 * h - 1), 0, 1)], axis=-1)
+
+
+def colour_bar(width: int = 300, height: int = 14) -> Image.Image:
+    """The heatmaps' colour scale as a horizontal bar, 0 (left) to 1 (right), as blended at full evidence."""
+    h = np.tile(np.linspace(0, 1, width, dtype=np.float32), (height, 1))
+    return Image.fromarray((jet(h) * 255).astype(np.uint8), mode="RGB")
+
+
+def heat_is_empty(png_b64: str, floor: float = 1 / 255) -> bool:
+    """True when a heatmap holds no positive evidence anywhere (all zero, at the PNG's 8-bit precision)."""
+    return float(heat_array(png_b64).max()) < floor
+
+
 def overlay(image: Image.Image, png_b64: str, alpha: float = 0.45) -> Image.Image:
     """The heatmap over the image. The model saw the image resized (not cropped) to its input square, so
     the heatmap is stretched back to the image's own width and height."""
@@ -172,8 +189,7 @@ def overlay(image: Image.Image, png_b64: str, alpha: float = 0.45) -> Image.Imag
     heat = Image.fromarray((heat_array(png_b64) * 255).astype(np.uint8), mode="L").resize(base.size,
                                                                                           Image.Resampling.BILINEAR)
     h = np.asarray(heat, dtype=np.float32) / 255.0
-    colour = np.stack([np.clip(1.5 - abs(4 * h - 3), 0, 1), np.clip(1.5 - abs(4 * h - 2), 0, 1),
-                       np.clip(1.5 - abs(4 * h - 1), 0, 1)], axis=-1)      # blue -> green -> red ("jet")
+    colour = jet(h)
     g = np.asarray(base, dtype=np.float32)[..., None] / 255.0
     a = alpha * h[..., None]                                              # cold regions keep the radiograph
     out = (1 - a) * g + a * colour

@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
+import compare
 from common import model_name, reports_root
 
 SPLITS = ("test", "dev", "val")
@@ -47,24 +48,57 @@ def build(paths: list[Path], manifest: str, split: str, n_boot: int, out: Path) 
     return p.returncode == 0, (p.stderr or p.stdout)[-3000:]
 
 
+FIGURES = {"map_by_group": "Bar chart: each model's mAP on head, medium and tail labels, with 95% intervals",
+           "ap_vs_frequency": "Scatter plot: each label's average precision against its number of training "
+                              "images, one colour per model",
+           "zero_shot_auroc": "Bar chart: zero-shot AUROC of each held-out finding, with 95% intervals"}
+
+
+def _differences(out: Path, names: list[str]) -> None:
+    st.markdown("#### Two models: paired differences")
+    pairs_csv = out / "pairs.csv"
+    if len(names) < 2:
+        st.info("Choose two or more models to see their paired differences.")
+        return
+    if not pairs_csv.exists():
+        st.info("This report was built before paired differences existed: press Rebuild the report.")
+        return
+    c = st.columns(2)
+    a = c[0].selectbox("Model A", names, index=0, key="exp_a")
+    b = c[1].selectbox("Model B", names, index=1, key="exp_b")
+    if a == b:
+        st.info("Choose two different models.")
+        return
+    table = compare.pair(pd.read_csv(pairs_csv), a, b)
+    st.dataframe(table, hide_index=True, width="stretch")
+    st.caption("B − A on the same resampled patients (paired bootstrap, 95% basic interval): the difference is "
+               "distinguishable from zero when its interval excludes 0. One seed a side; the report below says "
+               "which differences it calls after Holm's adjustment.")
+
+
 def show(out: Path) -> None:
     csv = out / "results.csv"
+    names: list[str] = []
     if csv.exists():
-        st.markdown("#### Results")
-        st.dataframe(pd.read_csv(csv), hide_index=True, width="stretch")
+        results = pd.read_csv(csv)
+        names = list(results["variant"])
+        st.markdown("#### Results (95% bootstrap intervals over patients)")
+        st.dataframe(compare.compact(results), hide_index=True, width="stretch")
+        _differences(out, names)
+        with st.expander(f"All {len(results.columns)} columns of results.csv"):
+            st.dataframe(compare.raw(results), hide_index=True, width="stretch")
     figures = sorted((out / "figures").glob("*.png"))
     if figures:
         st.markdown("#### Plots")
         for col, fig in zip(st.columns(min(len(figures), 3)) * len(figures), figures):
             with col:
-                st.image(str(fig), caption=fig.stem.replace("_", " "), width="stretch")
+                st.image(str(fig), caption=fig.stem.replace("_", " "), width="stretch",
+                         alt=FIGURES.get(fig.stem, f"Plot of the comparison report: {fig.stem.replace('_', ' ')}"))
     md = out / "report.md"
     if md.exists():
-        with st.expander("The full report (tables with 95% intervals, paired comparisons, literature)",
-                         expanded=True):
+        with st.expander("The full report (research questions, paired comparisons, literature)"):
             text = re.sub(r"^!\[[^\]]*\]\([^)]*\)\s*$", "", md.read_text(), flags=re.M)  # plots shown above
             st.markdown(text)
-        st.caption(f"Written to {out}")
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ import streamlit as st
 
 from cxrlt.evaluation.bootstrap import INTERVAL_RULE, with_interval
 
+import client
 from common import admin_allowed, model_name, service_info
 
 METRICS = ("mAP", "mAUC", "mF1", "mAP_head", "mAP_medium", "mAP_tail", "ece")
@@ -41,25 +42,38 @@ def _metrics(reg, tag: str) -> dict:
     return json.loads(p.read_text()) if p.exists() else {}
 
 
-COLUMNS = ("serving", "stage", "tag", "variant", "model", "loss", "val_mAP", "val_mAUC", "created", "synthetic",
+COLUMNS = ("serving", "stage", "tag", "variant", "loss", "val_mAP", "val_mAUC", "created", "synthetic",
            "data_version")
 
 
 def _table(rows: list[dict]) -> None:
+    """The registry's main columns, narrow enough to fit the page (the rest behind an expander)."""
     frame = pd.DataFrame(rows)
-    frame = frame[[c for c in COLUMNS if c in frame] + [c for c in frame if c not in COLUMNS]]
     if "data_version" in frame:
         frame["data_version"] = frame["data_version"].fillna("").astype(str).str[:8]
-    st.dataframe(frame, hide_index=True, width="stretch",
-                 column_config={"serving": st.column_config.CheckboxColumn("serving"),
-                                "val_mAP": st.column_config.NumberColumn("val mAP", format="%.3f"),
-                                "val_mAUC": st.column_config.NumberColumn("val mAUC", format="%.3f")})
+    if "created" in frame:
+        frame["created"] = pd.to_datetime(frame["created"], errors="coerce").dt.strftime("%Y-%m-%d %H:%M")
+    main = frame[[c for c in COLUMNS if c in frame]]
+    st.dataframe(main, hide_index=True, width="stretch",
+                 column_config={"serving": st.column_config.CheckboxColumn("serving", width="small"),
+                                "stage": st.column_config.TextColumn("stage", width="small"),
+                                "loss": st.column_config.TextColumn("loss", width="small"),
+                                "synthetic": st.column_config.CheckboxColumn("synthetic", width="small"),
+                                "data_version": st.column_config.TextColumn("data", width="small"),
+                                "val_mAP": st.column_config.NumberColumn("val mAP", format="%.3f", width="small"),
+                                "val_mAUC": st.column_config.NumberColumn("val mAUC", format="%.3f", width="small")})
+    rest = [c for c in frame if c not in COLUMNS]
+    if rest:
+        with st.expander("More registry fields"):
+            st.dataframe(frame[["tag", *rest]], hide_index=True, width="stretch")
 
 
 def _actions(reg, tag: str, rows: list[dict]) -> None:
     st.markdown("#### Promote and roll back")
-    typed = st.text_input("Admin token", type="password", key="admin_token",
-                          help="the service's access token (CXRLT_API_TOKEN)")
+    configured = bool(client.api_token())
+    typed = st.text_input("Admin token", type="password", key="admin_token", disabled=not configured,
+                          help="the service's access token (CXRLT_API_TOKEN)" if configured else
+                          "disabled: no admin token is configured for this web app (CXRLT_API_TOKEN)")
     ok, why = admin_allowed(typed)
     if why:
         (st.info if "configured" in why or "Type" in why else st.error)(why)

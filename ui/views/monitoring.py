@@ -22,11 +22,14 @@ def over_time(h: pd.DataFrame) -> alt.Chart:
                   value_name="share").dropna(subset=["share"])
     long["part"] = long["part"].map(PARTS)
     return alt.Chart(long).mark_line(point=True).encode(
-        x=alt.X("time:T", title="report time (UTC)"),
-        y=alt.Y("share:Q", title="share of columns drifted", scale=alt.Scale(domain=[0, 1])),
+        x=alt.X("time:T", title="report time (UTC)",
+                axis=alt.Axis(format="%Y-%m-%d %H:%M", labelAngle=-30, labelOverlap=True, titleLimit=0)),
+        y=alt.Y("share:Q", title="share of columns drifted", scale=alt.Scale(domain=[0, 1]),
+                axis=alt.Axis(format=".0%", titleLimit=0)),
         color=alt.Color("part:N", title=None, legend=alt.Legend(orient="bottom", labelLimit=0)),
-        tooltip=["time:T", "part", alt.Tooltip("share:Q", format=".0%"), "model_tag", "n_current"],
-    ).properties(height=280)
+        tooltip=[alt.Tooltip("time:T", title="report time (UTC)", format="%Y-%m-%d %H:%M:%S"), "part",
+                 alt.Tooltip("share:Q", format=".0%"), "model_tag", "n_current"],
+    ).properties(height=300, padding={"left": 10, "top": 5, "right": 10, "bottom": 5})
 
 
 def column_table(summary: dict, prediction: bool) -> pd.DataFrame:
@@ -47,6 +50,12 @@ def _columns(table: pd.DataFrame) -> None:
         return
     st.dataframe(table, hide_index=True, width="stretch",
                  column_config={"drift score": st.column_config.NumberColumn(format="%.3g")})
+
+
+def _when(t) -> str:
+    """A timestamp as people read it: 2026-12-01 08:41 UTC."""
+    t = pd.Timestamp(t)
+    return (t.tz_convert("UTC") if t.tzinfo else t).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def _part(summary: dict, part: str) -> str:
@@ -82,7 +91,8 @@ def main() -> None:
             st.error(f"The drift summary {summary_file} cannot be read ({e}); run `cxrlt drift` again.")
     if s.get("synthetic"):
         st.warning(SYNTHETIC)
-    st.caption(f"Reports in {folder} (CXRLT_REPORTS_DIR) · latest: model {s.get('model_tag')} at {s.get('time')}")
+    st.caption(f"Reports in {folder} (CXRLT_REPORTS_DIR) · latest: model {s.get('model_tag')} at "
+               f"{_when(s['time']) if s.get('time') else 'an unknown time'}")
     c = st.columns(5)
     c[0].metric("Drifted columns", f"{s.get('n_drifted', 0)} / {s.get('n_columns', 0)}")
     c[1].metric("Prediction drift", _part(s, "prediction"))
@@ -91,10 +101,18 @@ def main() -> None:
     c[4].metric("Reference studies", s.get("n_reference", 0))
 
     st.markdown("#### Drift over time")
+    if len(hist) >= 2:
+        st.altair_chart(over_time(hist), width="stretch",
+                        alt=f"Line chart of the share of drifted columns (all, predictions, input statistics) in "
+                            f"each of the {len(hist)} drift reports, from {_when(hist['time'].iloc[0])} to "
+                            f"{_when(hist['time'].iloc[-1])}")
+    elif len(hist) == 1:
+        st.info(f"A trend needs two reports: there is one so far ({_when(hist['time'].iloc[0])}). The next drift "
+                "report (the Prefect deployment drift-report/hourly, or `cxrlt drift`) adds the second point.")
     if len(hist) >= 1:
-        st.altair_chart(over_time(hist), width="stretch")
         with st.expander(f"{len(hist)} report(s)"):
             shown = hist.drop(columns=[c for c in ("scores",) if c in hist]).iloc[::-1]
+            shown["time"] = shown["time"].map(_when)
             st.dataframe(shown, hide_index=True, width="stretch")
     else:
         st.info("Only the latest report exists (no history.jsonl): later reports add points here.")
@@ -113,7 +131,10 @@ def main() -> None:
     html = folder / "drift.html"
     if html.exists():
         st.markdown("#### Evidently report")
-        st.iframe(html, height=900)  # the self-contained report written by `cxrlt drift`
+        st.download_button("Open the Evidently report on its own (HTML, the whole window)", html.read_bytes(),
+                           file_name="drift.html", mime="text/html", key="drift_html")
+        # the self-contained report written by `cxrlt drift`, across the page's full width
+        st.iframe(html, width="stretch", height=1400)
     else:
         st.info(f"{html} is missing; run `cxrlt drift` again for the full report.")
 

@@ -1,8 +1,9 @@
-"""Predict: score one study with the running service; findings, heatmaps, and free-text findings.
+"""Predict: score one study with the running service; a headline of the findings, heatmaps, free-text findings.
 
-Results live in st.session_state under the uploaded files' content hash: they stay on screen while the page
-reruns (a view changed, a heatmap chosen) and go when other files are chosen. Changing a view after
-scoring keeps the results, marked as made with the earlier views, until Predict is pressed again.
+Results live in st.session_state under the study's content hash: they stay on screen while the page reruns
+(a view changed, a heatmap chosen) and go when other files are chosen. Changing a view after scoring keeps the
+results, marked as made with the earlier views, until Predict is pressed again. "Try a demo study" loads a
+synthetic frontal + lateral study drawn by the demo data's own code (`cxrlt.data.demo.sample`).
 """
 
 from __future__ import annotations
@@ -10,19 +11,26 @@ from __future__ import annotations
 import streamlit as st
 
 import client
+import heatmaps
 import study
 from answer import gate_table, show_error, summary
-from common import SYNTHETIC, service_info
+from common import SYNTHETIC, SYNTHETIC_SCOPE, service_info
 
 VIEWS = list(client.VIEWS)
 TYPES = ["png", "jpg", "jpeg", "dcm", "dicom"]
-MAX_EXPLAIN = 5
-PREVIEW = 300  # pixels: the study and its heatmaps stay on one screen with the findings
+PREVIEW = heatmaps.PREVIEW
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
 def _header_views(key: str, _files: list[tuple[str, bytes]]) -> list[str | None]:
     return [study.header_view(data) for _, data in _files]
+
+
+@st.cache_data(show_spinner=False)
+def _demo() -> list[tuple[str, bytes, str]]:
+    from cxrlt.data.demo.sample import demo_study
+
+    return demo_study()
 
 
 def _choose_views(files, key: str) -> list[str]:
@@ -32,7 +40,8 @@ def _choose_views(files, key: str) -> list[str]:
     for i, (col, (name, data)) in enumerate(zip(st.columns(len(files)), files)):
         with col:
             try:
-                st.image(study.preview(data), caption=f"image {i + 1} · {name}", width=PREVIEW)
+                st.image(study.preview(data), caption=f"image {i + 1} · {name}", width=PREVIEW,
+                         alt=f"Uploaded image {i + 1} of the study, {name}")
             except Exception:  # noqa: BLE001 - the service says what is wrong with it
                 st.warning(f"image {i + 1} ({name}) cannot be displayed")
             views.append(st.selectbox(f"view of image {i + 1}", VIEWS, index=VIEWS.index(defaults[i]),
@@ -44,43 +53,6 @@ def _choose_views(files, key: str) -> list[str]:
     return views
 
 
-def _heatmaps(res: dict, files) -> None:
-    body = res["body"]
-    labels, default = study.heatmap_choices(body, MAX_EXPLAIN)
-    chosen = st.multiselect("Heatmaps of", labels, default=default, max_selections=MAX_EXPLAIN,
-                            key=f"explain_{res['hash']}",
-                            help="where in each image the model found the chosen findings (at most 5)")
-    missing = [c for c in chosen if c not in res["asked"]]
-    if missing:
-        with st.spinner("Computing heatmaps..."):
-            try:
-                more = client.predict(files, res["views"], explain=missing)
-            except client.ServiceError as e:
-                st.error(e.message)
-                return
-        res["asked"].update(missing)
-        body.setdefault("explanations", []).extend(e for e in more.get("explanations", [])
-                                                   if e["finding"] in missing)
-    if not chosen:
-        return
-    by = {(e["finding"], int(e["image"])): e for e in body.get("explanations", [])}
-    if not by:
-        st.info("The service returned no heatmaps for this study (an older service, or a model without "
-                "explanations).")
-        return
-    images = [study.grey(data) for _, data in files]
-    for finding in chosen:
-        cols = st.columns(len(files))
-        for i, col in enumerate(cols):
-            e = by.get((finding, i))
-            with col:
-                if e is None:
-                    st.caption(f"{finding} · image {i + 1}: no heatmap")
-                    continue
-                st.image(study.overlay(images[i], e["png"]), width=PREVIEW,
-                         caption=f"{finding} · image {i + 1} ({res['views'][i]}) · {e.get('method', '')}")
-
-
 def _free_text(res: dict, files, info: dict | None) -> None:
     st.markdown("#### Score a finding by its text")
     if info and info.get("text_head") is False:
@@ -89,16 +61,24 @@ def _free_text(res: dict, files, info: dict | None) -> None:
     st.caption("For models with a text head: any finding written in words, one per line (up to 10). These "
                "scores are NOT calibrated: no threshold was tuned for them and they depend on the wording. Use "
                "one to rank studies for one text, never as the probability that the finding is present.")
-    raw = st.text_area("Findings to score", key=f"texts_{res['hash']}", placeholder="small left pleural effusion")
+    # a form: the text and the click arrive together, so one click scores what was typed
+    with st.form(key=f"text_form_{res['hash']}", border=False):
+        raw = st.text_area("Findings to score", key=f"texts_{res['hash']}",
+                           placeholder="small left pleural effusion")
+        pressed = st.form_submit_button("Score text")
     texts = [t.strip() for t in raw.splitlines() if t.strip()]
-    if st.button("Score text", key="score_text", disabled=not texts):
+    if pressed:
+        if not texts:
+            st.error("Write at least one finding, one per line.")
+            return
         if len(texts) > 10:
             st.error(f"{len(texts)} lines: at most 10 findings at a time.")
             return
-        try:
-            res["text"] = client.score_text(files, res["views"], texts)
-        except client.ServiceError as e:
-            res["text"] = {"error": e.message}
+        with st.spinner(f"Scoring {len(texts)} finding(s)..."):
+            try:
+                res["text"] = client.score_text(files, res["views"], texts)
+            except client.ServiceError as e:
+                res["text"] = {"error": e.message}
     answer = res.get("text")
     if not answer:
         return
@@ -113,7 +93,7 @@ def _free_text(res: dict, files, info: dict | None) -> None:
 
 def _results(res: dict, views: list[str], files, info: dict | None) -> None:
     if "error" in res:
-        show_error(res["error"])
+        show_error(res["error"], bool((info or {}).get("synthetic_model")))
         return
     body = res["body"]
     if views != res["views"]:
@@ -122,13 +102,38 @@ def _results(res: dict, views: list[str], files, info: dict | None) -> None:
     if body.get("synthetic_model"):
         st.warning(SYNTHETIC)
     summary(body)
-    st.altair_chart(study.findings_chart(body), width="stretch")
+    n = len([k for k in body.get("probabilities", {})])
+    with st.expander(f"All {n} labels: probability against threshold"):
+        st.altair_chart(study.findings_chart(body), width="stretch",
+                        alt="Bar chart of every label's probability (red: over its threshold, blue: under), with "
+                            "each label's threshold as a black tick")
+        st.caption("Black ticks: each label's threshold.")
     st.caption(f"Answered by model {body.get('model_tag')} · {body.get('n_images', len(files))} image(s) · "
-               f"{body.get('latency_ms', '?')} ms in the model · black ticks: each label's threshold")
+               f"{body.get('latency_ms', '?')} ms in the model")
     with st.expander("Input gate: the checks each image passed"):
         gate_table(body.get("gate") or {})
-    _heatmaps(res, files)
+    heatmaps.show(res, files)
     _free_text(res, files, info)
+
+
+def _study_files(max_images: int, max_bytes: int) -> list[tuple[str, bytes]]:
+    """The chosen files: the uploads, or the demo study while nothing is uploaded."""
+    limit = (f"1 to {max_images} images of one study · PNG, JPEG or DICOM · at most {max_bytes / 2**20:g} MiB "
+             "per image")
+    uploaded = st.file_uploader("Study images", type=TYPES, accept_multiple_files=True, key="upload",
+                                max_upload_size=max(1, max_bytes // 2**20), help=limit) or []
+    st.caption(f"Limits: {limit} (the service's own).")
+    c = st.columns([1, 3])
+    if c[0].button("Try a demo study", key="demo"):
+        st.session_state["demo"] = True
+    if uploaded:
+        st.session_state.pop("demo", None)
+        return [(f.name, f.getvalue()) for f in uploaded]
+    if st.session_state.get("demo"):
+        c[1].caption("Demo study: a synthetic frontal and lateral drawing from the project's demo data "
+                     "generator, with cardiomegaly and a pleural effusion drawn in. Not a radiograph.")
+        return [(name, data) for name, data, _ in _demo()]
+    return []
 
 
 def main() -> None:
@@ -136,10 +141,11 @@ def main() -> None:
     info, err = service_info()
     max_images = int((info or {}).get("max_images") or study.MAX_IMAGES)
     max_bytes = int((info or {}).get("max_image_bytes") or study.MAX_IMAGE_BYTES)
-    st.caption(f"Upload 1 to {max_images} PNG, JPEG or DICOM images of one study, check each image's view "
-               "(DICOM files give theirs from the header), and press Predict.")
-    uploaded = st.file_uploader("Study images", type=TYPES, accept_multiple_files=True, key="upload") or []
-    files = [(f.name, f.getvalue()) for f in uploaded]
+    if info and info.get("synthetic_model"):
+        st.warning(f"{SYNTHETIC} {SYNTHETIC_SCOPE}")
+    st.caption("Upload the images of one study (or try the demo study), check each image's view (DICOM files "
+               "give theirs from the header), and press Predict.")
+    files = _study_files(max_images, max_bytes)
     if not files:
         st.session_state.pop("result", None)
         st.info("No images yet.")
@@ -160,7 +166,7 @@ def main() -> None:
             try:
                 body = client.predict(files, views, explain=["findings"])
                 res = {"hash": key, "views": list(views), "body": body, "asked": {"findings"}}
-                res["asked"].update(body.get("findings", []))
+                res["asked"].update(e["finding"] for e in body.get("explanations", []))
             except client.ServiceError as e:
                 res = {"hash": key, "views": list(views), "error": e}
         st.session_state["result"] = res
