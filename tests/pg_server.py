@@ -67,12 +67,19 @@ def _run_as() -> tuple[int, int] | None:
     raise PostgresUnavailable("running as root, and there is no `postgres` or `nobody` user to run PostgreSQL as")
 
 
+def _others_can_enter(path: Path) -> bool:
+    return all(os.stat(p).st_mode & 0o001 for p in [path.resolve(), *path.resolve().parents])
+
+
 @contextlib.contextmanager
 def postgres_server(log: Path, user: str = "cxrlt", database: str = "cxrlt", timeout: float = 60):
     """Start a fresh PostgreSQL; yield its SQLAlchemy URL (postgresql+psycopg://user@127.0.0.1:port/db)."""
     bindir = postgres_bindir()
     ids = _run_as()
-    root = Path(tempfile.mkdtemp(prefix="cxrlt-pg-"))
+    base = Path(tempfile.gettempdir())
+    if ids and not _others_can_enter(base):  # the server's user must reach its folder
+        base = Path("/tmp")
+    root = Path(tempfile.mkdtemp(prefix="cxrlt-pg-", dir=base))
     data = root / "data"
     data.mkdir()
     as_user = {}
