@@ -33,7 +33,7 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     train = train_eval.to_deployment(name=a.name, description="Train, evaluate and register every variant "
                                      "(DVC stages; unchanged variants are skipped)")
-    drift = drift_report.to_deployment(name=a.name, description="Drift report of the logged studies",
+    drift = drift_report.to_deployment(name=a.name, description="Drift report of the studies in the prediction store",
                                        cron=a.drift_cron or None, parameters={"threshold": a.drift_threshold})
     if not a.no_retrain_on_drift:
         train.apply()  # automations run deployments by id: it must exist first

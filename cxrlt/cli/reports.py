@@ -77,4 +77,4 @@ def add_parsers(sub) -> None:
                    "once (default: $CXRLT_PREDICTION_LOG or var/predictions/predictions.jsonl, if it exists)")
     p.add_argument("--out", help="report folder (default: $CXRLT_REPORTS_DIR or reports/drift)")
     p.add_argument("--tag", help="model whose validation predictions are the reference (default: served)")
-    p.add_argument("--last", type=int, help="only the last N logged predictions")
+    p.add_argument("--last", type=int, help="only the last N stored studies of the model")
