@@ -39,7 +39,7 @@ def summary_markdown(summary: dict, link: str, top: int = TOP_COLUMNS) -> str:
         return f"| {name} | {p['n_drifted']} of {p['n_columns']} ({p['share_drifted']:.0%}) | {cols} |"
 
     lines = [f"# Drift of {summary.get('model_tag')}" + (" (synthetic model)" if summary.get("synthetic") else ""),
-             "", f"{summary['time']}: {summary['n_current']} logged studies against {summary['n_reference']} "
+             "", f"{summary['time']}: {summary['n_current']} stored studies against {summary['n_reference']} "
              f"validation studies; **{summary['n_drifted']} of {summary['n_columns']} columns drifted "
              f"({summary['share_drifted']:.0%})**. [Full report]({link})", "",
              "| columns | drifted | which |", "|---|---|---|", part("prediction"), part("input")]

@@ -7,7 +7,7 @@ cache uses), so only model-size pixels cross to the model process; `build_study`
 gate's rules that need no model (format, size, aspect, colour, DICOM modality and body part): a refusal
 is a 422 with the reason.
 Nothing read from a DICOM header beyond `ImageInfo`'s technical fields is kept, so no identifier can
-reach an answer, a log line or the prediction log.
+reach an answer, a log line or the prediction store.
 """
 
 from __future__ import annotations

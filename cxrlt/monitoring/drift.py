@@ -1,4 +1,4 @@
-"""Drift reports: the latest logged studies of a model against its validation split, prediction columns
+"""Drift reports: the latest stored studies of a model against its validation split, prediction columns
 (`p_<label>`) and input columns (the per-study mean of each image statistic) reported apart. Every Evidently
 call lives here (its API changes between releases; this module is written for evidently 0.7: `Report`,
 `Dataset`, `DataDefinition`, `DataDriftPreset`), imported inside the functions that use it, never at module
@@ -43,7 +43,7 @@ def input_notes(current: pd.DataFrame, reference: pd.DataFrame) -> list[str]:
         return ["input drift not measured: the model's evaluation has no image statistics "
                 "(eval/image_stats_val.csv); evaluate it again (`cxrlt evaluate`) and register it"]
     if not any(has(current, k) for k in STATS):
-        return ["input drift not measured: the logged studies carry no image statistics"]
+        return ["input drift not measured: the stored studies carry no image statistics"]
     notes = []
     missing = [k for k in STATS if not has(reference, k) and has(current, k)]
     if missing:
