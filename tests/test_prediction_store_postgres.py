@@ -163,3 +163,28 @@ def test_two_replicas_share_one_postgres_store(postgres, served_tag, label_space
           f"{CLIENTS * PER_CLIENT} ({dict(counts[url_a] + counts[url_b])}); rows 5 imported + "
           f"{sum(ok.values())} + {after[200]} after replica A's SIGKILL = {pg.count()}; "
           f"total {time.monotonic() - t0:.0f} s")
+
+
+def _write(args):
+    from cxrlt.monitoring.store import open_store
+
+    db, n = args
+    st = open_store(db)  # the parent's engine (and its open connection) must not be used in the child
+    probs = {"Edema": 0.5}
+    for _ in range(n):
+        st.record(prediction_record(model_tag="cxrlt:fork", probabilities=probs, views=["frontal"], image_stats=[]))
+    return os.getpid()
+
+
+def test_forked_writers_share_nothing_but_the_database(postgres):
+    import multiprocessing as mp
+
+    from cxrlt.monitoring.store import open_store
+
+    st = open_store(postgres)
+    before = st.count("cxrlt:fork")
+    st.record(prediction_record(model_tag="cxrlt:fork", probabilities={"Edema": 0.1}, views=["frontal"],
+                                image_stats=[]))  # the parent holds a pooled connection when it forks
+    with mp.get_context("fork").Pool(4) as pool:
+        pids = pool.map(_write, [(postgres, 25)] * 8)
+    assert len(set(pids)) >= 2 and st.count("cxrlt:fork") == before + 1 + 8 * 25
