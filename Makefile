@@ -24,6 +24,7 @@ demo: venv  ## the whole system on the synthetic demo: data, Prefect train-eval,
 
 test: venv  ## run the test suite (includes one end-to-end run on a tiny demo)
 	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq chromium; } || echo "note: no Chromium (install Debian's package as root: apt-get install chromium); the browser tests will be skipped"
+	@{ command -v buildah && command -v mmdebstrap; } >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq buildah mmdebstrap; } || echo "note: no buildah/mmdebstrap (install Debian's packages as root: apt-get install buildah mmdebstrap); the container image tests will be skipped"
 	$(PY) -m pytest -q
 
 test-fast: venv  ## the tests without the slow end-to-end ones
