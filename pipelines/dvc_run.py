@@ -48,6 +48,7 @@ def run_params(params_path: str | Path, overrides: dict) -> dict:
         if not paths.get(key):
             raise ValueError(f"{params_path}: paths.{key} is not set (give it in the file or as an override)")
         paths[key] = str(Path(paths[key]).absolute())
+    paths.setdefault("fingerprint", "prepared/images.json")
     paths.setdefault("manifest", "prepared/manifest")
     paths.setdefault("cache", "prepared/cache")
     return doc

@@ -12,6 +12,7 @@ from cxrlt.data.demo.generate import generate_demo
 
 TINY_PARAMS = {
     "paths": {"labels": "data/demo/cxr-lt-2024", "images": "data/demo/mimic-cxr-jpg",
+              "fingerprint": "prepared/images.json",
               "manifest": "prepared/manifest", "cache": "prepared/cache"},
     "data": {"image_size": 32, "val_fraction": 0.2, "seed": 0, "task": "task1"},
     "train": {"epochs": 1, "batch_size": 8, "lr": 0.001, "threads": 1},

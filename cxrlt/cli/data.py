@@ -1,5 +1,5 @@
-"""`cxrlt demo-data | manifest | prepare`: the data a model is trained on (the synthetic demo, a checked
-patient-split manifest of CXR-LT, NIH or PadChest, and the resized image cache)."""
+"""`cxrlt demo-data | fingerprint | manifest | prepare`: the data a model is trained on (the synthetic demo, the
+image root's fingerprint, a checked patient-split manifest of CXR-LT, NIH or PadChest, and the resized cache)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,14 @@ def cmd_demo_data(a):
     summary = generate_demo(a.out, n_studies=a.studies, seed=a.seed, layout=a.layout,
                             min_test_positives=a.min_test_positives, min_train_positives=a.min_train_positives)
     print(json.dumps(summary, indent=2, default=str))
+
+
+def cmd_fingerprint(a):
+    from cxrlt.data.fingerprint import fingerprint_images
+
+    r = fingerprint_images(a.images, a.out, workers=a.workers, progress=not a.quiet)
+    print(f"images: {r['files']} files, {r['bytes'] / 1e9:.2f} GB, {r['hashed']} hashed (changed or new) "
+          f"-> {a.out} ({r['digest'][:12]})")
 
 
 def cmd_manifest(a):
@@ -55,6 +63,13 @@ def add_parsers(sub) -> None:
     p.add_argument("--min-train-positives", type=int, metavar="N",
                    help="studies per label in the training split (default 4); more keeps the tail rare but "
                         "learnable at demo size, as it is in MIMIC-CXR (the research matrix)")
+
+    p = add_command(sub, "fingerprint", cmd_fingerprint, "fingerprint an image root (what the pipeline depends on "
+                    "instead of every image): files whose size, mtime and inode are unchanged are not read again")
+    p.add_argument("--images", required=True, help="image root (e.g. MIMIC-CXR-JPG, the folder holding files/)")
+    p.add_argument("--out", required=True, help="fingerprint file to write (JSON); its state file goes beside it")
+    p.add_argument("--workers", type=int, default=8, help="threads reading and hashing changed files (default 8)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = add_command(sub, "manifest", cmd_manifest, "validate label files + images (CXR-LT, NIH ChestX-ray14 or PadChest) and "
             "write a patient-split manifest")
