@@ -92,6 +92,31 @@ def test_upload_scores_the_study(monkeypatch, service_url, served_tag):
     assert all(i.proto.imgs[0].alt for i in at.get("image")), "an image without alternative text"
 
 
+def test_the_demo_study_is_one_click_away_and_the_synthetic_notice_comes_first(monkeypatch, service_url):
+    at = app(monkeypatch, service_url)
+    assert not at.exception and "Real chest radiographs are outside what it has seen" in texts(at, "warning")
+    assert "at most 20 MiB per image" in texts(at, "caption")
+    at.button(key="demo").click().run()
+    assert not at.exception and len(at.get("image")) == 2 and "Demo study: a synthetic" in texts(at, "caption")
+    at.button(key="predict").click().run()
+    assert not at.exception and not at.error, texts(at, "error")
+    assert texts(at, "subheader").startswith("Findings: ")
+
+
+def test_the_headline_gives_probability_against_threshold_and_the_guarantee():
+    from answer import headline_lines
+
+    body = {"probabilities": {"Edema": 0.81, "Mass": 0.62, "Nodule": 0.3, "No Finding": 0.1},
+            "thresholds": {"Edema": 0.4, "Mass": 0.5, "Nodule": 0.35, "No Finding": 0.5},
+            "findings": ["Edema", "Mass"],
+            "guarantee": {"available": True, "confirmed": ["Edema"], "uncertain": ["Mass", "Nodule"], "set": True}}
+    lines = headline_lines(body)
+    assert lines[0] == "**Edema**: probability 0.81 against threshold 0.40 · confirmed by the guarantee"
+    assert lines[1] == "**Mass**: probability 0.62 against threshold 0.50 · uncertain: check it"
+    assert lines[2] == "Under threshold but uncertain, worth a look: Nodule (0.30 against 0.35)"
+    assert headline_lines({**body, "guarantee": None})[0].endswith("against threshold 0.40")
+
+
 def test_guarantee_lines_name_the_sets_and_the_guarantee():
     g = {"available": True, "set": ["Edema", "Effusion"], "confirmed": ["Edema"], "uncertain": ["Effusion"],
          "statement": "The finding set holds ..."}

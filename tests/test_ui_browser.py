@@ -1,10 +1,18 @@
 """The web app, the service's /docs page and the Prefect dashboard in a real browser (Debian's Chromium driven
-by Playwright; no browser is downloaded). A demo study is uploaded and scored with the session's service,
-every page is opened, and every request the browser makes is recorded: none may go to a host other than
-this machine (127.0.0.1 / localhost).
+by Playwright; no browser is downloaded). The app is driven as a new user would: the synthetic model's notice
+before any upload, the demo study in one click, a headline of the findings, heatmaps with a colour scale,
+free text scored in one click, a picture the gate refuses (with the synthetic model's wording), the
+Experiments page's paired differences of two models; every page is opened, and every request the browser
+makes is recorded: none may go to a host other than this machine (127.0.0.1 / localhost).
+
+Accessibility: axe-core (the npm package, `make test` installs it into .cache/axe) runs on every page the
+project renders and the test fails on any critical or serious violation, listing them. Excluded, as
+third-party renderings: the Evidently drift report embedded in an iframe on Monitoring, and the Prefect
+dashboard (Prefect's own UI). The service's /docs page is Swagger UI with this project's settings: checked too.
 
 Screenshots of each page go to $CXRLT_SCREENSHOTS (e.g. docs/screenshots) when it is set.
-Skipped, saying why, where no Chromium is installed (`make test` installs Debian's package when it can).
+Skipped, saying why, where no Chromium is installed (`make test` installs Debian's package when it can); fails
+where axe-core is missing.
 """
 
 from __future__ import annotations
@@ -18,10 +26,10 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-import pandas as pd
 import pytest
 
-from conftest import SERVICE_TOKEN, drift_reports, free_port, server_process
+import axe
+from conftest import SERVICE_TOKEN, drift_reports, free_port, running_service, server_process
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.access("/usr/bin/chromium", os.X_OK) else None)
 LOCAL = {"127.0.0.1", "localhost", "::1"}
@@ -73,78 +81,123 @@ def server(cmd: list[str], health: str, log: Path, env: dict, timeout: float = 1
     return server_process(cmd, health, log, merged, timeout)
 
 
-def demo_study(root: Path) -> list[Path]:
-    """A two-image study (frontal, then lateral) of the synthetic demo."""
-    from cxrlt.data.demo.generate import generate_demo
-    from cxrlt.views import FRONTAL_POSITIONS, LATERAL_POSITIONS
-
-    generate_demo(root, n_studies=20, progress=False, workers=1)
-    frame = pd.read_csv(root / "cxr-lt-2024" / "train_labeled.csv").fillna({"ViewPosition": ""})
-    for _, s in frame.groupby("study_id"):
-        codes = list(s["ViewPosition"])
-        if len(s) == 2 and any(c in FRONTAL_POSITIONS for c in codes) and any(c in LATERAL_POSITIONS for c in codes):
-            s = s.sort_values("ViewPosition", key=lambda v: v.isin(LATERAL_POSITIONS))
-            return [root / "mimic-cxr-jpg" / p for p in s["fpath"]]
-    raise AssertionError("the demo has no frontal + lateral study")
-
-
 def visible_text(page) -> str:
     return page.evaluate("document.body.innerText")
 
 
-def test_web_app_in_chromium(service_url, served_tag, tmp_path):
+def check_page(page, name: str, found: dict) -> None:
+    """No Deploy button, no stray None; the page's critical and serious axe violations into `found`."""
+    text = visible_text(page)
+    assert "Deploy" not in text, f"{name}: Streamlit's Deploy button is shown"
+    assert not [ln for ln in text.splitlines() if ln.strip() == "None"], f"{name}: a stray None is printed"
+    broken = page.evaluate("[...document.images].filter(i => i.complete && i.naturalWidth === 0).length")
+    assert broken == 0, f"{name}: an image did not load"
+    found[name] = axe.violations(page)
+
+
+@pytest.fixture(scope="module")
+def browser_stack(served_tag, tmp_path_factory):
+    """A service on a tiny synthetic text-head model with an input gate (the session's model has neither),
+    the picture its gate refuses, and two evaluated models with their manifest for Experiments."""
+    from browser_models import evaluated_pair, gated_text_model, refused_and_demo
+    from cxrlt.registry import store
+
+    root = tmp_path_factory.mktemp("browser")
+    art = gated_text_model(root)
+    refused, demo_codes = refused_and_demo(art)
+    assert demo_codes == ["None", "None"], f"the gate refuses the demo study: {demo_codes}"
+    manifest, exp_tags = evaluated_pair(root / "exp", "cxrlt-browser-exp")
+    store.set_serving(store.register(art, name="cxrlt-browser"), reason="tests: browser")
+    try:
+        with running_service(root / "service.log", root / "predictions.db", token=SERVICE_TOKEN) as url:
+            store.set_serving(served_tag, reason="tests")  # the service has read the mark by now
+            yield {"url": url, "refused": refused, "manifest": manifest, "exp_tags": exp_tags, "root": root}
+    finally:
+        store.set_serving(served_tag, reason="tests")
+
+
+def test_web_app_in_chromium(browser_stack, tmp_path):
     started = time.monotonic()
-    study = demo_study(tmp_path / "demo")
     port = free_port()
-    env = {"CXRLT_SERVICE_URL": service_url, "CXRLT_API_TOKEN": SERVICE_TOKEN,
-           "CXRLT_MODEL_NAME": served_tag.split(":")[0],
+    env = {"CXRLT_SERVICE_URL": browser_stack["url"], "CXRLT_API_TOKEN": SERVICE_TOKEN,
+           "CXRLT_MODEL_NAME": "cxrlt-browser-exp", "CXRLT_MANIFEST": str(browser_stack["manifest"]),
            "CXRLT_REPORTS_DIR": str(drift_reports(tmp_path / "drift", 2.0, "cxrlt:demo")),
            "CXRLT_COMPARE_DIR": str(tmp_path / "compare")}
     cmd = [sys.executable, "-m", "streamlit", "run", "ui/app.py", "--server.headless", "true",
            "--server.address", "127.0.0.1", "--server.port", str(port)]
     url = f"http://127.0.0.1:{port}"
-    counts = {}
+    counts, found = {}, {}
     with server(cmd, f"{url}/_stcore/health", tmp_path / "ui.log", env), browser_page() as (page, seen):
         page.goto(url)
         page.get_by_role("heading", name="Predict").wait_for()
-        page.locator("input[type=file]").set_input_files([str(p) for p in study])
+        # what the demo is, before any upload; the uploader's limit is the service's
+        page.get_by_text("Real chest radiographs are outside what it has seen").wait_for()
+        text = visible_text(page)
+        assert "SYNTHETIC" in text and "at most 20 MiB per image" in text and "20MB per file" in text, text
+        assert "200MB" not in text
+        check_page(page, "Predict (before an upload)", found)
+        # the demo study in one click, then Predict: a headline, probability against threshold
+        page.get_by_role("button", name="Try a demo study").click()
         page.get_by_text("view of image 2").wait_for()
         page.get_by_role("button", name="Predict", exact=True).click()
-        page.get_by_text(re.compile(r"^Findings: ")).wait_for()
-        heat = page.get_by_text(re.compile(r"· image 2 \(lateral\) ·"))
-        try:
-            heat.first.wait_for(timeout=30_000)
-        except Exception:  # no finding over threshold: ask for the heatmap of one label
-            page.locator("[data-testid=stMultiSelect]").click()
-            page.get_by_role("option").first.click()
-            heat.first.wait_for()
-        page.get_by_text(re.compile(r"· image 1 \(frontal\) ·")).first.wait_for()
-        page.wait_for_timeout(1000)
-        broken = page.evaluate("[...document.images].filter(i => i.complete && i.naturalWidth === 0).length")
-        assert broken == 0, "an image did not load"
+        headline = page.get_by_text(re.compile(r"^Findings: ")).first
+        headline.wait_for()
         text = visible_text(page)
-        assert "Deploy" not in text, "Streamlit's Deploy button is shown"
-        assert not [ln for ln in text.splitlines() if ln.strip() == "None"], "a stray None is printed"
+        assert "none over threshold" in headline.inner_text() or "against threshold" in text, text
+        assert "All 6 labels: probability against threshold" in text
+        # heatmaps: the top two to start with, a colour scale and the resolution stated
+        page.get_by_role("img", name=re.compile("Colour scale of the heatmaps")).wait_for()
+        page.get_by_text(re.compile(r"· image 2 \(lateral\) ·")).first.wait_for()
+        text = visible_text(page)
+        assert "Resolution: computed at the model's input size, 64 × 64 px" in text
+        assert len(page.get_by_text(re.compile(r"· image 1 \(frontal\) ·")).all()) == 2, "not the top two maps"
+        # free text: typed and scored with one click (no Enter, no click elsewhere first)
+        page.get_by_label("Findings to score").fill("small left pleural effusion")
+        page.get_by_role("button", name="Score text").click()
+        page.get_by_text(re.compile("^Uncalibrated: ")).wait_for(timeout=60_000)
+        page.wait_for_timeout(1000)
+        check_page(page, "Predict", found)
         screenshot(page, "predict")
         counts["Predict"] = (len(seen), outside(seen))
+        # a picture the gate refuses: the synthetic model says why, and what to do
+        page.locator("input[type=file]").set_input_files(
+            files=[{"name": "not-a-chest.png", "mimeType": "image/png", "buffer": browser_stack["refused"]}])
+        page.get_by_text("image 1 · not-a-chest.png").wait_for()   # the page has the upload: Predict scores it
+        page.get_by_role("button", name="Predict", exact=True).click()
+        page.get_by_text(re.compile("refused an image")).wait_for()
+        page.get_by_text("not run (no DICOM header)").first.wait_for()   # the gate's table, under the error
+        text = visible_text(page)
+        assert "real chest radiograph is outside what it has seen" in text and "train a model on real data" in text
+        check_page(page, "Predict (refused)", found)
+        screenshot(page, "predict-refused")
 
-        for name, marker in (("Models", served_tag), ("Experiments", "Build the report"),
+        for name, marker in (("Models", "Promote and roll back"), ("Experiments", "Build the report"),
                              ("Monitoring", "Drift over time")):
             seen.clear()
             page.get_by_role("link", name=name).click()
             page.get_by_role("heading", name=name).wait_for()
             page.get_by_text(marker).first.wait_for()
+            if name == "Experiments":   # the report, then the two models' paired differences
+                page.get_by_role("button", name="Build the report").click()
+                page.get_by_text("Two models: paired differences").wait_for(timeout=120_000)
+                page.get_by_text("B − A on the same resampled patients").wait_for()
+                grid = page.locator("[data-testid=stDataFrame]").nth(1)
+                assert grid.get_attribute("aria-label") is None or "missing" not in grid.get_attribute("aria-label")
+                text = visible_text(page)
+                assert "missing" not in text.split("The full report")[0] and str(tmp_path) not in text
             if name == "Monitoring":  # the embedded Evidently report loads its own scripts
                 page.frame_locator("iframe").first.locator("body").wait_for()
+                assert re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC", visible_text(page)), "no readable time"
             page.wait_for_timeout(3000)  # (Streamlit's page never goes network-idle: it keeps polling)
-            text = visible_text(page)
-            assert "Deploy" not in text and not [ln for ln in text.splitlines() if ln.strip() == "None"], name
+            check_page(page, name, found)
             screenshot(page, name.lower())
             counts[name] = (len(seen), outside(seen))
 
     print(f"\nbrowser test {time.monotonic() - started:.0f} s; requests (all, outside) per page:",
           {k: (n, len(o)) for k, (n, o) in counts.items()})
+    print("axe, critical and serious violations per page:", {k: len(v) for k, v in found.items()})
     assert not {k: o for k, (_, o) in counts.items() if o}, "requests to hosts outside this machine"
+    assert not any(found.values()), "accessibility (axe-core, critical and serious):\n" + axe.describe(found)
 
 
 def test_service_docs_page_requests_no_outside_host(service_url):
@@ -155,6 +208,8 @@ def test_service_docs_page_requests_no_outside_host(service_url):
         page.wait_for_timeout(2000)
         assert "predict" in visible_text(page).lower(), "the API docs do not list /predict"
         screenshot(page, "service-docs")
+        found = axe.violations(page)
+        print("\n/docs axe:", axe.describe({"/docs": found}))
     print(f"\n/docs: {len(seen)} requests, {len(outside(seen))} outside")
     assert not outside(seen), outside(seen)
 

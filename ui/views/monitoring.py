@@ -11,6 +11,7 @@ import streamlit as st
 
 from common import SYNTHETIC
 
+WIDE = "padding-left: 1.5rem; padding-right: 1.5rem; max-width: none;"
 PARTS = {"share_drifted": "all columns", "prediction_share_drifted": "predictions",
          "input_share_drifted": "input statistics"}
 
@@ -133,7 +134,9 @@ def main() -> None:
         st.markdown("#### Evidently report")
         st.download_button("Open the Evidently report on its own (HTML, the whole window)", html.read_bytes(),
                            file_name="drift.html", mime="text/html", key="drift_html")
-        # the self-contained report written by `cxrlt drift`, across the page's full width
+        # the self-contained report written by `cxrlt drift`, across the page's full width: this page keeps
+        # narrow side margins, or Evidently's tables are cut on the right
+        st.html(f"<style>[data-testid=stMainBlockContainer] {{{WIDE}}}</style>")
         st.iframe(html, width="stretch", height=1400)
     else:
         st.info(f"{html} is missing; run `cxrlt drift` again for the full report.")

@@ -99,8 +99,8 @@ def _results(res: dict, views: list[str], files, info: dict | None) -> None:
     if views != res["views"]:
         st.warning(f"These results were made with the views {', '.join(res['views'])}; the views are now "
                    f"{', '.join(views)}. Press Predict to score the study again.")
-    if body.get("synthetic_model"):
-        st.warning(SYNTHETIC)
+    if body.get("synthetic_model") and not (info or {}).get("synthetic_model"):
+        st.warning(SYNTHETIC)   # (the page's notice says it already when the service's info did)
     summary(body)
     n = len([k for k in body.get("probabilities", {})])
     with st.expander(f"All {n} labels: probability against threshold"):
@@ -125,11 +125,11 @@ def _study_files(max_images: int, max_bytes: int) -> list[tuple[str, bytes]]:
     st.caption(f"Limits: {limit} (the service's own).")
     c = st.columns([1, 3])
     if c[0].button("Try a demo study", key="demo"):
-        st.session_state["demo"] = True
+        st.session_state["demo_study"] = True
     if uploaded:
-        st.session_state.pop("demo", None)
+        st.session_state.pop("demo_study", None)
         return [(f.name, f.getvalue()) for f in uploaded]
-    if st.session_state.get("demo"):
+    if st.session_state.get("demo_study"):
         c[1].caption("Demo study: a synthetic frontal and lateral drawing from the project's demo data "
                      "generator, with cardiomegaly and a pleural effusion drawn in. Not a radiograph.")
         return [(name, data) for name, data, _ in _demo()]
