@@ -1,6 +1,7 @@
 # The README's commands. Each target is a thin wrapper; the work lives in cxrlt/ and scripts/.
 VENV ?= .venv
 PY := $(VENV)/bin/python
+AXE := .cache/axe/node_modules/axe-core/axe.min.js   # axe-core for the browser test's accessibility check
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export BENTOML_DO_NOT_TRACK := true
@@ -25,6 +26,7 @@ demo: venv  ## the whole system on the synthetic demo: data, Prefect train-eval,
 test: venv  ## run the test suite (includes one end-to-end run on a tiny demo)
 	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq chromium; } || echo "note: no Chromium (install Debian's package as root: apt-get install chromium); the browser tests will be skipped"
 	@{ command -v buildah && command -v mmdebstrap; } >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq buildah mmdebstrap; } || echo "note: no buildah/mmdebstrap (install Debian's packages as root: apt-get install buildah mmdebstrap); the container image tests will be skipped"
+	@[ -f $(AXE) ] || { command -v npm >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq npm; }; npm install --silent --no-audit --no-fund --prefix .cache/axe axe-core@4; } || echo "note: axe-core could not be installed (npm install --prefix .cache/axe axe-core@4); the browser test will fail without it"
 	$(PY) -m pytest -q
 
 test-fast: venv  ## the tests without the slow end-to-end ones
