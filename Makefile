@@ -1,7 +1,8 @@
 # The README's commands. Each target is a thin wrapper; the work lives in cxrlt/ and scripts/.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-AXE := .cache/axe/node_modules/axe-core/axe.min.js   # axe-core for the browser test's accessibility check
+# axe-core for the browser test's accessibility check (npm's package, installed by `make test`)
+AXE := .cache/axe/node_modules/axe-core/axe.min.js
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export BENTOML_DO_NOT_TRACK := true
