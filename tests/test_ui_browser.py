@@ -200,7 +200,7 @@ def test_web_app_in_chromium(browser_stack, tmp_path):
     assert not any(found.values()), "accessibility (axe-core, critical and serious):\n" + axe.describe(found)
 
 
-def test_service_docs_page_requests_no_outside_host(service_url):
+def test_service_docs_page_requests_no_outside_host_shows_the_version_and_is_accessible(service_url):
     with browser_page() as (page, seen):
         page.set_extra_http_headers({"Authorization": f"Bearer {SERVICE_TOKEN}"})  # the service wants its token
         r = page.goto(f"{service_url}/docs", wait_until="networkidle")
@@ -208,10 +208,14 @@ def test_service_docs_page_requests_no_outside_host(service_url):
         page.wait_for_timeout(2000)
         assert "predict" in visible_text(page).lower(), "the API docs do not list /predict"
         screenshot(page, "service-docs")
-        found = axe.violations(page)
-        print("\n/docs axe:", axe.describe({"/docs": found}))
+        found = {"/docs": axe.violations(page)}
+        from cxrlt import __version__
+
+        title = page.locator(".info .title").inner_text()
+        assert __version__ in title and "None" not in title, f"/docs shows no project version: {title!r}"
     print(f"\n/docs: {len(seen)} requests, {len(outside(seen))} outside")
     assert not outside(seen), outside(seen)
+    assert not found["/docs"], "accessibility (axe-core, critical and serious):\n" + axe.describe(found)
 
 
 def test_prefect_dashboard_requests_no_outside_host(tmp_path):
