@@ -37,9 +37,9 @@ dvc push -q   # the models (and prepared data) to the DVC remote beside the data
 step "5/6 BentoML service (best model) + Streamlit UI"
 scripts/stack.sh serve
 
-step "6/6 send test studies to the service, then prefect deployment run 'drift-report/demo'"
+step "6/6 send test studies to the service, then prefect deployment run 'drift-report/hourly'"
 cxrlt send --manifest prepared/manifest --split test --studies 40
-prefect deployment run 'drift-report/demo' --watch --watch-timeout 600
+prefect deployment run 'drift-report/hourly' --watch --watch-timeout 600
 
 step "done in $(( $(date +%s) - start ))s"
 scripts/stack.sh urls
