@@ -23,7 +23,8 @@ def run_chunked(fn, jobs: list, root: Path, arg, workers: int, progress: bool, d
 
     chunks = [jobs[i:i + 32] for i in range(0, len(jobs), 32)]
     results = []
-    with tqdm(total=len(jobs), desc=desc, unit="img", disable=not progress) as bar:
+    # a bar only on a terminal (tqdm's disable=None): piped into Prefect's or DVC's logs it would flood them
+    with tqdm(total=len(jobs), desc=desc, unit="img", disable=None if progress else True) as bar:
         if workers <= 1 or len(jobs) < 128:      # a pool costs more than it saves on tiny sets
             for c in chunks:
                 results.append(fn(c, str(root), arg))

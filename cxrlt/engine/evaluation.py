@@ -59,7 +59,7 @@ def predict(model, dataset: CXRDataset, batch_size: int = 32, device="cpu", prog
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     out = []
-    for b in tqdm(loader, desc="predict", disable=not progress, leave=False):
+    for b in tqdm(loader, desc="predict", disable=None if progress else True, leave=False):  # (terminal only)
         b = to_device(b, device)
         out.append(torch.sigmoid(model(b["images"], b["view_mask"], b["view_types"]).float()).cpu())
     return torch.cat(out).numpy()

@@ -266,7 +266,8 @@ def _train(variant, data, manifest, out_dir, progress, log, resume, on_checkpoin
         sampler.set_epoch(epoch, skip=start * tc.batch_size)
         t0 = time.perf_counter() - run["seconds"]
         groups = _grouped(itertools.islice(loader, (steps - start) * k), k)
-        bar = tqdm(groups, total=steps, initial=start, disable=not progress,
+        # a bar only on a terminal: piped (Prefect, DVC, CI) the epoch's one log line below is all
+        bar = tqdm(groups, total=steps, initial=start, disable=None if progress else True,
                    desc=f"{variant.name} epoch {epoch + 1}/{tc.epochs}")
         for step, group in enumerate(bar, start=start):
             batches = [perf.batch_to_device(b, device, speed) for b in group]
