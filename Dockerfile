@@ -75,10 +75,14 @@ COPY service/ service/
 COPY pipelines/ pipelines/
 COPY ui/ ui/
 COPY docker/stack-entrypoint.sh /usr/local/bin/cxrlt-stack
+# the worker may run as the owner of the mounted project (compose.yaml: CXRLT_UID) in the group app: the
+# folders under /home/app (and the volumes made from them) are group-writable and keep the group
 RUN pip install --no-cache-dir --no-deps --no-build-isolation . \
     && mkdir -p /home/app/bentoml /home/app/var/predictions /home/app/prefect /home/app/dvc-cache \
-        /home/app/dvc-remote \
-    && chown -R app:app /home/app
+        /home/app/dvc-remote /home/app/reports \
+    && chown -R app:app /home/app \
+    && chmod -R g+rwX /home/app \
+    && find /home/app -type d -exec chmod g+s {} +
 ENV BENTOML_HOME=/home/app/bentoml \
     CXRLT_PREDICTION_LOG=/home/app/var/predictions/predictions.jsonl \
     PREFECT_HOME=/home/app/prefect \
@@ -99,7 +103,8 @@ ENV BENTOML_HOME=/home/app/bentoml \
     CXRLT_PREDICTION_LOG=/home/app/var/predictions/predictions.jsonl
 USER 10001:10001
 EXPOSE 3000
-VOLUME ["/home/app/bentoml", "/home/app/var"]
+# mount the model store on /home/app/bentoml and a folder for the prediction store on /home/app/var (no
+# VOLUME line: an anonymous volume would hide a forgotten mount, and buildah's run prefers it to a bind mount)
 
 HEALTHCHECK --interval=30s --timeout=5s --start-period=90s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:3000/readyz', timeout=4)"]

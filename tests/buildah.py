@@ -160,7 +160,16 @@ class Container:
         return self.proc
 
     def processes(self) -> list[int]:
-        return descendants(self.proc.pid)[1:] if self.proc else []
+        """The processes of the command (below buildah's own, which runs as root to set up the chroot)."""
+        out = []
+        for p in descendants(self.proc.pid)[1:] if self.proc else []:
+            try:
+                argv0 = Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")[0]
+            except OSError:
+                continue
+            if argv0 and not argv0.startswith(b"buildah"):  # buildah-chroot-runtime / -exec: buildah's own
+                out.append(p)
+        return out
 
     def stop(self) -> None:
         """SIGTERM to the command and everything it started (they outlive `buildah run`), SIGKILL after 20 s."""

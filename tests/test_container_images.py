@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sqlite3
 import sys
 import time
@@ -54,15 +55,26 @@ def images():
     return out
 
 
+def chown_tree(root: Path, uid: int) -> None:
+    os.chown(root, uid, uid)
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            os.chown(os.path.join(folder, name), uid, uid, follow_symlinks=False)
+
+
 @pytest.fixture
 def store_dirs(tmp_path, serving):
-    """The model store (BENTOML_HOME, with the tiny model marked for serving) and an empty folder for the
-    prediction store, writable by the image's user."""
+    """A copy of the session's model store (BENTOML_HOME, with the tiny model marked for serving) and an
+    empty folder for the prediction store, owned by the image's user as the volumes of compose.yaml are
+    (BentoML writes its metrics folder into its home)."""
+    home = tmp_path / "bentoml"
+    shutil.copytree(os.environ["BENTOML_HOME"], home, symlinks=True,
+                    ignore=shutil.ignore_patterns("prometheus_multiproc_dir", "tmp", "bentos"))
     var = tmp_path / "var"
     (var / "predictions").mkdir(parents=True)
-    for p in (var, var / "predictions"):
-        os.chown(p, APP_UID, APP_UID)
-    return Path(os.environ["BENTOML_HOME"]), var
+    for p in (home, var):
+        chown_tree(p, APP_UID)
+    return home, var
 
 
 def start_service(image: str, name: str, bentoml_home: Path, var: Path, log: Path):
