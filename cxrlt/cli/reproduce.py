@@ -4,6 +4,7 @@ data, planned (disk, GPU hours), run through the train-eval flow, and set beside
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -44,7 +45,9 @@ def cmd_reproduce(a):
            "--report-split", spec.report_split, "--model-name", f"cxrlt-{run}", "--no-promote",
            "--gpus", str(a.gpus), *(["--resume"] * a.resume), *(["--no-register"] * a.no_register),
            *[x for k, v in sets.items() for x in ("--set", f"{k}={json.dumps(v)}")]]
-    rc = subprocess.call(cmd, cwd=root)
+    # no telemetry from the temporary Prefect server the flow starts when PREFECT_API_URL is unset (as the stack)
+    env = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", **os.environ}
+    rc = subprocess.call(cmd, cwd=root, env=env)
     if rc != 0:
         raise RuntimeError(f"the train-eval flow ended with exit code {rc} (its log is above); run the same command "
                            "again: DVC skips the stages that finished (add --resume to continue a training from its "
