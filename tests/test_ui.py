@@ -116,6 +116,14 @@ def test_the_headline_gives_probability_against_threshold_and_the_guarantee():
     assert headline_lines({**body, "guarantee": None})[0].endswith("against threshold 0.40")
 
 
+def test_the_heading_names_a_few_findings_not_all():
+    from answer import headline
+
+    assert headline([]) == "Findings: none over threshold"
+    assert headline(["A", "B", "C"]) == "Findings: A, B, C"
+    assert headline([f"L{i}" for i in range(19)]) == "Findings: L0, L1, L2 and 16 more"
+
+
 def test_guarantee_lines_name_the_sets_and_the_guarantee():
     g = {"available": True, "set": ["Edema", "Effusion"], "confirmed": ["Edema"], "uncertain": ["Effusion"],
          "statement": "The finding set holds ..."}

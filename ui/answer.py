@@ -79,12 +79,26 @@ def headline_lines(body: dict) -> list[str]:
     return lines
 
 
+HEADLINE = 3     # findings named in the heading; the rest of those over threshold are listed below it
+
+
+def headline(findings: list[str]) -> str:
+    if not findings:
+        return "Findings: none over threshold"
+    more = len(findings) - HEADLINE
+    return "Findings: " + ", ".join(findings[:HEADLINE]) + (f" and {more} more" if more > 0 else "")
+
+
 def summary(body: dict) -> None:
     f = study.read_findings(body)
-    st.subheader("Findings: " + (", ".join(f.findings) if f.findings else "none over threshold"))
+    st.subheader(headline(f.findings))
     lines = headline_lines(body)
+    first = HEADLINE if len(f.findings) > HEADLINE + 1 else len(lines)
     if lines:
-        st.markdown("\n".join(f"- {ln}" for ln in lines))
+        st.markdown("\n".join(f"- {ln}" for ln in lines[:first]))
+    if lines[first:]:
+        with st.expander(f"{len(lines) - first} more over threshold or uncertain"):
+            st.markdown("\n".join(f"- {ln}" for ln in lines[first:]))
     _, words = study.guarantee_lines(body.get("guarantee"))
     st.caption(words)
     if f.normal is None:
