@@ -38,6 +38,7 @@ def gated(tiny_artefact, tmp_path_factory):
     return art, manifest
 
 
+@pytest.mark.slow
 def test_predict_and_the_cli_give_the_synthetic_wording(gated, capsys):
     from cxrlt.cli.main import main
     from cxrlt.data.images import read_image

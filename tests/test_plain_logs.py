@@ -6,6 +6,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT, tiny_demo_project
 
 PARAMS = {
@@ -28,6 +30,7 @@ def bars(text: str) -> list[str]:
     return [ln for ln in text.replace("\r", "\n").splitlines() if "it/s]" in ln or "%|" in ln or "s/it]" in ln]
 
 
+@pytest.mark.slow
 def test_training_and_data_steps_log_plain_lines_when_piped(tmp_path):
     p = tiny_demo_project(tmp_path, PARAMS)
     out = cxrlt("train", "--variant", "tiny", "--manifest", p / "manifest", "--params", p / "params.yaml",
