@@ -13,6 +13,10 @@ Study streams: `demo` = two-image studies of the demo data's test split as store
 (file sizes like the real ones). For full-size studies it also times decoding the study's two JPEGs at
 full resolution with PIL, the floor a service that decodes can reach.
 
+`--without-gate` serves, after the model, a copy of it without its OOD gate (eval/gate.* removed: the
+gate's check reports that it did not run) and prints one client's p50 with the gate against without it
+(issue 18: goal <= 1.15x on demo studies).
+
 Goals (issue 7): at 32 clients no error other than deliberate 503s (< 1%), throughput >= 2x one client
 on a 2-core CPU, a full-size two-image study within 1.3x the time of decoding its two JPEGs. A 422 is the
 input gate refusing an image (a model with a gate refuses ~1% of genuine images by design), not an error.
@@ -199,48 +203,43 @@ def run_phase(url, pid, studies, n_requests, clients, token, timeout) -> dict:
             "server_ms_p50": {k: round(float(np.median(v)), 1) for k, v in timing.items()}}
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--artefact", type=Path, help="an evaluated model artefact folder to serve")
-    src.add_argument("--url", help="target a running service instead (no memory figures)")
-    ap.add_argument("--manifest", type=Path, default=ROOT / "prepared" / "manifest",
-                    help="studies come from its test split (default: the demo's, prepared/manifest)")
-    ap.add_argument("--requests", type=int, default=400, help="requests per phase (default 400)")
-    ap.add_argument("--full-requests", type=int, default=100, help="requests per full-size phase (default 100)")
-    ap.add_argument("--clients", type=int, nargs="+", default=[1, 32])
-    ap.add_argument("--sizes", nargs="+", default=["demo", "full"], choices=["demo", "full"])
-    ap.add_argument("--port", type=int, default=3917)
-    ap.add_argument("--timeout", type=float, default=120, help="per-request client timeout in seconds")
-    ap.add_argument("--json", type=Path, help="also write the figures here")
-    ap.add_argument("--keep", action="store_true", help="keep the service's folder (its log) afterwards")
-    a = ap.parse_args(argv)
-    token = os.environ.get("CXRLT_API_TOKEN")
-
-    studies = demo_studies(a.manifest, 64)
-    svc = Service(a.artefact, a.port) if a.artefact else None
-    url, pid = (svc.url, svc.proc.pid) if svc else (a.url, None)
+def run_all(url, pid, studies, a, token) -> dict:
+    """Every size and client count of the command line against one service."""
     results = {"cpu_count": os.cpu_count(), "phases": []}
+    for size in a.sizes:
+        stream = studies if size == "demo" else [[(n, upscale(b, i * 7 + j), v) for j, (n, b, v) in enumerate(s)]
+                                                  for i, s in enumerate(studies[:8])]
+        n = a.requests if size == "demo" else a.full_requests
+        asyncio.run(load(url, stream, min(8, n), 1, token, a.timeout))  # warm-up, not counted
+        if size == "full":
+            results["full_decode_ms"] = round(float(np.median([decode_ms(s) for s in stream[:4]])), 1)
+            results["full_study_mb"] = round(sum(len(b) for _, b, _ in stream[0]) / 2**20, 2)
+        for c in a.clients:
+            r = {"size": size, **run_phase(url, pid, stream, n, c, token, a.timeout)}
+            results["phases"].append(r)
+            print(json.dumps(r), flush=True)
+    return results
+
+
+def served(artefact: Path, port: int, studies, a, token, keep: bool) -> dict:
+    svc = Service(artefact, port)
     try:
-        for size in a.sizes:
-            stream = studies if size == "demo" else [[(n, upscale(b, i * 7 + j), v) for j, (n, b, v) in enumerate(s)]
-                                                      for i, s in enumerate(studies[:8])]
-            n = a.requests if size == "demo" else a.full_requests
-            asyncio.run(load(url, stream, min(8, n), 1, token, a.timeout))  # warm-up, not counted
-            if size == "full":
-                results["full_decode_ms"] = round(float(np.median([decode_ms(s) for s in stream[:4]])), 1)
-                results["full_study_mb"] = round(sum(len(b) for _, b, _ in stream[0]) / 2**20, 2)
-            for c in a.clients:
-                r = {"size": size, **run_phase(url, pid, stream, n, c, token, a.timeout)}
-                results["phases"].append(r)
-                print(json.dumps(r), flush=True)
+        return run_all(svc.url, svc.proc.pid, studies, a, token)
     finally:
-        if svc:
-            svc.stop(keep=a.keep)
+        svc.stop(keep=keep)
+
+
+def without_gate(artefact: Path, folder: Path) -> Path:
+    """A copy of the artefact without its OOD gate (the same weights, labels and thresholds)."""
+    copy = Path(shutil.copytree(artefact, folder / artefact.name))
+    for name in ("gate.json", "gate.safetensors"):
+        (copy / "eval" / name).unlink(missing_ok=True)
+    return copy
+
+
+def summary(results: dict, a) -> None:
     by = {(r["size"], r["clients"]): r for r in results["phases"]}
     lo, hi = min(a.clients), max(a.clients)
-    print("\nsummary")
     for size in a.sizes:
         one, many = by.get((size, lo)), by.get((size, hi))
         if one and many and lo != hi:
@@ -254,7 +253,53 @@ def main(argv=None) -> int:
     if "full_decode_ms" in results and ("full", lo) in by:
         print(f"  full-size study, {lo} client: p50 {by[('full', lo)]['p50_ms']} ms vs decoding its two JPEGs "
               f"{results['full_decode_ms']} ms = {by[('full', lo)]['p50_ms'] / results['full_decode_ms']:.2f}x"
-              f" (study {results['full_study_mb']} MB)")
+              f" (study {results['full_study_mb']} MB; server p50 {by[('full', lo)]['server_ms_p50']})")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--artefact", type=Path, help="an evaluated model artefact folder to serve")
+    src.add_argument("--url", help="target a running service instead (no memory figures)")
+    ap.add_argument("--manifest", type=Path, default=ROOT / "prepared" / "manifest",
+                    help="studies come from its test split (default: the demo's, prepared/manifest)")
+    ap.add_argument("--requests", type=int, default=400, help="requests per phase (default 400)")
+    ap.add_argument("--full-requests", type=int, default=100, help="requests per full-size phase (default 100)")
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--sizes", nargs="+", default=["demo", "full"], choices=["demo", "full"])
+    ap.add_argument("--without-gate", action="store_true",
+                    help="then serve the artefact without its OOD gate and compare (needs --artefact)")
+    ap.add_argument("--port", type=int, default=3917)
+    ap.add_argument("--timeout", type=float, default=120, help="per-request client timeout in seconds")
+    ap.add_argument("--json", type=Path, help="also write the figures here")
+    ap.add_argument("--keep", action="store_true", help="keep the service's folder (its log) afterwards")
+    a = ap.parse_args(argv)
+    if a.without_gate and not a.artefact:
+        ap.error("--without-gate needs --artefact (it serves a copy of it without the gate)")
+    token = os.environ.get("CXRLT_API_TOKEN")
+
+    studies = demo_studies(a.manifest, 64)
+    if a.artefact:
+        results = served(a.artefact, a.port, studies, a, token, a.keep)
+    else:
+        results = run_all(a.url, None, studies, a, token)
+    print("\nsummary")
+    summary(results, a)
+    if a.without_gate:
+        with tempfile.TemporaryDirectory(prefix="cxrlt-nogate-") as tmp:
+            print("\nthe same model without its OOD gate", flush=True)
+            bare = served(without_gate(a.artefact, Path(tmp)), a.port, studies, a, token, a.keep)
+        summary(bare, a)
+        results["without_gate"] = bare
+        gated = {(r["size"], r["clients"]): r for r in results["phases"]}
+        lo = min(a.clients)
+        for r in bare["phases"]:
+            g = gated.get((r["size"], r["clients"]))
+            if g and r["clients"] == lo:
+                print(f"  {r['size']}, {lo} client: p50 with the gate {g['p50_ms']} ms vs without {r['p50_ms']} ms "
+                      f"= {g['p50_ms'] / r['p50_ms']:.2f}x (model p50 {g['server_ms_p50'].get('model')} vs "
+                      f"{r['server_ms_p50'].get('model')} ms)")
     if a.json:
         a.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0

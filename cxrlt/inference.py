@@ -99,10 +99,14 @@ class Predictor:
             from cxrlt.gate import load_gate
             from cxrlt.gate.ood import GateError, feature_name
 
-            gate, want = load_gate(self.artefact.path), (feature_name(self.artefact.model), self.image_size)
-            if gate is not None and (gate.feature, gate.image_size) != want:
-                raise GateError(f"the OOD gate of {self.tag} ({gate.feature}, {gate.image_size} px) does not fit the "
-                                f"model ({want[0]}, {want[1]} px); recalibrate it with `cxrlt gate`")
+            gate = load_gate(self.artefact.path)
+            for g in [gate, gate.fallback] if gate is not None else []:
+                if g is None:
+                    continue
+                want = (feature_name(self.artefact.model, g.input), self.image_size)
+                if (g.feature, g.image_size) != want:
+                    raise GateError(f"the OOD gate of {self.tag} ({g.feature}, {g.image_size} px) does not fit the "
+                                    f"model ({want[0]}, {want[1]} px); recalibrate it with `cxrlt gate`")
             self._ood_gate = gate
         return self._ood_gate
 
@@ -112,33 +116,85 @@ class Predictor:
         stored threshold, passed or not. Each image is scored on its own (views route a view-specific
         backbone, as in `predict`), so a score never depends on the other images. A model without a gate
         gets checks that did not run, saying so. A refused image whose negative would pass is reported as
-        inverted. Combine with the rules: `cxrlt.gate.check_image(info, image) + [check]`."""
+        inverted. Combine with the rules: `cxrlt.gate.check_image(info, image) + [check]`. This runs the
+        backbone for the gate alone; `predict_gated` scores and gates from one pass."""
+        from cxrlt.gate.ood import features
+
+        codes = self._gate_codes(images, views)
+        gate = self.ood_gate
+        if gate is None or not images:
+            return self._gate_checks(gate, images, codes, [])
+        scores = gate.score(features(self.artefact.model, images, codes, self.image_size, gate.reference, self.device))
+        return self._gate_checks(gate, images, codes, scores)
+
+    @torch.inference_mode()
+    def predict_gated(self, studies: Sequence[Sequence[Image.Image]],
+                      views: Sequence[Sequence[str | None] | None] | None = None) -> tuple[np.ndarray, list[list]]:
+        """`predict` and `gate_images` together: -> (probabilities [n_studies, L], the OOD checks of each study's
+        images in upload order). The gate's features come from the prediction's own backbone pass
+        (`forward_with_features`), so each image crosses the backbone once. Again only: an image over the
+        gate's threshold (its histogram-matched copy decides: `cxrlt.gate.ood`), a refused one (is its negative
+        in distribution?) and one the model does not score (a study over max_views). A gate fitted on
+        histogram-matched images alone (earlier versions'; `cxrlt gate` refits it) gets a pass of its own."""
+        from cxrlt.gate.ood import MODEL_INPUT, features
+
+        views = list(views) if views is not None else [None] * len(studies)
+        gate = self.ood_gate
+        if gate is None or gate.input != MODEL_INPUT:
+            probs = self._forward_studies(studies, views)
+            flat = self.gate_images([im for s in studies for im in s],
+                                    [v for s, vs in zip(studies, views) for v in (vs or [None] * len(s))])
+            it = iter(flat)
+            return probs, [[next(it) for _ in s] for s in studies]
+        probs, pooled = self._forward_studies(studies, views, pool=True)
+        out = []
+        for imgs, vs, feats in zip(studies, views, pooled):
+            codes = self._gate_codes(imgs, vs)
+            missing = [i for i, f in enumerate(feats) if f is None]  # not among the views the model scored
+            if missing:
+                extra = features(self.artefact.model, [imgs[i] for i in missing], [codes[i] for i in missing],
+                                 self.image_size, None, self.device)
+                feats = list(feats)
+                for i, f in zip(missing, extra):
+                    feats[i] = f
+            out.append(self._gate_checks(gate, imgs, codes, gate.score(np.stack(feats))))
+        return probs, out
+
+    def _gate_codes(self, images, views) -> list[int]:
+        views = list(views) if views is not None else [None] * len(images)
+        if len(views) != len(images):
+            raise StudyInputError(f"{len(images)} images but {len(views)} views: give one view per image or none")
+        return [view_code(v) for v in views]
+
+    def _gate_checks(self, gate, images, codes, scores) -> list:
+        """The gate's scores of the images -> GateChecks. An image over the threshold of a gate with a fallback
+        (histogram-matched images) is scored again by the fallback, whose verdict stands; a refused image's
+        negative is scored to tell an inverted export. No gate -> checks that did not run."""
         from cxrlt.gate.messages import ood_refusal
         from cxrlt.gate.ood import features
         from cxrlt.gate.rules import GateCheck
 
-        views = list(views) if views is not None else [None] * len(images)
-        if len(views) != len(images):
-            raise StudyInputError(f"{len(images)} images but {len(views)} views: give one view per image or none")
-        codes = [view_code(v) for v in views]
-        gate = self.ood_gate
         if gate is None:
             why = (f"model {self.tag} carries no OOD gate (eval/gate.json): the out-of-distribution check did not "
                    "run. Calibrate one with `cxrlt gate ARTEFACT --manifest DIR`")
             return [GateCheck("ood", False, None, None, why) for _ in images]
-        if not images:
-            return []
-        model, size = self.artefact.model, self.image_size
-        scores = gate.score(features(model, images, codes, size, gate.reference, self.device))
+        model, size, final = self.artefact.model, self.image_size, gate.decider
+
+        def score(idx, g, invert=False):
+            return g.score(features(model, [images[i] for i in idx], [codes[i] for i in idx], size, g.reference,
+                                    self.device, invert=invert))
+
+        value = {i: (float(s), gate.threshold) for i, s in enumerate(scores)}
         refused = [i for i, s in enumerate(scores) if s > gate.threshold]
+        if refused and gate.fallback is not None:  # re-exported with another window / gamma? the matched gate says
+            value.update({i: (float(s), final.threshold) for i, s in zip(refused, score(refused, final))})
+            refused = [i for i in refused if value[i][0] > final.threshold]
         negative = {}
         if refused:  # would the negative pass? then say so (a PNG / JPEG exported with the wrong polarity)
-            neg = gate.score(features(model, [images[i] for i in refused], [codes[i] for i in refused], size,
-                                      gate.reference, self.device, invert=True))
-            negative = dict(zip(refused, neg <= gate.threshold))
-        thr, out = round(float(gate.threshold), 4), []
-        for i, s in enumerate(scores):
-            s = round(float(s), 4)
+            negative = dict(zip(refused, score(refused, final, invert=True) <= final.threshold))
+        out = []
+        for i in range(len(images)):
+            s, thr = round(value[i][0], 4), round(float(value[i][1]), 4)
             if i not in negative:
                 out.append(GateCheck("ood", True, True, None, "", s, thr))
             elif negative[i]:
@@ -146,7 +202,7 @@ class Predictor:
                        "(DICOM with its PhotometricInterpretation, or a PNG / JPEG as a viewer shows it).")
                 out.append(GateCheck("ood", True, False, "inverted", msg, s, thr))
             else:
-                msg = ood_refusal(s, thr, gate.frr, self.synthetic)
+                msg = ood_refusal(s, thr, final.frr, self.synthetic)
                 out.append(GateCheck("ood", True, False, "ood", msg, s, thr))
         return out
 
@@ -172,7 +228,9 @@ class Predictor:
         """Probabilities [n_studies, L]. A single-view model scores each image and averages its study."""
         return self._forward_studies(studies, views)
 
-    def _forward_studies(self, studies, views=None, label_embeddings: torch.Tensor | None = None) -> np.ndarray:
+    def _forward_studies(self, studies, views=None, label_embeddings: torch.Tensor | None = None, pool: bool = False):
+        """Probabilities [n_studies, L]; `pool`: -> (that, per study the pooled stage features of each image
+        from the same pass, in upload order, None for an image the model did not score)."""
         views = list(views) if views is not None else [None] * len(studies)
         if self.max_views == 1:
             flat, owner = [], []
@@ -183,17 +241,36 @@ class Predictor:
                 for img, vw in zip(imgs, vs):
                     flat.append(self.encode_study([img], [vw]))
                     owner.append(i)
-            probs = self._forward(flat, label_embeddings)
+            probs, pooled = self._forward(flat, label_embeddings, pool)
             owner = np.asarray(owner)
-            return np.stack([probs[owner == i].mean(0) for i in range(len(studies))])
-        return self._forward([self.encode_study(imgs, vs) for imgs, vs in zip(studies, views)], label_embeddings)
+            probs = np.stack([probs[owner == i].mean(0) for i in range(len(studies))])
+            if not pool:
+                return probs
+            return probs, [[pooled[k, 0] for k in np.flatnonzero(owner == i)] for i in range(len(studies))]
+        encoded = [self.encode_study(imgs, vs, with_order=True) for imgs, vs in zip(studies, views)]
+        probs, pooled = self._forward([e for e, _ in encoded], label_embeddings, pool)
+        if not pool:
+            return probs
+        feats = []
+        for i, ((_, order), imgs) in enumerate(zip(encoded, studies)):
+            per = [None] * len(imgs)
+            for slot, j in enumerate(order):
+                per[j] = pooled[i, slot]
+            feats.append(per)
+        return probs, feats
 
-    def _forward(self, encoded: list, label_embeddings: torch.Tensor | None = None) -> np.ndarray:
+    def _forward(self, encoded: list, label_embeddings: torch.Tensor | None = None, pool: bool = False):
+        """-> (probabilities [B, L], pooled stage features [B, V, F] of the same pass or None without `pool`)."""
         x = torch.stack([e[0] for e in encoded]).to(self.device)
         mask = torch.stack([e[1] for e in encoded]).to(self.device)
         types = torch.stack([e[2] for e in encoded]).to(self.device)
-        logits = self.artefact.model(x, mask, types, label_embeddings=label_embeddings)
-        return torch.sigmoid(logits.float()).cpu().numpy()
+        model = self.artefact.model
+        if pool and model.training:
+            raise RuntimeError("the model is in training mode; call model.eval() first (BatchNorm statistics)")
+        out = (model.forward_with_features if pool else model)(x, mask, types, label_embeddings=label_embeddings)
+        logits, pooled = out if pool else (out, None)
+        probs = torch.sigmoid(logits.float()).cpu().numpy()
+        return probs, None if pooled is None else pooled.float().cpu().numpy()
 
     @torch.inference_mode()
     def score_findings(self, images: Sequence[Image.Image], findings: Sequence[str],

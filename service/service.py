@@ -109,21 +109,20 @@ class CXRModel:
     def predict_studies(self, studies: list[dict]) -> list[dict]:
         """A batch of studies {"images": [uint8 SxS arrays at the model's size], "views": [...]} (grouped by
         the entry service's continuous batcher) -> one describe() body each, with "ood": the gate's
-        out-of-distribution verdict per image. One forward pass for the batch. A study may also ask for
-        "explain" (finding names: "explanations" with heatmaps) or "texts" (free text: "text_scores"); those
-        run for that study alone after the batch's pass (service/explain_route.py)."""
+        out-of-distribution verdict per image. One forward pass for the batch, the gate's features included. A
+        study may also ask for "explain" (finding names: "explanations" with heatmaps) or "texts" (free text:
+        "text_scores"); those run for that study alone after the batch's pass (service/explain_route.py)."""
         from PIL import Image
 
         from service.explain_route import study_extras
 
         images = [[Image.fromarray(np.asarray(a, dtype=np.uint8), mode="L") for a in s["images"]] for s in studies]
         views = [s["views"] for s in studies]
-        probs = self.predictor.predict(images, views)
-        # the gate's OOD check, image by image (a score never depends on the batch-mates)
-        checks = iter(self.predictor.gate_images([i for s in images for i in s], [v for vs in views for v in vs]))
+        # the gate's OOD check of each image from the prediction's own backbone pass (a score never depends
+        # on the batch-mates)
+        probs, checks = self.predictor.predict_gated(images, views)
         out = []
-        for s, p, imgs, vs in zip(studies, probs, images, views):
-            ood = [next(checks) for _ in imgs]
+        for s, p, imgs, vs, ood in zip(studies, probs, images, views, checks):
             body = {**self.predictor.describe(p), "ood": [c.as_dict() for c in ood]}
             if all(c.passed is not False for c in ood):  # heatmaps / text scores, one study at a time
                 body.update(study_extras(self.predictor, s, imgs, vs, p))

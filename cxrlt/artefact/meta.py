@@ -61,8 +61,12 @@ def read_meta(path: str | Path) -> dict:
         t = json.loads(thr.read_text())
         meta["thresholds"], meta["threshold_split"] = t["thresholds"], t["split"]
     gate = Path(path) / EVAL_DIR / "gate.json"
-    if gate.exists():  # the OOD gate's record (its arrays: cxrlt.gate.load_gate)
-        meta["gate"] = {k: v for k, v in json.loads(gate.read_text()).items() if k != "reference"}
+    if gate.exists():  # the OOD gate's record without its arrays and histograms (cxrlt.gate.load_gate)
+        rec = json.loads(gate.read_text())
+        rec.pop("reference", None)
+        if isinstance(rec.get("fallback"), dict):
+            rec["fallback"] = {k: v for k, v in rec["fallback"].items() if k != "reference"}
+        meta["gate"] = rec
     guarantee = Path(path) / EVAL_DIR / GUARANTEE
     if guarantee.exists():  # the findings-with-a-guarantee thresholds (cxrlt.evaluation.guarantee)
         meta["guarantee"] = json.loads(guarantee.read_text())

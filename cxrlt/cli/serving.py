@@ -26,10 +26,10 @@ def cmd_predict(a):
         imgs.append(img)
         infos.append(info)
     views = a.views if a.views else [i.view for i in infos]  # DICOM ViewPosition; None (unknown) otherwise
-    res = p.describe(p.predict([imgs], [views])[0])
+    probs, (oods,) = p.predict_gated([imgs], [views])
+    res = p.describe(probs[0])
     # the input gate's verdict per image, as the service gives it (the CLI reports; it does not refuse)
-    res["gate"] = [(check_image(i, img) + [ood]).as_dict()
-                   for i, img, ood in zip(infos, imgs, p.gate_images(imgs, views))]
+    res["gate"] = [(check_image(i, img) + [ood]).as_dict() for i, img, ood in zip(infos, imgs, oods)]
     for f, g in zip(a.images, res["gate"]):
         if not g["passed"]:
             print(f"warning: the service would refuse {f}: {g['reason']}", file=sys.stderr)

@@ -51,7 +51,10 @@ def cmd_gate(a):
 
     g = calibrate_artefact(a.artefact, load_manifest(a.manifest), frr=a.frr, max_train=a.max_train, seed=a.seed,
                            device=a.device, log=None if a.quiet else print, other_data=a.other_data)
-    print(json.dumps({k: v for k, v in g.describe().items() if k != "reference"}, indent=2))
+    rec = {k: v for k, v in g.describe().items() if k != "reference"}
+    if "fallback" in rec:
+        rec["fallback"] = {k: v for k, v in rec["fallback"].items() if k != "reference"}
+    print(json.dumps(rec, indent=2))
 
 
 def cmd_models(a):

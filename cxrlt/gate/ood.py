@@ -1,14 +1,25 @@
 """Out-of-distribution score on the model's own features: is this image like the chest radiographs the model
 was trained on?
 
-Input. The image at the model's size with its grey levels matched to the training images' histogram: every
-pixel's mid-rank in its own image (0..1) is mapped through `reference`, the mean quantile function of the
-training images. A mid-rank does not change under any increasing map of the grey levels, so the score is
-the same for the same radiograph exported at another bit depth, window, gamma or contrast; matching (rather
-than plain equalisation) keeps flat regions as flat as the training images have them, instead of stretching
-their noise. A negative (polarity inverted) image is NOT made equal to its positive; a DICOM MONOCHROME1 file
-is inverted by the reader before it gets here. The model's own input is not normalised this way, which is why
-the gate runs its own backbone pass rather than sharing the prediction's.
+Input: two gates, the second deciding only what the first refuses (input "model+matched", `calibrate`).
+  model    the model's own normalised input. The prediction's backbone pass returns these features beside the
+           logits (`CheXFusion.forward_with_features`, `Predictor.predict_gated`), so an image the first gate
+           accepts crosses the backbone once.
+  matched  the image at the model's size with its grey levels matched to the training images' histogram:
+           every pixel's mid-rank in its own image (0..1) mapped through `reference`, the mean quantile
+           function of the training images. A mid-rank does not change under any increasing map of the grey
+           levels, so this score is the same for the same radiograph exported at another bit depth, window,
+           gamma or contrast; matching (rather than plain equalisation) keeps flat regions as flat as the
+           training images have them. A backbone pass of its own, run only for images over the first threshold.
+An image is refused when both scores are over their thresholds, so genuine images are refused at most at the
+matched gate's rate, and what the model-input gate refuses (noise, photographs, other body parts) is refused
+unless the matched gate accepts it. Why two (bench/bench_gate.py on the demo): the model-input gate alone
+refused 49-100% of the same radiographs re-exported with another window, gamma, contrast or bit depth; fitting
+it on re-graded copies of the training images instead let half the noise images and 85% of the knees through;
+the matched gate alone costs every image a second backbone pass. A negative (polarity inverted) image is NOT
+made equal to its positive; a DICOM MONOCHROME1 file is inverted by the reader before it gets here. Gates of
+earlier versions (gate.json format 1) are matched gates alone and still work, at a second pass per image;
+`cxrlt gate` refits them.
 
 Features. `CheXFusion.image_features`: the average-pooled output of every backbone stage, stem to last,
 concatenated, one vector per image (through the image's own branch of a view-specific backbone). Early stages
@@ -23,15 +34,16 @@ thousands of features from a few thousand images); score = the distance to the N
 unknown view is measured against both.
 
 Threshold. A rank of the VALIDATION images' scores (never seen by the fit), placed so that a new genuine
-image is refused with probability at most `frr` (see `fit_gate`). Stored per model artefact as eval/gate.json
-(what it is, threshold, counts, the reference) and eval/gate.safetensors (centres and whitening matrix).
+image is refused with probability at most `frr` (see `fit_gate`); each gate has its own. Stored per model
+artefact as eval/gate.json (format 2: what it is, its `input`, threshold, counts, the reference of a matched
+gate, the `fallback` gate's record) and eval/gate.safetensors (centres and whitening matrices).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -43,11 +55,13 @@ from safetensors.torch import load_file, save_file
 from cxrlt.artefact.meta import replacing, write_text
 
 from cxrlt.data.images import to_grayscale
-from cxrlt.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from cxrlt.data.transforms import IMAGENET_MEAN, IMAGENET_STD, image_to_tensor
 
 GATE_JSON, GATE_TENSORS = "gate.json", "gate.safetensors"
-FEATURE = "stages_avgpool_histmatched"
-FORMAT = 1
+FEATURE = "stages_avgpool"
+FORMAT = 2                     # 1: gates of earlier versions, all on histogram-matched images (input "matched")
+MODEL_INPUT, MATCHED = "model", "matched"
+CASCADE = "model+matched"      # what `calibrate` fits by default: a "model" gate with a "matched" fallback
 QUANTILES = np.linspace(0.0, 1.0, 257)
 _MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
 _STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
@@ -57,9 +71,10 @@ class GateError(RuntimeError):
     """A gate that cannot be fitted or read; the message says what to do."""
 
 
-def feature_name(model) -> str:
-    """What `features` computes for this model (stored with the gate and checked when it is loaded)."""
-    return FEATURE if model.stage_modules() else "last_stage_avgpool_histmatched"
+def feature_name(model, input: str = MODEL_INPUT) -> str:
+    """What `features` computes for this model from this input (stored with the gate, checked on loading)."""
+    name = FEATURE if model.stage_modules() else "last_stage_avgpool"
+    return name + "_histmatched" if input == MATCHED else name
 
 
 # ------------------------------------------------------------------ the gate's input
@@ -88,19 +103,26 @@ def match_reference(a: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return np.interp(mid_ranks(a), QUANTILES, reference)
 
 
-def gate_tensor(img: Image.Image, size: int, reference: np.ndarray, invert: bool = False) -> torch.Tensor:
-    """A PIL image -> the gate's normalised input [3, size, size] (`invert`: its negative, for the hint)."""
+def gate_tensor(img: Image.Image, size: int, reference: np.ndarray | None, invert: bool = False) -> torch.Tensor:
+    """A PIL image -> the gate's normalised input [3, size, size]: the model's own input (`image_to_tensor`)
+    when `reference` is None, else the histogram-matched image (gates of input "matched"). `invert`: its
+    negative, for the hint."""
     a = grey_at(img, size)
     if invert:
         a = 255 - a
+    if reference is None:
+        return image_to_tensor(Image.fromarray(a, mode="L"), size)
     x = torch.from_numpy(match_reference(a, reference).astype(np.float32) / 255.0)
     return (x.unsqueeze(0).expand(3, -1, -1) - _MEAN) / _STD
 
 
 @torch.no_grad()
 def features(model, images: Sequence[Image.Image], view_codes: Sequence[int] | None, size: int,
-             reference: np.ndarray, device="cpu", batch_size: int = 64, invert: bool = False) -> np.ndarray:
-    """Pooled backbone features [N, F] of the images' gate inputs, each image on its own (model in eval)."""
+             reference: np.ndarray | None = None, device="cpu", batch_size: int = 64,
+             invert: bool = False) -> np.ndarray:
+    """Pooled backbone features [N, F] of the images' gate inputs (the model's input; histogram-matched when
+    `reference` is given), each image on its own (model in eval). A backbone pass of its own: the prediction
+    gets the same features from its pass (`CheXFusion.forward_with_features`, `Predictor.predict_gated`)."""
     if model.training:
         raise GateError("the model is in training mode; call model.eval() first (BatchNorm statistics)")
     out = []
@@ -117,16 +139,23 @@ class OODGate:
     centres: np.ndarray          # [G, F] view centres in raw feature units
     whiten: np.ndarray           # [F, F]: score = || (x - centre) @ whiten ||, nearest centre
     groups: tuple[str, ...]      # the view of each centre
-    reference: np.ndarray        # [257] mean quantile function of the training images (grey levels)
+    reference: np.ndarray | None  # input "matched": [257] mean quantile function of the training images
     threshold: float             # scores above it are refused
     frr: float                   # target false-rejection rate of genuine images
     image_size: int
     feature: str = FEATURE
+    input: str = MODEL_INPUT     # "model": the prediction's own input and pass; "matched": histogram-matched
     n_train: int = 0
     n_val: int = 0
     val_frr: float = 0.0         # the share of validation images above the threshold (< frr)
     shrinkage: float = 0.0
     extra: dict = field(default_factory=dict)
+    fallback: "OODGate | None" = None  # input "model": the matched gate that decides the images this one refuses
+
+    @property
+    def decider(self) -> "OODGate":
+        """The gate whose verdict stands for an image this one refuses (its fallback, else itself)."""
+        return self.fallback if self.fallback is not None else self
 
     def score(self, feats) -> np.ndarray:
         """Features [N, F] -> Mahalanobis distance to the nearest view centre [N] (float64)."""
@@ -139,11 +168,24 @@ class OODGate:
 
     def describe(self) -> dict:
         """The JSON record: everything but the two matrices."""
-        rec = {k: v for k, v in asdict(self).items() if k not in ("centres", "whiten", "reference")}
-        return {"format": FORMAT, **rec, "groups": list(self.groups), "n_features": int(self.centres.shape[1]),
-                "score": "Mahalanobis distance to the nearest view centre (Ledoit-Wolf shrunk covariance) of "
-                         "the pooled backbone features of the histogram-matched image",
-                "reference": [round(float(v), 3) for v in self.reference]}
+        rec = {k: getattr(self, k) for k in ("threshold", "frr", "image_size", "feature", "input", "n_train",
+                                              "n_val", "val_frr", "shrinkage", "extra")}
+        image = "the histogram-matched image" if self.input == MATCHED else "the model's input (the prediction's pass)"
+        out = {"format": FORMAT, **rec, "groups": list(self.groups), "n_features": int(self.centres.shape[1]),
+               "score": "Mahalanobis distance to the nearest view centre (Ledoit-Wolf shrunk covariance) of "
+                        f"the pooled backbone features of {image}"}
+        if self.fallback is not None:
+            out["fallback"] = {k: v for k, v in self.fallback.describe().items() if k != "format"}
+            out["verdict"] = ("refused only when this score AND the fallback's (histogram-matched image, a backbone "
+                              "pass of its own, run only for images over this threshold) are over their thresholds")
+        if self.reference is not None:
+            out["reference"] = [round(float(v), 3) for v in self.reference]
+        return out
+
+    def tensors(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        out = {f"{prefix}centres": torch.from_numpy(self.centres.astype(np.float32)).contiguous(),
+               f"{prefix}whiten": torch.from_numpy(self.whiten.astype(np.float32)).contiguous()}
+        return {**out, **(self.fallback.tensors("fallback.") if self.fallback is not None else {})}
 
     def save(self, folder: str | Path) -> Path:
         folder = Path(folder)
@@ -151,8 +193,7 @@ class OODGate:
         # replaced whole, never written in place: `cxrlt gate` refits the gate of a model whose eval/ may be
         # hard-linked into DVC's cache (cxrlt.artefact.meta.replacing)
         with replacing(folder / GATE_TENSORS) as tmp:
-            save_file({"centres": torch.from_numpy(self.centres.astype(np.float32)).contiguous(),
-                       "whiten": torch.from_numpy(self.whiten.astype(np.float32)).contiguous()}, str(tmp))
+            save_file(self.tensors(), str(tmp))
         write_text(folder / GATE_JSON, json.dumps(self.describe(), indent=2))
         return folder / GATE_JSON
 
@@ -163,14 +204,24 @@ class OODGate:
         if not (folder / GATE_JSON).exists():
             return None
         rec = json.loads((folder / GATE_JSON).read_text())
-        if rec.get("format") != FORMAT or not (folder / GATE_TENSORS).exists():
+        if rec.get("format") not in (1, FORMAT) or not (folder / GATE_TENSORS).exists():
             raise GateError(f"{folder / GATE_JSON}: unreadable gate (format {rec.get('format')}, or "
                             f"{GATE_TENSORS} missing); recalibrate it with `cxrlt gate`")
-        t = load_file(str(folder / GATE_TENSORS))
+        return cls.from_record(rec, load_file(str(folder / GATE_TENSORS)), folder / GATE_JSON)
+
+    @classmethod
+    def from_record(cls, rec: dict, t: dict, where, prefix: str = "") -> "OODGate":
+        # format 1 (earlier versions) has no `input`: every such gate was fitted on histogram-matched images
+        input = rec.get("input", MATCHED) if rec.get("format", FORMAT) == FORMAT else MATCHED
+        if input not in (MODEL_INPUT, MATCHED) or (input == MATCHED and not rec.get("reference")):
+            raise GateError(f"{where}: unknown gate input {input!r} (or no reference histogram); recalibrate it "
+                            "with `cxrlt gate`")
         keep = {k: rec[k] for k in ("threshold", "frr", "image_size", "feature", "n_train", "n_val", "val_frr",
                                     "shrinkage", "extra") if k in rec}
-        return cls(t["centres"].double().numpy(), t["whiten"].double().numpy(), tuple(rec["groups"]),
-                   np.asarray(rec["reference"], dtype=np.float64), **keep)
+        ref = np.asarray(rec["reference"], dtype=np.float64) if input == MATCHED else None
+        fallback = cls.from_record(rec["fallback"], t, where, "fallback.") if rec.get("fallback") else None
+        return cls(t[prefix + "centres"].double().numpy(), t[prefix + "whiten"].double().numpy(),
+                   tuple(rec["groups"]), ref, input=input, fallback=fallback, **keep)
 
 
 def conformal_rank(n_val: int, frr: float) -> int:
@@ -184,12 +235,13 @@ def conformal_rank(n_val: int, frr: float) -> int:
     return k
 
 
-def fit_gate(train_features, train_groups, val_features, reference, frr: float = 0.01, image_size: int = 0,
+def fit_gate(train_features, train_groups, val_features, reference=None, frr: float = 0.01, image_size: int = 0,
              min_group: int = 10, feature: str = FEATURE) -> OODGate:
     """Fit centres and shrunk covariance on training features, the threshold on validation features.
 
     train_groups: a view name per training image ("frontal", "lateral", "unknown"). Centres are fitted for the
-    named views with at least `min_group` images (not "unknown"); with none, one centre for all.
+    named views with at least `min_group` images (not "unknown"); with none, one centre for all. `reference`:
+    the histogram the features' images were matched to (input "matched"), None for the model's own input.
     """
     from sklearn.covariance import LedoitWolf
 
@@ -214,8 +266,9 @@ def fit_gate(train_features, train_groups, val_features, reference, frr: float =
     evals, evecs = np.linalg.eigh(lw.covariance_)
     wz = evecs / np.sqrt(np.maximum(evals, 1e-12))          # whitening of standardised features
     gate = OODGate(centres=mu + centres * sd, whiten=wz / sd[:, None], groups=tuple(names),
-                   reference=np.asarray(reference, dtype=np.float64), threshold=0.0, frr=float(frr),
-                   image_size=int(image_size), feature=feature, n_train=int(used.sum()), n_val=len(v),
+                   reference=None if reference is None else np.asarray(reference, dtype=np.float64),
+                   threshold=0.0, frr=float(frr), image_size=int(image_size), feature=feature,
+                   input=MODEL_INPUT if reference is None else MATCHED, n_train=int(used.sum()), n_val=len(v),
                    shrinkage=float(lw.shrinkage_))
     val_scores = gate.score(v)
     gate.threshold = float(np.sort(val_scores)[len(v) - 1 - k])

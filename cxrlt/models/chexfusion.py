@@ -21,7 +21,8 @@ from cxrlt.models.backbone import create_backbone
 from cxrlt.models.fusion import StudyFusion, ViewTokenizer
 from cxrlt.models.heads import QueryHead
 from cxrlt.models.registry import register_model
-from cxrlt.models.views import LATERAL, MODES, UNKNOWN, ViewBackbones, ViewClassifier
+from cxrlt.models.taps import StageTap
+from cxrlt.models.views import BRANCHES, LATERAL, MODES, UNKNOWN, ViewBackbones, ViewClassifier
 
 
 @dataclass(frozen=True)
@@ -62,86 +63,95 @@ class CheXFusion(nn.Module):
     def pretrained_cfg(self) -> dict:
         return dict(getattr(self.backbone, "pretrained_cfg", {}) or {})
 
-    def encode_views(self, images: torch.Tensor, view_mask: torch.Tensor,
-                     routes: torch.Tensor | None = None) -> torch.Tensor:
+    def encode_views(self, images: torch.Tensor, view_mask: torch.Tensor, routes: torch.Tensor | None = None,
+                     pool: bool = False):
         """[B, V, C, H, W] -> per-view tokens [B, V, T, d]; empty slots stay zero and never run.
-        `routes` [B, V] picks the branch of a view-specific backbone (see `route`)."""
+        `routes` [B, V] picks the branch of a view-specific backbone (see `route`). `pool`: -> (tokens, the
+        pooled stage features of each real image from the same pass [B, V, F], zero in empty slots)."""
         b, v = view_mask.shape
         flat_mask = view_mask.reshape(-1)
         real = images.reshape(b * v, *images.shape[2:])[flat_mask]
-        if routes is None:
-            feats = self.backbone.forward_features(real)
-        else:
-            feats = self.backbone.forward_features(real, routes.reshape(-1)[flat_mask])
+        real_routes = None if routes is None else routes.reshape(-1)[flat_mask]
+        feats, pooled = self.backbone_pass(real, real_routes, pool)
         tokens = self.tokenizer(feats)  # [N_real, T, d]
         out = tokens.new_zeros(b * v, *tokens.shape[1:])
         out[flat_mask] = tokens
-        return out.view(b, v, *tokens.shape[1:])
+        out = out.view(b, v, *tokens.shape[1:])
+        if not pool:
+            return out
+        slots = pooled.new_zeros(b * v, pooled.shape[1])
+        slots[flat_mask] = pooled
+        return out, slots.view(b, v, -1)
+
+    def backbone_pass(self, x: torch.Tensor, routes: torch.Tensor | None = None, pool: bool = False):
+        """ONE backbone run over images [N, C, H, W] (routes [N] for a view-specific backbone) -> (last feature
+        maps, pooled stage features [N, F] float32 tapped from that run (`StageTap`) when `pool`, else None)."""
+        run = (lambda: self.backbone.forward_features(x)) if routes is None else (
+            lambda: self.backbone.forward_features(x, routes))
+        if not pool:
+            return run(), None
+        with StageTap(self.stage_parts()) as tap:
+            last = run()
+        return last, tap.features(x.shape[0], routes, last)
 
     def route(self, images: torch.Tensor, view_mask: torch.Tensor, view_types: torch.Tensor):
         """Backbone branch per slot; None: one shared backbone, nothing to route."""
         return None
 
-    def stage_modules(self) -> list[nn.Module]:
-        """The modules whose outputs `image_features` pools: every stage timm lists in `feature_info`, in each
-        part of a view-specific backbone (shared stem and branches; pass-through placeholders skipped)."""
+    def stage_parts(self) -> list[tuple[int | None, list[nn.Module]]]:
+        """The modules whose outputs the stage features pool, by part: (None, stages) for what every image
+        runs (one backbone, or the shared stem of a split one), (route code, stages) for a view branch. The
+        stages are those timm lists in `feature_info` (pass-through placeholders skipped)."""
         bb = self.backbone
-        parts = [bb] if not isinstance(bb, ViewBackbones) else [*([bb.stem] if bb.stem is not None else []),
-                                                                *bb.branches.values()]
-        mods = []
-        for part in parts:
-            for f in getattr(part, "feature_info", None) or []:
-                m = part.get_submodule(f["module"])
-                if not isinstance(m, nn.Identity):
-                    mods.append(m)
-        return mods
+        if isinstance(bb, ViewBackbones):
+            parts = ([(None, bb.stem)] if bb.stem is not None else []) + [
+                (code, bb.branches[name]) for code, name in enumerate(BRANCHES)]
+        else:
+            parts = [(None, bb)]
+        out = []
+        for route, part in parts:
+            mods = [part.get_submodule(f["module"]) for f in getattr(part, "feature_info", None) or []]
+            out.append((route, [m for m in mods if not isinstance(m, nn.Identity)]))
+        return out
+
+    def stage_modules(self) -> list[nn.Module]:
+        """Every module of `stage_parts`, shared stem first."""
+        return [m for _, mods in self.stage_parts() for m in mods]
 
     @torch.no_grad()
     def image_features(self, images: torch.Tensor, view_types: torch.Tensor | None = None) -> torch.Tensor:
         """[N, C, H, W] (+ view codes [N], default unknown) -> [N, F] float32: the average-pooled output of
-        every backbone stage (`stage_modules`, stem to last), concatenated; the last stage's alone for a
+        every backbone stage (`stage_parts`, stem to last), concatenated; the last stage's alone for a
         backbone that lists none. Each image goes through the branch `forward` would route it to and never
-        depends on the others. Call it in eval mode (BatchNorm running statistics). Used by the OOD input
-        gate (`cxrlt.gate`)."""
+        depends on the others (in eval mode: BatchNorm running statistics). The same features as
+        `forward_with_features` returns beside the logits; this runs the backbone alone (the input gate's
+        calibration and callers that only gate)."""
         n = images.shape[0]
         mask = torch.ones(n, 1, dtype=torch.bool, device=images.device)
         types = (torch.full((n, 1), UNKNOWN, dtype=torch.long, device=images.device) if view_types is None
                  else view_types.reshape(n, 1).long().to(images.device))
         routes = self.route(images[:, None], mask, types)
-        routes = None if routes is None else routes.reshape(-1)
-        pooled: list[torch.Tensor] = []
+        return self.backbone_pass(images, None if routes is None else routes.reshape(-1), pool=True)[1]
 
-        def keep(module, inputs, out):
-            if out.dim() != 4:
-                raise ValueError(f"image_features pools [N, C, H, W] feature maps; {type(module).__name__} gives "
-                                 f"{tuple(out.shape)}")
-            pooled.append(out.float().mean((-2, -1)))
-
-        hooks = [m.register_forward_hook(keep) for m in self.stage_modules()]
-        out = None
-        try:  # one run per branch, so the hooked stages of a run all belong to the same images
-            for sel in ([None] if routes is None else [routes == r for r in routes.unique()]):
-                pooled.clear()
-                x = images if sel is None else images[sel]
-                last = (self.backbone.forward_features(x) if sel is None
-                        else self.backbone.forward_features(x, routes[sel]))
-                f = torch.cat(pooled, 1) if pooled else last.float().mean((-2, -1))
-                if sel is None:
-                    return f
-                out = f.new_zeros(n, f.shape[1]) if out is None else out
-                out[sel] = f
-        finally:
-            for h in hooks:
-                h.remove()
-        return out
-
-    def forward_once(self, images, view_mask, view_types, label_embeddings=None, routes=None) -> torch.Tensor:
-        tokens = self.encode_views(images, view_mask, routes)
+    def forward_once(self, images, view_mask, view_types, label_embeddings=None, routes=None, pool=False):
+        tokens = self.encode_views(images, view_mask, routes, pool)
+        tokens, pooled = tokens if pool else (tokens, None)
         fused, pad = self.fusion(tokens, view_mask, view_types)
-        return self.head(fused, pad, label_embeddings)
+        logits = self.head(fused, pad, label_embeddings)
+        return (logits, pooled) if pool else logits
 
     def forward(self, images: torch.Tensor, view_mask: torch.Tensor | None = None,
                 view_types: torch.Tensor | None = None, label_embeddings: torch.Tensor | None = None):
+        return self._run(images, view_mask, view_types, label_embeddings, pool=False)
+
+    def forward_with_features(self, images: torch.Tensor, view_mask: torch.Tensor | None = None,
+                              view_types: torch.Tensor | None = None, label_embeddings: torch.Tensor | None = None):
+        """`forward`, and from the SAME backbone pass the pooled stage features of every image (those of
+        `image_features`): -> (logits [B, L], features [B, V, F] float32, zero in empty slots). With
+        `tta_flip` the features are the unflipped image's. Used by the input gate at prediction time."""
+        return self._run(images, view_mask, view_types, label_embeddings, pool=True)
+
+    def _run(self, images, view_mask, view_types, label_embeddings, pool: bool):
         if images.dim() == 4:  # [B, C, H, W]: one image per study
             images = images[:, None]
         b, v = images.shape[:2]
@@ -156,11 +166,12 @@ class CheXFusion(nn.Module):
             view_types = torch.full((b, v), 2, dtype=torch.long, device=images.device)
         # routed once: the flipped copy of an image goes through the same branch as the image
         routes = self.route(images, view_mask, view_types)
-        logits = self.forward_once(images, view_mask, view_types, label_embeddings, routes)
+        out = self.forward_once(images, view_mask, view_types, label_embeddings, routes, pool)
+        logits, pooled = out if pool else (out, None)
         if self.config.tta_flip and not self.training:
             flipped = self.forward_once(images.flip(-1), view_mask, view_types, label_embeddings, routes)
             logits = (logits + flipped) / 2
-        return logits
+        return (logits, pooled) if pool else logits
 
 
 class ViewSpecificCheXFusion(CheXFusion):
