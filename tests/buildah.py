@@ -87,8 +87,9 @@ def debian_base() -> tuple[str, float]:
 def build(target: str, tag: str, base: str, build_args: dict | None = None) -> tuple[str, float, str]:
     """Build the project's Dockerfile `target` on `base` (layers cached between runs; the host's CA bundle
     as the build secret `ca`): the image reference, seconds and the build's log."""
-    args = ["bud", "--isolation", "chroot", "--layers", *ULIMITS, "--target", target, "-t", tag,
-            "--build-arg", f"BASE_IMAGE={base}"]
+    # docker's format: the OCI format has no HEALTHCHECK
+    args = ["bud", "--isolation", "chroot", "--layers", "--format", "docker", *ULIMITS, "--target", target,
+            "-t", tag, "--build-arg", f"BASE_IMAGE={base}"]
     for k, v in (build_args or {}).items():
         args += ["--build-arg", f"{k}={v}"]
     if CA_BUNDLE.exists():

@@ -77,11 +77,11 @@ def store_dirs(tmp_path, serving):
     return home, var
 
 
-def start_service(image: str, name: str, bentoml_home: Path, var: Path, log: Path):
+def start_service(image: str, name: str, bentoml_home: Path, var: Path, log: Path, env: dict | None = None):
     port = free_port()
     box = buildah.Container(image, name)
     box.start(["bentoml", "serve", "service.service:CXRService", "--host", "127.0.0.1", "--port", str(port)],
-              log, env={"CXRLT_API_TOKEN": SERVICE_TOKEN},
+              log, env={"CXRLT_API_TOKEN": SERVICE_TOKEN, **(env or {})},
               volumes={bentoml_home: "/home/app/bentoml", var: "/home/app/var"})
     try:
         _wait_ready(f"http://127.0.0.1:{port}/readyz", box.proc, log, timeout=180)
@@ -113,6 +113,8 @@ def test_image_configuration(images):
     env = dict(e.split("=", 1) for e in service["Env"])
     assert env["BENTOML_HOME"] == "/home/app/bentoml" and "CXRLT_API_TOKEN" not in env
     assert not any("/run/secrets" in v or "PIP_CERT" in k for k, v in env.items())  # the CA was a build secret
+    health = buildah.image_config(images["service"])["Docker"]["config"]["Healthcheck"]["Test"]
+    assert "/readyz" in " ".join(health)
     stack = buildah.image_config(images["stack"])["OCIv1"]["config"]
     assert stack["User"] == f"{APP_UID}:{APP_UID}" and stack["Entrypoint"] == ["cxrlt-stack"]
 
@@ -215,23 +217,54 @@ def test_web_app_image_sends_a_study_through_the_client_to_the_service_image(ima
             assert set(answer["probabilities"]) == set(info["labels"])
 
 
-def test_prefect_server_runs_from_the_stack_image(images, tmp_path):
-    """The stack image's Prefect server role answers its health check (SQLite here; compose.yaml gives it
-    PostgreSQL)."""
-    port = free_port()
-    home = tmp_path / "prefect"
-    home.mkdir()
-    os.chown(home, APP_UID, APP_UID)
-    log = tmp_path / "prefect.log"
-    with buildah.Container(images["stack"], "cxrlt-test-prefect") as box:
-        box.start(["cxrlt-stack", "prefect-server"], log,
-                  env={"PREFECT_SERVER_HOST": "127.0.0.1", "PREFECT_SERVER_PORT": str(port),
-                       "PREFECT_HOME": "/home/app/prefect", "PREFECT_SERVER_UI_V2_ENABLED": "false",
-                       "PREFECT_SERVER_ANALYTICS_ENABLED": "false"},
-                  volumes={home: "/home/app/prefect"})
-        _wait_ready(f"http://127.0.0.1:{port}/api/health", box.proc, log, timeout=120)
-        assert requests.get(f"http://127.0.0.1:{port}/api/health", timeout=10).json() is True
-    assert (home / "prefect.db").exists()
+def test_prefect_server_and_service_images_on_postgresql(images, store_dirs, tmp_path, served_tag):
+    """compose.yaml's wiring with a real PostgreSQL (Debian's package, tests/pg_server.py): the stack image's
+    Prefect server on the `prefect` database (asyncpg), the service image recording into the `predictions`
+    database (psycopg)."""
+    import pg_server
+
+    try:
+        pg = pg_server.postgres_server(tmp_path / "pg.log", database="prefect")
+        prefect_url = pg.__enter__()
+    except pg_server.PostgresUnavailable as e:
+        pytest.skip(str(e))
+    try:
+        import psycopg
+        from sqlalchemy.engine import make_url
+
+        u = make_url(prefect_url)
+        with psycopg.connect(host=u.host, port=u.port, user=u.username, dbname="postgres", autocommit=True) as c:
+            c.execute('CREATE DATABASE "predictions"')
+        port = free_port()
+        log = tmp_path / "prefect.log"
+        with buildah.Container(images["stack"], "cxrlt-test-prefect") as box:
+            box.start(["cxrlt-stack", "prefect-server"], log,
+                      env={"PREFECT_SERVER_HOST": "127.0.0.1", "PREFECT_SERVER_PORT": str(port),
+                           "PREFECT_API_DATABASE_CONNECTION_URL": str(u.set(drivername="postgresql+asyncpg")),
+                           "PREFECT_SERVER_UI_V2_ENABLED": "false", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
+            _wait_ready(f"http://127.0.0.1:{port}/api/health", box.proc, log, timeout=180)
+            flows = requests.post(f"http://127.0.0.1:{port}/api/flows/", json={"name": "container-check"},
+                                  timeout=30)
+            assert flows.status_code in (200, 201), flows.text
+        with psycopg.connect(host=u.host, port=u.port, user=u.username, dbname="prefect") as c:
+            assert c.execute("select name from flow").fetchall() == [("container-check",)]
+
+        bentoml_home, var = store_dirs
+        db = str(u.set(database="predictions"))
+        svc, url = start_service(images["service"], "cxrlt-test-service-pg", bentoml_home, var,
+                                 tmp_path / "svc.log", env={"CXRLT_PREDICTION_DB": db})
+        with svc:
+            auth = {"Authorization": f"Bearer {SERVICE_TOKEN}"}
+            r = requests.post(f"{url}/predict", files=[("images", ("f.png", image_bytes("PNG", seed=3),
+                                                                   "image/png"))],
+                              data={"views": ["frontal"]}, headers=auth, timeout=120)
+            assert r.status_code == 200, r.text
+        with psycopg.connect(host=u.host, port=u.port, user=u.username, dbname="predictions") as c:
+            rows = c.execute("select model_tag from predictions").fetchall()
+        assert rows == [(served_tag,)]
+        assert not (var / "predictions" / "predictions.db").exists()  # nothing went to the SQLite default
+    finally:
+        pg.__exit__(None, None, None)
 
 
 def test_gpu_image():
