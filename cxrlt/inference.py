@@ -147,18 +147,18 @@ class Predictor:
             it = iter(flat)
             return probs, [[next(it) for _ in s] for s in studies]
         probs, pooled = self._forward_studies(studies, views, pool=True)
-        out = []
-        for imgs, vs, feats in zip(studies, views, pooled):
-            codes = self._gate_codes(imgs, vs)
-            missing = [i for i, f in enumerate(feats) if f is None]  # not among the views the model scored
-            if missing:
-                extra = features(self.artefact.model, [imgs[i] for i in missing], [codes[i] for i in missing],
-                                 self.image_size, None, self.device)
-                feats = list(feats)
-                for i, f in zip(missing, extra):
-                    feats[i] = f
-            out.append(self._gate_checks(gate, imgs, codes, gate.score(np.stack(feats))))
-        return probs, out
+        # every image of the batch at once, so the few that need a second pass share it
+        imgs = [im for s in studies for im in s]
+        codes = [c for s, vs in zip(studies, views) for c in self._gate_codes(s, vs)]
+        feats = [f for per in pooled for f in per]
+        missing = [i for i, f in enumerate(feats) if f is None]  # not among the views the model scored
+        if missing:
+            extra = features(self.artefact.model, [imgs[i] for i in missing], [codes[i] for i in missing],
+                             self.image_size, None, self.device)
+            for i, f in zip(missing, extra):
+                feats[i] = f
+        it = iter(self._gate_checks(gate, imgs, codes, gate.score(np.stack(feats))))
+        return probs, [[next(it) for _ in s] for s in studies]
 
     def _gate_codes(self, images, views) -> list[int]:
         views = list(views) if views is not None else [None] * len(images)
