@@ -221,8 +221,8 @@ def test_web_app_image_sends_a_study_through_the_client_to_the_service_image(ima
 
 def test_prefect_server_and_service_images_on_postgresql(images, store_dirs, tmp_path, served_tag):
     """compose.yaml's wiring with a real PostgreSQL (Debian's package, tests/pg_server.py): the stack image's
-    Prefect server on the `prefect` database (asyncpg), the service image recording into the `predictions`
-    database (psycopg)."""
+    Prefect server on the `prefect` database (asyncpg) and its worker registering train-eval, the service
+    image recording into the `predictions` database (psycopg)."""
     import pg_server
 
     try:
@@ -245,11 +245,30 @@ def test_prefect_server_and_service_images_on_postgresql(images, store_dirs, tmp
                            "PREFECT_API_DATABASE_CONNECTION_URL": str(u.set(drivername="postgresql+asyncpg")),
                            "PREFECT_SERVER_UI_V2_ENABLED": "false", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
             _wait_ready(f"http://127.0.0.1:{port}/api/health", box.proc, log, timeout=180)
-            flows = requests.post(f"http://127.0.0.1:{port}/api/flows/", json={"name": "container-check"},
-                                  timeout=30)
+            api = f"http://127.0.0.1:{port}/api"
+            flows = requests.post(f"{api}/flows/", json={"name": "container-check"}, timeout=30)
             assert flows.status_code in (200, 201), flows.text
+            # the worker role (as compose.yaml runs it, on this project mounted at /project) registers the
+            # deployments it runs
+            with buildah.Container(images["stack"], "cxrlt-test-worker") as worker:
+                wlog = tmp_path / "worker.log"
+                worker.start(["cxrlt-stack", "worker"], wlog,
+                             env={"PREFECT_API_URL": api, "CXRLT_PROJECT_DIR": "/project", "PYTHONPATH": "/project"},
+                             volumes={ROOT: "/project:ro"})
+                deadline = time.monotonic() + 180
+                flows_served: set[str] = set()
+                while not {"train-eval", "drift-report"} <= flows_served:
+                    assert worker.proc.poll() is None, wlog.read_text()[-3000:]
+                    assert time.monotonic() < deadline, f"{flows_served}:\n{wlog.read_text()[-3000:]}"
+                    time.sleep(1)
+                    deployments = requests.post(f"{api}/deployments/filter", json={}, timeout=10).json()
+                    flow_names = {f["id"]: f["name"]
+                                  for f in requests.post(f"{api}/flows/filter", json={}, timeout=10).json()}
+                    flows_served = {flow_names.get(d["flow_id"]) for d in deployments}
+                assert requests.get(f"{api}/deployments/name/train-eval/demo", timeout=10).status_code == 200
         with psycopg.connect(host=u.host, port=u.port, user=u.username, dbname="prefect") as c:
-            assert c.execute("select name from flow").fetchall() == [("container-check",)]
+            names = {r[0] for r in c.execute("select name from flow").fetchall()}
+        assert {"container-check", "train-eval", "drift-report"} <= names
 
         bentoml_home, var = store_dirs
         db = str(u.set(database="predictions"))
