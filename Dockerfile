@@ -10,7 +10,7 @@
 # Build arguments:
 #   BASE_IMAGE   a Debian/Ubuntu image with Python >= 3.11 (python3 -m venv), or one where apt can install
 #                it; default the official python:3.11-slim. The GPU image: an NVIDIA CUDA base with
-#                CUDA_EXTRAS=keep (see docs/containers.md).
+#                CUDA_EXTRAS=keep (README, "Containers").
 #   CUDA_EXTRAS  drop (default): the CPU image, without the CUDA packages torch loads only on a GPU
 #                (docker/cuda-extras.txt); keep: every CUDA dependency of torch.
 # A proxy's certificate authority reaches pip as a build secret, never as a layer:

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 APP_UID = 10001  # the Dockerfile's user
 GPU_SKIP = ("the GPU image (--build-arg BASE_IMAGE=nvidia/cuda:13.0.2-base-ubuntu24.04 --build-arg "
             "CUDA_EXTRAS=keep) is not built here: no image registry is reachable for NVIDIA's base and no GPU "
-            "is present to run it (docs/containers.md)")
+            "is present to run it (README, Containers)")
 
 
 @pytest.fixture(scope="module")
