@@ -6,7 +6,8 @@ Two parts, both JSON-able through `GateResult.as_dict()` / `GateCheck.as_dict()`
                                 size, aspect ratio, colour, flatness; `info` is a `cxrlt.data.images.ImageInfo`
   Predictor.gate_images(images) the out-of-distribution score on the model's own features (`ood.py`), against
                                 the threshold stored with the model (eval/gate.json, fitted by `cxrlt evaluate`
-                                or `cxrlt gate`); a model without one answers a check that did not run
+                                or `cxrlt gate`); a model without one answers a check that did not run.
+                                `Predictor.predict_gated` takes the features from the prediction's own pass
 
 `synthetic.py` draws non-chest inputs (photographs, noise, flat, knee, hand) to measure the gate with.
 """
