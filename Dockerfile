@@ -23,6 +23,8 @@
 ARG BASE_IMAGE=python:3.11-slim
 
 FROM ${BASE_IMAGE} AS python
+# every image and build layer of this project carries it (the tests prune only what is theirs)
+LABEL org.opencontainers.image.title="cxrlt"
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \

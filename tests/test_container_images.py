@@ -48,8 +48,12 @@ def images():
         figures[target] = {"image": ref, "seconds": round(seconds, 1), "bytes": size}
         print(f"\n[image] {target}: {size / 1e9:.2f} GB, built in {seconds:.0f} s")
     print(f"[image] base {base}: {figures['base']['bytes'] / 1e6:.0f} MB, made in {base_s:.0f} s")
-    # images of earlier runs that these replaced (untagged, with their build layers): not kept around
-    buildah.buildah("rmi", "--prune", check=False)
+    # this project's images of earlier runs that these replaced (untagged, by the Dockerfile's title label):
+    # not kept around; any other image on the machine is left alone
+    old = buildah.buildah("images", "--quiet", "--filter", "dangling=true", "--filter",
+                          "label=org.opencontainers.image.title=cxrlt", check=False).stdout.split()
+    if old:
+        buildah.buildah("rmi", *old, check=False)
     result = ROOT / "var" / "bench" / "container-images.json"
     result.parent.mkdir(parents=True, exist_ok=True)
     result.write_text(json.dumps({"measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
