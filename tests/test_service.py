@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import struct
 import zlib
 from concurrent.futures import ThreadPoolExecutor
