@@ -262,6 +262,19 @@ def test_heatmap_choices_never_offer_or_preselect_normal():
     assert study.heatmap_choices({"probabilities": {"A": 0.1}}, 5) == (["A"], [])
 
 
+def test_the_demo_study_starts_its_heatmaps_with_the_findings_drawn_into_it():
+    """A newcomer's first heatmaps show where the model looks for what is really drawn in the demo study,
+    not the weak demo model's top scores (whose maps are often empty); an upload keeps the top findings."""
+    import heatmaps
+    from cxrlt.data.demo.sample import DEMO_FINDINGS
+
+    body = {"probabilities": {"Edema": 0.9, "Mass": 0.8, "Cardiomegaly": 0.3, "Pleural Effusion": 0.2},
+            "explanations": [{"finding": "Edema", "image": 0}, {"finding": "Mass", "image": 0}]}
+    assert heatmaps._defaults(body, DEMO_FINDINGS)[1] == ["Cardiomegaly", "Pleural Effusion"]
+    assert heatmaps._defaults(body)[1] == ["Edema", "Mass"]
+    assert heatmaps._defaults({"probabilities": {"Edema": 0.9, "Mass": 0.1}}, DEMO_FINDINGS)[1] == ["Edema", "Mass"]
+
+
 def test_chart_labels_are_never_cut():
     spec = study.findings_chart(_body(0.1, 0.7)).to_dict()
     axes = [layer["encoding"]["y"]["axis"] for layer in spec["layer"]]

@@ -13,10 +13,14 @@ START = 2          # heatmaps shown before the reader asks for more
 PREVIEW = 300      # pixels: the study and its heatmaps stay on one screen with the findings
 
 
-def _defaults(body: dict) -> tuple[list[str], list[str]]:
-    """(every label a map can be asked for, the top START to begin with): the explained findings over
-    threshold first; without any, the most probable labels."""
+def _defaults(body: dict, prefer: tuple[str, ...] = ()) -> tuple[list[str], list[str]]:
+    """(every label a map can be asked for, the top START to begin with): `prefer` (the findings drawn into
+    the demo study, so a newcomer sees where the model looks for something that is there), else the
+    explained findings over threshold first; without any, the most probable labels."""
     labels, explained = study.heatmap_choices(body, START)
+    preferred = [k for k in prefer if k in labels][:START]
+    if preferred:
+        return labels, preferred
     if explained:
         return labels, explained
     probs = body.get("probabilities", {})
@@ -37,10 +41,10 @@ def _scale(by: dict) -> None:
                    "stretched over each image.")
 
 
-def show(res: dict, files) -> None:
+def show(res: dict, files, prefer: tuple[str, ...] = ()) -> None:
     body = res["body"]
     st.markdown("#### Where the model looked")
-    labels, default = _defaults(body)
+    labels, default = _defaults(body, prefer)
     chosen = st.multiselect("Heatmaps of", labels, default=default, max_selections=MAX_EXPLAIN,
                             key=f"explain_{res['hash']}",
                             help=f"where in each image the model found the chosen findings (at most {MAX_EXPLAIN})")

@@ -112,7 +112,9 @@ def _results(res: dict, views: list[str], files, info: dict | None) -> None:
                f"{body.get('latency_ms', '?')} ms in the model")
     with st.expander("Input gate: the checks each image passed"):
         gate_table(body.get("gate") or {})
-    heatmaps.show(res, files)
+    from cxrlt.data.demo.sample import DEMO_FINDINGS
+
+    heatmaps.show(res, files, DEMO_FINDINGS if st.session_state.get("demo_study") else ())
     _free_text(res, files, info)
 
 
