@@ -273,6 +273,9 @@ def test_the_demo_study_starts_its_heatmaps_with_the_findings_drawn_into_it():
     assert heatmaps._defaults(body, DEMO_FINDINGS)[1] == ["Cardiomegaly", "Pleural Effusion"]
     assert heatmaps._defaults(body)[1] == ["Edema", "Mass"]
     assert heatmaps._defaults({"probabilities": {"Edema": 0.9, "Mass": 0.1}}, DEMO_FINDINGS)[1] == ["Edema", "Mass"]
+    # a model with one of the drawn findings: that one first, then the top finding
+    one = {"probabilities": {"Edema": 0.9, "Mass": 0.8, "Cardiomegaly": 0.1}}
+    assert heatmaps._defaults(one, DEMO_FINDINGS)[1] == ["Cardiomegaly", "Edema"]
 
 
 def test_chart_labels_are_never_cut():

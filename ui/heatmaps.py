@@ -14,17 +14,14 @@ PREVIEW = 300      # pixels: the study and its heatmaps stay on one screen with 
 
 
 def _defaults(body: dict, prefer: tuple[str, ...] = ()) -> tuple[list[str], list[str]]:
-    """(every label a map can be asked for, the top START to begin with): `prefer` (the findings drawn into
-    the demo study, so a newcomer sees where the model looks for something that is there), else the
-    explained findings over threshold first; without any, the most probable labels."""
+    """(every label a map can be asked for, the top START to begin with): those of `prefer` the model has
+    (the findings drawn into the demo study, so a newcomer sees where the model looks for something that
+    is there) first, then the explained findings over threshold; without any, the most probable labels."""
     labels, explained = study.heatmap_choices(body, START)
-    preferred = [k for k in prefer if k in labels][:START]
-    if preferred:
-        return labels, preferred
-    if explained:
-        return labels, explained
     probs = body.get("probabilities", {})
-    return labels, sorted(labels, key=lambda k: -float(probs.get(k, 0)))[:START]
+    top = explained or sorted(labels, key=lambda k: -float(probs.get(k, 0)))
+    preferred = [k for k in prefer if k in labels]
+    return labels, list(dict.fromkeys(preferred + top))[:START]   # the preferred first, topped up to START
 
 
 def _scale(by: dict) -> None:
