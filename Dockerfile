@@ -50,12 +50,12 @@ RUN if ! python3 -c "import ensurepip" 2>/dev/null; then \
 
 FROM python AS runtime
 ARG CUDA_EXTRAS=drop
-# dependencies first: these layers are reused while only the code changes; pip's downloads are kept in a
-# build cache (not in the image) so that rebuilds after a pin change download only what changed
+# dependencies first: these layers are reused while only the code changes (the build's layer cache is what
+# makes rebuilds fast; pip keeps no download cache in the image)
 COPY service/requirements.txt docker/cuda-extras.txt /tmp/requirements/
-RUN --mount=type=secret,id=ca --mount=type=cache,target=/root/.cache/pip,sharing=locked \
+RUN --mount=type=secret,id=ca \
     if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
-    && pip install --progress-bar off -r /tmp/requirements/requirements.txt \
+    && pip install --no-cache-dir --progress-bar off -r /tmp/requirements/requirements.txt \
     && if [ "$CUDA_EXTRAS" = drop ]; then pip uninstall -y -r /tmp/requirements/cuda-extras.txt; fi \
     && python -c "import torch, torchvision.ops, timm; torchvision.ops.nms(torch.rand(2, 4), torch.rand(2), 0.5)"
 
@@ -64,11 +64,11 @@ ARG CUDA_EXTRAS=drop
 # the whole project's packages (pyproject.toml's dependencies) and git for DVC
 COPY pyproject.toml /tmp/requirements/
 # hadolint ignore=DL3008
-RUN --mount=type=secret,id=ca --mount=type=cache,target=/root/.cache/pip,sharing=locked \
+RUN --mount=type=secret,id=ca \
     apt-get update && apt-get install -y --no-install-recommends git && rm -rf /var/lib/apt/lists/* \
     && if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
     && python -c "import tomllib; print('\n'.join(tomllib.load(open('/tmp/requirements/pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements/project.txt \
-    && pip install --progress-bar off -r /tmp/requirements/project.txt \
+    && pip install --no-cache-dir --progress-bar off -r /tmp/requirements/project.txt \
     && if [ "$CUDA_EXTRAS" = drop ]; then pip uninstall -y -r /tmp/requirements/cuda-extras.txt; fi
 WORKDIR /app
 COPY pyproject.toml README.md ./
